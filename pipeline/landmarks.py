@@ -1,0 +1,56 @@
+"""The MediaPipe 543-point layout, the 118 selected points and their mirror permutation.
+
+The single definition of these facts: every other module imports them from here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Rows of every frame, in file order (types sorted alphabetically), with their sizes.
+TYPES: tuple[str, ...] = ("face", "left_hand", "pose", "right_hand")
+TYPE_SIZES: dict[str, int] = {"face": 468, "left_hand": 21, "pose": 33, "right_hand": 21}
+TYPE_OFFSETS: dict[str, int] = {"face": 0, "left_hand": 468, "pose": 489, "right_hand": 522}
+N_RAW = 543  # rows per frame
+
+LIP: tuple[int, ...] = (
+    0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185, 191,
+    267, 269, 270, 291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415,
+)  # fmt: skip
+LHAND: tuple[int, ...] = tuple(range(468, 489))
+RHAND: tuple[int, ...] = tuple(range(522, 543))
+NOSE: tuple[int, ...] = (1, 2, 98, 327)
+REYE: tuple[int, ...] = (7, 33, 133, 144, 145, 153, 154, 155, 157, 158, 159, 160, 161, 163, 173, 246)
+LEYE: tuple[int, ...] = (249, 263, 362, 373, 374, 380, 381, 382, 384, 385, 386, 387, 388, 390, 398, 466)
+
+POINT_LANDMARKS: tuple[int, ...] = LIP + LHAND + RHAND + NOSE + REYE + LEYE
+N_POINTS = len(POINT_LANDMARKS)  # 118
+
+# Raw landmark whose mean over frames is the per-sequence origin (lower-lip centre).
+REFERENCE_LANDMARK = 17
+
+# Where each group sits inside the 118 selected points.
+GROUP_SLICES: dict[str, slice] = {}
+_start = 0
+for _name, _group in (("lip", LIP), ("lhand", LHAND), ("rhand", RHAND),
+                      ("nose", NOSE), ("reye", REYE), ("leye", LEYE)):  # fmt: skip
+    GROUP_SLICES[_name] = slice(_start, _start + len(_group))
+    _start += len(_group)
+
+# Raw mirror pairs; every selected point not listed maps to itself (0 13 14 17 1 2).
+_LEFT_LIP = (37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185, 191)
+_RIGHT_LIP = (267, 269, 270, 291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415)
+MIRROR_PAIRS: tuple[tuple[int, int], ...] = (
+    tuple(zip(LHAND, RHAND)) + tuple(zip(_LEFT_LIP, _RIGHT_LIP)) + tuple(zip(REYE, LEYE)) + ((98, 327),)
+)
+
+
+def flip_permutation() -> np.ndarray:
+    """Index array `p` over the 118 points: a mirrored sequence takes point `i` from point `p[i]`."""
+    mirror = {a: b for a, b in MIRROR_PAIRS} | {b: a for a, b in MIRROR_PAIRS}
+    position = {raw: i for i, raw in enumerate(POINT_LANDMARKS)}
+    return np.array([position[mirror.get(raw, raw)] for raw in POINT_LANDMARKS], dtype=np.int64)
+
+
+FLIP_PERMUTATION: np.ndarray = flip_permutation()
+FLIP_PERMUTATION.setflags(write=False)
