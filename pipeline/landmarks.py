@@ -41,7 +41,10 @@ for _name, _group in (("lip", LIP), ("lhand", LHAND), ("rhand", RHAND),
 _LEFT_LIP = (37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185, 191)
 _RIGHT_LIP = (267, 269, 270, 291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415)
 MIRROR_PAIRS: tuple[tuple[int, int], ...] = (
-    tuple(zip(LHAND, RHAND)) + tuple(zip(_LEFT_LIP, _RIGHT_LIP)) + tuple(zip(REYE, LEYE)) + ((98, 327),)
+    *zip(LHAND, RHAND, strict=True),
+    *zip(_LEFT_LIP, _RIGHT_LIP, strict=True),
+    *zip(REYE, LEYE, strict=True),
+    (98, 327),
 )
 
 

@@ -53,7 +53,8 @@ def read_landmarks(path: str | Path) -> np.ndarray:
     if bad.size:
         raise LandmarkFileError(path, f"frame block {bad[0]}: landmark_index not 0..n-1 within each type")
     _check_frames(path, table.column("frame").to_numpy(), frames)
-    xyz = np.stack([table.column(c).to_numpy() for c in "xyz"], axis=-1).astype(np.float32)
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, rejected below
+        xyz = np.stack([table.column(c).to_numpy() for c in "xyz"], axis=-1).astype(np.float32)
     if np.isinf(xyz).any():
         raise LandmarkFileError(path, "infinite coordinate values")
     return xyz.reshape(frames, N_RAW, 3)
@@ -62,14 +63,17 @@ def read_landmarks(path: str | Path) -> np.ndarray:
 def _read_table(path: str | Path) -> pa.Table:
     """The needed columns, after checking the schema; unreadable files become LandmarkFileError."""
     try:
-        pf = pq.ParquetFile(path, read_dictionary=["type"])
-        schema = pf.schema_arrow
+        schema = pq.read_schema(path)
         for name, (kind, ok) in _KINDS.items():
             if name not in schema.names:
                 raise LandmarkFileError(path, f"missing column '{name}' (columns: {', '.join(schema.names)})")
             if not ok(schema.field(name).type):
                 raise LandmarkFileError(path, f"column '{name}' is {schema.field(name).type}, expected {kind}")
-        return pf.read(columns=READ_COLUMNS)
+        table = pq.read_table(path, columns=READ_COLUMNS, read_dictionary=["type"])
+        for name in ("frame", "type", "landmark_index"):
+            if table.column(name).null_count:
+                raise LandmarkFileError(path, f"null values in column '{name}'")
+        return table
     except LandmarkFileError:
         raise
     except FileNotFoundError:

@@ -1,0 +1,40 @@
+# Two entry points for a newcomer: `make demo` (set up, then run the whole job on demo data)
+# and `make test` (set up, then run the test suite). Override PYTHON or TORCH as needed,
+# e.g. `make demo TORCH='torch>=2.4'` on a GPU machine.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+DEMO ?= demo
+DEMO_SEQUENCES ?= 2000
+DEMO_SIGNS ?= 25
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+# The CPU torch wheel goes in first so that installing the project never pulls a CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/asl-pipeline demo-data $(DEMO)/data --sequences $(DEMO_SEQUENCES) --signs $(DEMO_SIGNS)
+	$(BIN)/asl-pipeline build-shards --data-dir $(DEMO)/data --out $(DEMO)/shards
+	$(BIN)/asl-pipeline verify $(DEMO)/shards
+	$(BIN)/asl-pipeline stats $(DEMO)/shards --top 5
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python bench/read.py
+
+clean:
+	rm -rf $(DEMO) runs

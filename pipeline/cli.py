@@ -1,0 +1,159 @@
+"""`asl-pipeline`: the offline stage (parquet -> shards) and its tools."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import click
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import build as build_mod
+from pipeline.shards import read_manifest, verify_shards
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def main(verbose: bool) -> None:
+    """Offline stage for the Kaggle asl-signs landmarks: parquet files -> WebDataset shards."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
+
+
+@main.command("build-shards")
+@click.option(
+    "--data-dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Kaggle layout: train.csv, sign_to_prediction_index_map.json, train_landmark_files/.",
+)
+@click.option(
+    "--out",
+    default="shards",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output directory for the shards and manifest.json.",
+)
+@click.option("--jobs", "-j", default=0, show_default="all cores", type=int, help="Parallel worker processes.")
+@click.option("--shard-size", default=500, show_default=True, type=click.IntRange(min=1), help="Samples per shard.")
+@click.option(
+    "--folds", default=5, show_default=True, type=click.IntRange(min=1), help="Folds, grouped by participant."
+)
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
+@click.option(
+    "--layout",
+    default="compact",
+    show_default=True,
+    type=click.Choice(["compact", "padded"]),
+    help="compact: real frames only (L,118,6); padded: (384,118,6) + mask.npy.",
+)
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Use only the first N rows of train.csv.")
+@click.option("--force", is_flag=True, help="Delete shards built with other options or inputs and rebuild.")
+def build_shards_cmd(data_dir: Path, out: Path, jobs: int, shard_size: int, folds: int, dtype: str, layout: str,
+                     limit: int | None, force: bool) -> None:  # fmt: skip
+    """Preprocess every sequence into (L, 118, 6) features and write fold-tagged tar shards.
+
+    Resumable: a rerun builds only missing or incomplete shards; an identical rerun does
+    nothing. Exit status: 0 all inputs written, 3 finished but some inputs were rejected
+    (listed in OUT/rejects.jsonl and the manifest), 1 nothing built (bad train.csv or
+    options that clash with existing shards).
+    """
+    opts = build_mod.BuildOptions(shard_size=shard_size, folds=folds, dtype=dtype, layout=layout, limit=limit)
+    jobs = jobs if jobs > 0 else (os.cpu_count() or 1)
+    start = time.perf_counter()
+    with tqdm(unit="file", desc="build-shards", dynamic_ncols=True, disable=None) as bar:
+        rejected = 0
+
+        def progress(files: int, rejects: int) -> None:
+            nonlocal rejected
+            rejected += rejects
+            bar.update(files)
+            bar.set_postfix(rejected=rejected, refresh=False)
+
+        try:
+            result = build_mod.build_shards(data_dir, out, opts, jobs=jobs, force=force, progress=progress)
+        except build_mod.BuildError as exc:
+            raise click.ClickException(str(exc)) from None
+    totals = result.manifest["totals"]
+    if result.built == 0 and result.skipped:
+        click.echo(f"{out}: all {result.skipped} shards are complete and match these options; nothing to do.")
+    seconds = time.perf_counter() - start
+    click.echo(
+        f"{totals['samples']} samples in {totals['shards']} shards ({totals['bytes'] / 1e6:.1f} MB) -> {out}; "
+        f"built {result.built}, reused {result.skipped}, rejected {totals['rejected']}, {seconds:.1f}s"
+    )
+    if result.rejects:
+        for r in result.rejects[:10]:
+            click.echo(f"  rejected {r['path']}: {r['reason']}", err=True)
+        if len(result.rejects) > 10:
+            click.echo(f"  ... {len(result.rejects) - 10} more in {out / 'rejects.jsonl'}", err=True)
+    sys.exit(result.exit_code)
+
+
+@main.command("verify")
+@click.argument("shard_dir", default="shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def verify_cmd(shard_dir: Path) -> None:
+    """Check every shard against the manifest: size, sha256, sample count, keys and shapes."""
+    try:
+        problems = verify_shards(shard_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for p in problems:
+        click.echo(f"FAIL {p}", err=True)
+    manifest = read_manifest(shard_dir)
+    if problems:
+        raise click.ClickException(f"{len(problems)} problem(s) in {shard_dir}")
+    click.echo(f"OK: {manifest['totals']['shards']} shards, {manifest['totals']['samples']} samples match the manifest")
+
+
+@main.command("stats")
+@click.argument("shard_dir", default="shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--top", default=10, show_default=True, help="Signs to list at each end of the count ranking.")
+def stats_cmd(shard_dir: Path, top: int) -> None:
+    """Counts per fold and sign, and the sequence length distribution, from the manifest."""
+    try:
+        m = read_manifest(shard_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{m['totals']['samples']} samples, {m['totals']['shards']} shards, "
+               f"{m['totals']['bytes'] / 1e6:.1f} MB, {m['totals']['rejected']} rejected")  # fmt: skip
+    click.echo("fold  samples  shards  participants")
+    for f in m["folds"]:
+        click.echo(f"{f['fold']:>4}  {f['samples']:>7}  {f['shards']:>6}  {len(f['participants'])}")
+    names = {v: k for k, v in m["label_map"].items()}
+    per_sign = Counter(label for s in m["shards"] for label in s["labels"])
+    ranked = sorted(((per_sign.get(i, 0), names[i]) for i in names), reverse=True)
+    click.echo(f"signs: {len(names)}; most: " + ", ".join(f"{n} {c}" for c, n in ranked[:top]))
+    click.echo("fewest: " + ", ".join(f"{n} {c}" for c, n in ranked[::-1][:top]))
+    lengths = m["lengths"]
+    if lengths.get("count"):
+        click.echo("frames: " + ", ".join(f"{k} {lengths[k]}" for k in
+                                          ("min", "p25", "median", "mean", "p75", "p95", "p99", "max")))  # fmt: skip
+        click.echo(f"truncated to 384: {lengths['truncated']}")
+        stored = np.array([n for s in m["shards"] for n in s["lengths"]])
+        edges = [1, 16, 32, 64, 128, 256, 384, 385]
+        hist, _ = np.histogram(stored, bins=edges)
+        click.echo("stored length histogram: " + ", ".join(
+            f"[{a},{b}) {h}" for a, b, h in zip(edges[:-1], edges[1:], hist, strict=True)))  # fmt: skip
+
+
+@main.command("demo-data")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--sequences", default=2000, show_default=True, type=click.IntRange(min=1))
+@click.option("--signs", default=25, show_default=True, type=click.IntRange(min=2))
+@click.option("--participants", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--jobs", "-j", default=0, show_default="all cores", type=int)
+def demo_data_cmd(out: Path, sequences: int, signs: int, participants: int, seed: int, jobs: int) -> None:
+    """Write a synthetic dataset in exactly the Kaggle layout (same seed, same bytes)."""
+    from pipeline.demo import write_demo_dataset
+
+    jobs = jobs if jobs > 0 else (os.cpu_count() or 1)
+    start = time.perf_counter()
+    summary = write_demo_dataset(out, sequences=sequences, signs=signs, participants=participants, seed=seed,
+                                 jobs=jobs)  # fmt: skip
+    click.echo(f"{summary} in {time.perf_counter() - start:.1f}s")

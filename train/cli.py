@@ -1,0 +1,161 @@
+"""`asl-train`: train on shards, evaluate a checkpoint, predict signs for raw parquet files."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from train.model import PRESETS
+
+
+def _folds(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated fold numbers, e.g. 0 or 0,1") from None
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"],
+                                                            "max_content_width": 100})  # fmt: skip
+@click.option(
+    "--shards",
+    default="shards",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Shard directory written by `asl-pipeline build-shards`.",
+)
+@click.option("--val-folds", default="0", show_default=True, help="Validation folds, comma-separated.")
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Per rank.")
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="Peak learning rate (AdamW).")
+@click.option("--weight-decay", default=0.05, show_default=True, type=float)
+@click.option("--warmup", default=0.1, show_default=True, type=click.FloatRange(0, 1), help="Warmup fraction.")
+@click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 1))
+@click.option(
+    "--preset",
+    default="default",
+    show_default=True,
+    type=click.Choice(sorted(PRESETS)),
+    help="Model size (default ~1.8M parameters; small for a CPU demo).",
+)
+@click.option("--dim", default=None, type=int, help="Override the preset's width.")
+@click.option("--depth", default=None, type=int, help="Override the preset's number of conv+transformer groups.")
+@click.option("--dropout", default=None, type=float, help="Override the preset's late dropout.")
+@click.option("--drop-path", default=None, type=float, help="Override the preset's drop-path rate.")
+@click.option(
+    "--ema",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="EMA decay of the weights (e.g. 0.999); 0 turns EMA off.",
+)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="DataLoader workers.")
+@click.option(
+    "--out",
+    default="runs/default",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Run directory: checkpoints, metrics.jsonl, config.json.",
+)
+@click.option("--max-steps", default=None, type=click.IntRange(min=1), help="Stop after this many steps.")
+@click.option(
+    "--save-every",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Also write last.pt every N steps (0: at epoch ends only).",
+)
+@click.option("--no-augment", is_flag=True, help="Train on the stored features as they are.")
+@click.option("--no-bucket", is_flag=True, help="Pad every batch to 384 frames instead of length bucketing.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--resume",
+    default=None,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Continue the run in this directory from its last.pt (its stored options apply).",
+)
+@click.pass_context
+def main(ctx: click.Context, shards: Path, val_folds: str, epochs: int, batch_size: int, lr: float,
+         weight_decay: float, warmup: float, label_smoothing: float, preset: str, dim: int | None,
+         depth: int | None, dropout: float | None, drop_path: float | None, ema: float, device: str, workers: int,
+         out: Path, max_steps: int | None, save_every: int, no_augment: bool, no_bucket: bool, compile_: bool,
+         seed: int, resume: Path | None) -> None:  # fmt: skip
+    """Train a sign classifier on shards (the default command), or run a subcommand.
+
+    Multi-GPU: torchrun --nproc_per_node=N $(which asl-train) --shards shards/ ...
+    """
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if ctx.invoked_subcommand is not None:
+        return
+    from train.loop import TrainConfig, train
+
+    overrides = {k: v for k, v in {"dim": dim, "depth": depth, "dropout": dropout, "drop_path": drop_path}.items()
+                 if v is not None}  # fmt: skip
+    cfg = TrainConfig(
+        shards=str(shards), out=str(out), val_folds=_folds(val_folds), epochs=epochs, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, warmup=warmup, label_smoothing=label_smoothing, preset=preset, model=overrides,
+        augment=not no_augment, ema=ema, compile=compile_, bucket=not no_bucket, device=device, workers=workers,
+        seed=seed, max_steps=max_steps, save_every=save_every,
+    )  # fmt: skip
+    try:
+        metrics = train(cfg, resume=resume)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if metrics:
+        click.echo(f"validation top-1 {metrics['val_top1']:.4f}, top-5 {metrics['val_top5']:.4f} "
+                   f"({metrics['val_samples']} samples) after {metrics['step']} steps -> {resume or out}")  # fmt: skip
+
+
+@main.command("evaluate")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--shards",
+    default=None,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Shard directory (default: the one the checkpoint was trained on).",
+)
+@click.option("--folds", default=None, help="Folds to evaluate (default: the checkpoint's validation folds).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
+def evaluate_cmd(checkpoint: Path, shards: Path | None, folds: str | None, device: str, workers: int) -> None:
+    """Top-1, top-5, the worst signs and the most confused pairs on validation folds."""
+    from train.predict import evaluation_report
+
+    try:
+        r = evaluation_report(checkpoint, shards, _folds(folds) if folds else None, device=device, workers=workers)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"folds {r['folds']}: {r['samples']} samples, top-1 {r['top1']:.4f}, top-5 {r['top5']:.4f}")
+    click.echo("worst signs (top-1, samples):")
+    for sign, (acc, n) in r["worst_signs"]:
+        click.echo(f"  {sign:<20} {acc:.3f}  {n}")
+    click.echo("most confused (true -> predicted: count):")
+    for (a, b), n in r["confused_pairs"]:
+        click.echo(f"  {a} -> {b}: {n}")
+
+
+@main.command("predict")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top", "k", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def predict_cmd(checkpoint: Path, files: tuple[Path, ...], k: int, device: str) -> None:
+    """Top-k signs with probabilities for raw Kaggle landmark parquet files.
+
+    Exit status 1 when any file could not be read (the others are still predicted).
+    """
+    from train.predict import predict_files
+
+    failed = 0
+    for p in predict_files(checkpoint, list(files), k=k, device=device):
+        if p.error:
+            failed += 1
+            click.echo(f"{p.path}: ERROR {p.error}", err=True)
+        else:
+            click.echo(f"{p.path}: " + ", ".join(f"{s} {q:.3f}" for s, q in p.top))
+    sys.exit(1 if failed else 0)

@@ -1,0 +1,245 @@
+"""The trainer's input pipeline: shards -> length-bucketed, trimmed CPU batches.
+
+One explicit list of WebDataset stages (see `ShardStream.stages`):
+
+1. `epoch_ranges`  shard shuffle (seeded by epoch, identical on every rank), then a split
+                   of the shuffled sample sequence into one contiguous range per rank
+                   and per DataLoader worker
+2. `read_samples`  tar members of the range; any member type other than `.npy`, `.cls`,
+                   `.json` is an error naming the shard and the member
+3. `wds.shuffle`   sample shuffle buffer (training only)
+4. `decode`        `.npy` without pickle, `.cls`, `.json`
+5. `batches`       length bucketing and collate: each batch trimmed to its longest sequence
+
+Epoch contract: the manifest's sample counts fix the epoch before any data is read.
+Every rank gets `ceil(N / ranks)` training samples (ranks short by one repeat a
+sample from the start of the epoch, at most `ranks - 1` repeats in all), hence the same
+`ceil(ceil(N / ranks) / batch)` batches: no end-of-epoch hang under DDP. Inside a rank,
+workers get whole batches and one of them the remainder, so the batch count does not
+depend on the number of workers. The split is per sample, not per shard, so fewer
+shards than `workers x ranks` works by design. Validation is not shuffled, not padded,
+and yields every sample of the validation folds exactly once across ranks and workers.
+Workers must not be persistent: the epoch is read when the loader starts its workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, get_worker_info
+
+from pipeline.features import MAX_LEN, N_CHANNELS, unpack_missing
+from pipeline.landmarks import N_POINTS
+from pipeline.shards import ShardError, iter_members, load_npy, read_manifest
+from train.batch import Batch
+
+
+@dataclass(frozen=True)
+class Range:
+    """Samples `[start, stop)` of one shard, in stored order."""
+
+    url: str
+    start: int
+    stop: int
+
+
+@dataclass
+class Decoded:
+    x: np.ndarray  # (L, 118, 6) float16/float32 real frames
+    missing: np.ndarray  # (L, 15) uint8 packed
+    label: int
+    key: str
+
+
+def fold_shards(shard_dir: str | Path, manifest: dict[str, Any], folds: Iterable[int]) -> list[tuple[str, int]]:
+    """`(path, sample count)` of the non-empty shards in the given folds, in manifest order."""
+    folds = set(folds)
+    known = {f["fold"] for f in manifest["folds"]}
+    if not folds <= known:
+        raise ValueError(f"folds {sorted(folds - known)} not in the manifest (has {sorted(known)})")
+    return [(str(Path(shard_dir) / s["name"]), s["samples"]) for s in manifest["shards"]
+            if s["fold"] in folds and s["samples"]]  # fmt: skip
+
+
+def rank_counts(total: int, ranks: int, pad: bool) -> list[int]:
+    """Samples per rank: equal (`ceil`) with padding, else a near-equal exact split."""
+    if pad:
+        return [math.ceil(total / ranks)] * ranks
+    return [total // ranks + (r < total % ranks) for r in range(ranks)]
+
+
+def worker_counts(n: int, workers: int, batch_size: int) -> list[int]:
+    """Split a rank's `n` samples over workers in whole batches, the remainder to one worker."""
+    full, rest = divmod(n, batch_size)
+    counts = [(full // workers + (w < full % workers)) * batch_size for w in range(workers)]
+    counts[min(full % workers, workers - 1) if rest else 0] += rest
+    return counts
+
+
+def slot_ranges(shards: list[tuple[str, int]], start: int, stop: int) -> list[Range]:
+    """Cut positions `[start, stop)` of the concatenated shard sequence (wrapping around) into ranges."""
+    total = sum(n for _, n in shards)
+    out, offset = [], 0
+    bounds = [(start, min(stop, total))] + ([(0, stop - total)] if stop > total else [])
+    for url, n in shards:
+        for a, b in bounds:
+            lo, hi = max(a, offset), min(b, offset + n)
+            if lo < hi:
+                out.append(Range(url, lo - offset, hi - offset))
+        offset += n
+    return out
+
+
+class ShardStream(wds.DataPipeline):
+    """An iterable of `Batch` for one rank; the DataLoader's workers split it further."""
+
+    def __init__(
+        self,
+        shards: list[tuple[str, int]],
+        batch_size: int,
+        train: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        bucket: bool = True,
+        shuffle_buffer: int = 2000,
+        bucket_batches: int = 16,
+    ) -> None:
+        self.shards, self.batch_size, self.train = shards, batch_size, train
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.bucket, self.shuffle_buffer, self.bucket_batches = bucket, shuffle_buffer, bucket_batches
+        self.epoch = 0
+        self.total = sum(n for _, n in shards)
+        super().__init__(*self.stages())
+
+    def stages(self) -> list[Any]:
+        shuffle = [self.shuffle_stage] if self.train else []
+        return [self.epoch_ranges, read_samples, *shuffle, decode, self.batches]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def samples_per_rank(self) -> int:
+        return rank_counts(self.total, self.world_size, pad=self.train)[self.rank]
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch, whatever the number of workers."""
+        return math.ceil(self.samples_per_rank() / self.batch_size)
+
+    def _slot(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info else (0, 1)
+
+    def epoch_ranges(self) -> Iterator[Range]:
+        """Shard shuffle (same order on every rank), then this rank's and this worker's share of samples."""
+        shards = list(self.shards)
+        if self.train:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(shards)
+        counts = rank_counts(self.total, self.world_size, pad=self.train)
+        start = sum(counts[: self.rank])
+        worker, workers = self._slot()
+        per_worker = worker_counts(counts[self.rank], workers, self.batch_size)
+        start += sum(per_worker[:worker])
+        yield from slot_ranges(shards, start, start + per_worker[worker])
+
+    def shuffle_stage(self, src: Iterator[Any]) -> Iterator[Any]:
+        seed = f"{self.seed}:{self.epoch}:{self.rank}:{self._slot()[0]}"
+        return wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)(src)
+
+    def batches(self, src: Iterator[Decoded]) -> Iterator[Batch]:
+        """Length-bucketed batches: sort a pool of `bucket_batches` batches by length, cut, shuffle order."""
+        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{self._slot()[0]}:batches")
+        pool_size = self.batch_size * (self.bucket_batches if self.bucket else 1)
+        while pool := list(itertools.islice(src, pool_size)):
+            if self.bucket:
+                pool.sort(key=lambda s: len(s.x))
+            chunks = [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
+            if self.train:
+                rng.shuffle(chunks)
+            for chunk in chunks:
+                yield collate(chunk, None if self.bucket else MAX_LEN)
+
+
+def read_samples(src: Iterable[Range]) -> Iterator[dict[str, Any]]:
+    """Members of the samples in each range (refusing any non-.npy/.cls/.json member)."""
+    for r in src:
+        members = iter_members(r.url)
+        for key, sample in itertools.islice(members, r.start, r.stop):
+            sample["__key__"], sample["__url__"] = key, r.url
+            yield sample
+        members.close()
+
+
+def decode(src: Iterable[dict[str, Any]]) -> Iterator[Decoded]:
+    """Decode `.npy` (no pickle), `.cls` and `.json` members."""
+    for s in src:
+        where = f"{s['__url__']}:{s['__key__']}"
+        try:
+            x, missing = load_npy(s["x.npy"]), load_npy(s["missing.npy"])
+            label = int(s["cls"]) if "cls" in s else int(json.loads(s["json"])["label"])
+        except (KeyError, ValueError) as exc:
+            raise ShardError(f"{where}: undecodable sample ({exc!r})") from None
+        if "mask.npy" in s:  # padded layout: keep the real frames only
+            n = int(load_npy(s["mask.npy"]).sum())
+            x, missing = x[:n], missing[:n]
+        yield Decoded(x, missing, label, s["__key__"])
+
+
+def collate(samples: list[Decoded], length: int | None = None) -> Batch:
+    """Stack samples padded by the pipeline's rule to `length` (default: the longest in the batch)."""
+    lengths = np.array([len(s.x) for s in samples])
+    t = length or int(lengths.max())
+    x = np.zeros((len(samples), t, N_POINTS, N_CHANNELS), dtype=np.float32)  # (B, T, 118, 6)
+    packed = np.zeros((len(samples), t, samples[0].missing.shape[-1]), dtype=np.uint8)
+    for i, s in enumerate(samples):  # one copy per sample; everything per frame stays vectorized
+        n = len(s.x)
+        x[i, :n] = s.x
+        x[i, n:, :, :2] = s.x[n - 1, :, :2]
+        packed[i, :n] = s.missing
+        packed[i, n:] = s.missing[n - 1]
+    mask = np.arange(t)[None, :] < lengths[:, None]  # (B, T)
+    return Batch(
+        x=torch.from_numpy(x),
+        mask=torch.from_numpy(mask),
+        missing=torch.from_numpy(unpack_missing(packed)),
+        labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
+    )
+
+
+def make_loader(
+    shard_dir: str | Path,
+    folds: Iterable[int],
+    batch_size: int,
+    train: bool,
+    workers: int = 2,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    bucket: bool = True,
+    pin_memory: bool = False,
+    **stream_options: Any,
+) -> DataLoader:
+    """A DataLoader over the given folds; `len(loader)` is the exact batch count of this rank per epoch."""
+    manifest = read_manifest(shard_dir)
+    shards = fold_shards(shard_dir, manifest, folds)
+    if not shards:
+        raise ValueError(f"{shard_dir}: no samples in folds {sorted(folds)}")
+    stream = ShardStream(shards, batch_size, train, rank, world_size, seed, bucket, **stream_options)
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=False, prefetch_factor=4 if workers else None)  # fmt: skip
+
+
+def train_val_folds(manifest: dict[str, Any], val_folds: Iterable[int]) -> tuple[list[int], list[int]]:
+    """The training folds (all others) and the validation folds."""
+    val = sorted(set(val_folds))
+    return [f["fold"] for f in manifest["folds"] if f["fold"] not in val], val

@@ -1,0 +1,316 @@
+"""Train / evaluate / checkpoint / resume; DDP aware (launch with torchrun).
+
+Reads top to bottom like nanoGPT's train.py: config -> data -> model -> optimizer ->
+loop. Only rank 0 writes files. Checkpoints are written atomically and hold everything
+needed to continue the same schedule, including the position inside the epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.shards import read_manifest
+from train.augment import AugmentConfig, augment_batch
+from train.batch import Batch
+from train.data import make_loader, train_val_folds
+from train.model import SignModel, count_parameters, model_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    shards: str = "shards"
+    out: str = "runs/default"
+    val_folds: list[int] = field(default_factory=lambda: [0])
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: float = 0.1  # fraction of all steps spent warming up
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0
+    preset: str = "default"
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of the preset
+    augment: bool = True
+    augment_options: dict[str, Any] = field(default_factory=dict)  # overrides of AugmentConfig
+    ema: float = 0.0  # EMA decay of the weights; 0 turns it off
+    compile: bool = False
+    bucket: bool = True
+    device: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    max_steps: int | None = None
+    save_every: int = 0  # steps between mid-epoch checkpoints; 0: only at epoch ends
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ---------------------------------------------------------------------------- setup
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup, then cosine decay to zero at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temporary name, fsync, rename: a kill never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def build_model(cfg: TrainConfig, n_classes: int) -> SignModel:
+    return SignModel(model_config(cfg.preset, n_classes, **cfg.model))
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> SignModel:
+    """The trained model of a checkpoint (its EMA weights when present and `use_ema`)."""
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    model = build_model(cfg, len(ckpt["label_map"]))
+    weights = ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"]
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict_batches(model: torch.nn.Module, loader: Any, device: torch.device) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """(batch on device, logits) for every batch of a loader, in eval mode."""
+    model.eval()
+    for batch in loader:
+        batch = batch.to(device, non_blocking=device.type == "cuda")
+        with autocast(device):
+            logits = model(batch.x, batch.mask)
+        yield batch, logits.float()
+
+
+def evaluate(model: torch.nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+    """Validation loss, top-1 and top-5, summed over every rank."""
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    for batch, logits in predict_batches(model, loader, device):
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        hit = top5 == batch.labels[:, None]
+        sums += torch.stack([
+            F.cross_entropy(logits, batch.labels, reduction="sum").double(),
+            hit[:, 0].sum().double(), hit.any(dim=1).sum().double(), torch.tensor(len(batch), device=device).double(),
+        ])  # fmt: skip
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    n = max(1.0, sums[3].item())
+    return {"val_loss": sums[0].item() / n, "val_top1": sums[1].item() / n, "val_top5": sums[2].item() / n,
+            "val_samples": int(sums[3].item())}  # fmt: skip
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
+    """Train (or continue) a run; returns the last validation metrics."""
+    ckpt = None
+    if resume is not None:
+        ckpt = load_checkpoint(Path(resume) / "last.pt")
+        cfg = TrainConfig.from_dict({**ckpt["config"], "out": str(resume)})
+    device = resolve_device(cfg.device)
+    rank, world = init_distributed(device)
+    master = rank == 0
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    # data: every rank sees the same number of batches per epoch
+    manifest = read_manifest(cfg.shards)
+    label_map = manifest["label_map"]
+    train_folds, val_folds = train_val_folds(manifest, cfg.val_folds)
+    cuda = device.type == "cuda"
+    loader_args = dict(workers=cfg.workers, rank=rank, world_size=world, seed=cfg.seed, bucket=cfg.bucket,
+                       pin_memory=cuda)  # fmt: skip
+    train_loader = make_loader(cfg.shards, train_folds, cfg.batch_size, train=True, **loader_args)
+    val_loader = make_loader(cfg.shards, val_folds, cfg.batch_size, train=False, **loader_args)
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    warmup = max(1, int(cfg.warmup * total_steps))
+
+    # model, optimizer, schedule, EMA
+    model = build_model(cfg, len(label_map)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema)
+    ) if cfg.ema else None  # fmt: skip
+    aug_cfg = AugmentConfig(**cfg.augment_options)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed * 1000 + rank)
+    step, epoch, skip, best = 0, 0, 0, -1.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None:
+            ema.module.load_state_dict(ckpt["ema"])
+            ema.n_averaged.fill_(ckpt["ema_n_averaged"])
+        step, epoch, skip, best = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_top1"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        generator.set_state(ckpt["rng"]["augment"])
+        random.setstate(_as_tuple(ckpt["rng"]["python"]))
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if cfg.compile:
+        net = torch.compile(net, dynamic=True)
+
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+        log.info("model %s: %d parameters; %d steps/epoch, %d steps; train folds %s, val folds %s, device %s x%d",
+                 cfg.preset, count_parameters(model), steps_per_epoch, total_steps, train_folds, val_folds,
+                 device, world)  # fmt: skip
+
+    def checkpoint(name: str, batch_in_epoch: int) -> None:
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "ema": ema.module.state_dict() if ema is not None else None,
+            "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
+            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_top1": best,
+            "rng": {"torch": torch.get_rng_state(), "augment": generator.get_state().cpu(),
+                    "python": random.getstate()},
+            "config": asdict(cfg), "label_map": label_map,
+        }  # fmt: skip
+        save_checkpoint(out / name, state)
+
+    metrics: dict[str, Any] = {}
+    while step < total_steps:
+        train_loader.dataset.set_epoch(epoch)
+        net.train()
+        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch}", disable=not master or None,
+                   dynamic_ncols=True, leave=False)  # fmt: skip
+        seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
+        for i, batch in enumerate(train_loader):
+            if i < skip:  # resuming mid-epoch: the epoch's order is deterministic, so skip what was trained
+                continue
+            batch = batch.to(device, non_blocking=cuda)  # (B, T, 118, 6)
+            if cfg.augment:
+                batch = augment_batch(batch, aug_cfg, generator)
+            with autocast(device):
+                logits = net(batch.x, batch.mask)  # (B, n_classes)
+                loss = F.cross_entropy(logits.float(), batch.labels, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            step += 1
+            seen += len(batch)
+            loss_sum += loss.item() * len(batch)
+            rate = seen * world / (time.perf_counter() - t0)
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", sps=f"{rate:.0f}")
+            if master and cfg.save_every and step % cfg.save_every == 0:
+                checkpoint("last.pt", i + 1)
+            if step >= total_steps:
+                break
+        bar.close()
+        skip = 0
+        epoch += 1
+        metrics = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(1, seen),
+                   "lr": scheduler.get_last_lr()[0], "samples_per_s": round(rate if seen else 0.0, 1),
+                   **evaluate(ema.module if ema is not None else model, val_loader, device)}  # fmt: skip
+        if master:
+            if metrics["val_top1"] > best:
+                best = metrics["val_top1"]
+                checkpoint("best.pt", 0)
+            checkpoint("last.pt", 0)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            log.info("epoch %d step %d: train loss %.3f, val loss %.3f, top-1 %.3f, top-5 %.3f", epoch, step,
+                     metrics["train_loss"], metrics["val_loss"], metrics["val_top1"], metrics["val_top5"])  # fmt: skip
+    if master:
+        plot_curves(out)
+    return metrics
+
+
+def _as_tuple(x: Any) -> Any:
+    """random.setstate needs tuples; a checkpoint round trip may return lists."""
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def plot_curves(run: Path) -> Path | None:
+    """Write run/curves.png from metrics.jsonl when matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [r["epoch"] for r in rows]
+    a.plot(epochs, [r["train_loss"] for r in rows], label="train")
+    a.plot(epochs, [r["val_loss"] for r in rows], label="val")
+    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend()
+    b.plot(epochs, [r["val_top1"] for r in rows], label="top-1")
+    b.plot(epochs, [r["val_top5"] for r in rows], label="top-5")
+    b.set_xlabel("epoch"), b.set_ylabel("validation accuracy"), b.legend()
+    fig.tight_layout()
+    fig.savefig(run / "curves.png")
+    plt.close(fig)
+    return run / "curves.png"
