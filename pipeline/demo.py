@@ -20,6 +20,10 @@ a little. Sequence lengths do not depend on the sign.
 Everything is derived from `seed` through `np.random.default_rng([seed, stream, ...])`: one stream for the plan
 (ids, signs, lengths), one per sign, one per participant and one per sequence, so the files are byte-identical
 for the same arguments whatever `jobs` is.
+
+Public helpers: `plan_dataset` (ids, signs and frame counts without writing), `generate_sequence` (one
+sequence's frame numbers and (T, 543, 3) float32 landmarks), `sequence_table` (the Kaggle-layout table),
+`sample_lengths` and `sign_names`.
 """
 
 from __future__ import annotations
@@ -310,7 +314,8 @@ def generate_sequence(seed: int, index: int, sign: int, participant: int, frames
     seed = _seed(seed)
     rng = _rng(seed, _SEQUENCE, index)
     sg, pp = _sign(seed, sign), _participant(seed, participant)
-    style = _rng(seed, _STYLE, participant, sign).normal(0, 0.15, 2)
+    style_rng = _rng(seed, _STYLE, participant, sign)  # how this participant makes this sign
+    style, style_curl = style_rng.normal(0, 0.15, 2), style_rng.normal(0, 0.1, 5)
     n = int(frames)
     t = np.arange(n, dtype=np.float64)
 
@@ -331,7 +336,7 @@ def generate_sequence(seed: int, index: int, sign: int, participant: int, frames
     tau = np.clip((t - t0) / span, 0, 1)
     a = rng.uniform(-0.5, 0.5)
     tau = np.clip(tau + a * np.sin(2 * np.pi * tau) / (2 * np.pi), 0, 1) ** np.exp(rng.normal(0, 0.2))
-    visible = in_view & (rng.random(n) >= rng.uniform(0, 0.3))
+    visible = in_view & (rng.random(n) >= rng.uniform(0, 0.4))
 
     # Dominant wrist path in body units (dominant side = +u), with entry from and exit to the rest position.
     amp = np.clip(rng.normal(1, 0.15), 0.6, 1.4)
@@ -345,9 +350,9 @@ def generate_sequence(seed: int, index: int, sign: int, participant: int, frames
     path = path + jitter * rng.standard_normal((n, 2))
 
     ramp = _smoothstep(tau)[:, None]
-    curl = sg["curl"][0] + (sg["curl"][1] - sg["curl"][0]) * ramp + rng.normal(0, 0.1, 5)
-    roll = sg["roll"][0] + (sg["roll"][1] - sg["roll"][0]) * tau + rng.normal(0, 0.15)
-    yaw = np.full(n, sg["yaw"] + rng.normal(0, 0.15))
+    curl = sg["curl"][0] + (sg["curl"][1] - sg["curl"][0]) * ramp + style_curl + rng.normal(0, 0.15, 5)
+    roll = sg["roll"][0] + (sg["roll"][1] - sg["roll"][0]) * tau + rng.normal(0, 0.2)
+    yaw = np.full(n, sg["yaw"] + rng.normal(0, 0.25))
     hand = _hand_shape(np.clip(curl, 0, 1), sg["spread"], roll, yaw)
     dom = np.concatenate([path, np.zeros((n, 1))], axis=1)[:, None, :] + hand * pp["hand_size"]
     dom += 0.4 * jitter * rng.standard_normal(dom.shape)
@@ -360,7 +365,7 @@ def generate_sequence(seed: int, index: int, sign: int, participant: int, frames
     elif sg["second"] == "base":
         wobble = 0.1 * np.sin(2 * np.pi * tau + rng.uniform(0, 2 * np.pi))[:, None]
         other_path = sg["base_loc"] + pp["offset"] * [-1, 1] + wobble + rng.normal(0, 0.15, 2)
-        other_curl = np.clip(np.broadcast_to(sg["base_curl"] + rng.normal(0, 0.1, 5), (n, 5)), 0, 1)
+        other_curl = np.clip(np.broadcast_to(sg["base_curl"] + rng.normal(0, 0.15, 5), (n, 5)), 0, 1)
         roll2 = np.full(n, sg["base_roll"] + rng.normal(0, 0.15))
         other_hand = _hand_shape(other_curl, sg["spread"], roll2, np.full(n, rng.uniform(-0.8, 0.8)))
         other_visible = in_view & (rng.random(n) >= rng.uniform(0, 0.3))

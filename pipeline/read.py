@@ -63,13 +63,17 @@ def read_landmarks(path: str | Path) -> np.ndarray:
 def _read_table(path: str | Path) -> pa.Table:
     """The needed columns, after checking the schema; unreadable files become LandmarkFileError."""
     try:
-        schema = pq.read_schema(path)
+        try:
+            pf = pq.ParquetFile(path, read_dictionary=["type"])
+        except KeyError:  # raised when the dictionary column is absent; the schema check below names it
+            pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
         for name, (kind, ok) in _KINDS.items():
             if name not in schema.names:
                 raise LandmarkFileError(path, f"missing column '{name}' (columns: {', '.join(schema.names)})")
             if not ok(schema.field(name).type):
                 raise LandmarkFileError(path, f"column '{name}' is {schema.field(name).type}, expected {kind}")
-        table = pq.read_table(path, columns=READ_COLUMNS, read_dictionary=["type"])
+        table = pf.read(columns=READ_COLUMNS)
         for name in ("frame", "type", "landmark_index"):
             if table.column(name).null_count:
                 raise LandmarkFileError(path, f"null values in column '{name}'")

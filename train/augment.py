@@ -117,13 +117,11 @@ def augment_batch(batch: Batch, cfg: AugmentConfig, generator: torch.Generator |
     u = torch.rand(bsz, _N_DRAWS, generator=generator, device=device)  # (B, 15)
     probabilities = [cfg.resample_p, cfg.flip_p, cfg.affine_p, cfg.temporal_mask_p, cfg.cutout_p, cfg.group_cutout_p]
     fire = u[:, :6] < torch.tensor(probabilities, device=device)  # (B, 6) bool
+    flip = fire[:, _P_FLIP] if cfg.flip_p > 0 else None  # (B,) bool
 
-    # Work on coordinate planes (2, B, T, P): x then y, each contiguous (fast on CPU, no size-2 last dim).
-    planes = x[..., :2].permute(3, 0, 1, 2).contiguous()  # (2, B, T, P), a new tensor
-    planes.masked_fill_(batch.missing, torch.nan)
-
-    if cfg.flip_p > 0:  # flip commutes exactly with the resample; done first, on the shorter sequence
-        planes = _flip(planes, fire[:, _P_FLIP])  # (2, B, T, P)
+    # Positions as coordinate planes (2, B, T, P), x then y: every step is a contiguous pass.
+    # Flip's point swap happens here (it commutes exactly with the resample), its x -> -x below.
+    planes = _input_planes(x, batch.missing, flip)  # (2, B, T, P), NaN where missing
 
     t_out = t_in
     if cfg.resample_p > 0:
@@ -134,8 +132,14 @@ def augment_batch(batch: Batch, cfg: AugmentConfig, generator: torch.Generator |
         planes = _resample(planes, lengths, new_lengths, t_out)  # (2, B, T', P)
         lengths = new_lengths
 
+    sign = None if flip is None else torch.where(flip, -1.0, 1.0).to(planes.dtype)  # (B,) x factor of the flip
     if cfg.affine_p > 0:
-        planes = _affine(planes, *_affine_params(u, fire[:, _P_AFFINE], cfg))  # (2, B, T', P)
+        mat, shift = _affine_params(u, fire[:, _P_AFFINE], cfg)  # (B, 2, 2), (B, 2)
+        if sign is not None:
+            mat = mat * torch.stack([sign, torch.ones_like(sign)], dim=-1)[:, None, :]  # mat @ diag(sign, 1)
+        planes = _affine(planes, mat, shift)  # (2, B, T', P)
+    elif sign is not None:
+        planes[0].mul_(sign[:, None, None])
 
     # Drops: whole frames (temporal mask, cutout) and whole groups (group cutout) become missing.
     t = torch.arange(t_out, device=device)  # (T',)
@@ -145,37 +149,47 @@ def augment_batch(batch: Batch, cfg: AugmentConfig, generator: torch.Generator |
     if cfg.cutout_p > 0:
         cut = _cutout(lengths, t, fire[:, _P_CUTOUT], u[:, _CUT_START], cfg)  # (B, T')
         frame_drop = cut if frame_drop is None else frame_drop | cut
-    drop = None
     if frame_drop is not None:  # padding frames follow the last real frame
         last = torch.minimum(t[None, :], lengths[:, None] - 1)  # (B, T')
-        drop = torch.take_along_dim(frame_drop, last, dim=1)[:, :, None]  # (B, T', 1)
+        frame_drop = torch.take_along_dim(frame_drop, last, dim=1)  # (B, T')
+        planes.mul_(_nan_factor(frame_drop, planes.dtype)[:, :, None])  # planes never aliases the input
     if cfg.group_cutout_p > 0 and cfg.group_cutout_groups:
         point_drop = _group_cutout(fire[:, _P_GROUP], u[:, _GROUP], cfg.group_cutout_groups, n_pts, device)
-        drop = point_drop[:, None, :] if drop is None else drop | point_drop[:, None, :]  # (B, T', P)
-    if drop is not None:
-        planes.masked_fill_(drop, torch.nan)  # (2, B, T', P); planes never aliases the input
+        planes.mul_(_nan_factor(point_drop, planes.dtype)[:, None, :])  # (B, P) -> whole sequence
 
-    pos = planes.permute(1, 2, 3, 0)  # (B, T', P, 2), padded by the rule
+    pos = planes.permute(1, 2, 3, 0).contiguous()  # (B, T', P, 2), padded by the rule
     feats = features_from_positions(pos, lengths, out_len=t_out)  # (B, T', P, 6), NaN -> 0
     missing = torch.isnan(planes[0]) | torch.isnan(planes[1])  # (B, T', P); padding repeats the last real frame
     mask = t[None, :] < lengths[:, None]  # (B, T')
     return replace(batch, x=feats, mask=mask, missing=missing)
 
 
-def _flip(planes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """Mirror the sequences where `flip` (B,): swap left/right points (FLIP_PERMUTATION) and negate x."""
-    perm = torch.as_tensor(FLIP_PERMUTATION.copy(), device=planes.device)  # (P,)
-    mirrored = planes.index_select(3, perm)  # (2, B, T, P)
-    mirrored[0].neg_()
-    return torch.where(flip[None, :, None, None], mirrored, planes)  # (2, B, T, P)
+def _nan_factor(drop: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool -> float: 1 where False, NaN where True (multiplying by it is exact; faster than masked_fill on CPU)."""
+    return (~drop).to(dtype).reciprocal_().mul_(0.0).add_(1.0)  # 1/1*0+1 = 1, 1/0*0+1 = inf*0+1 = NaN
+
+
+def _input_planes(x: torch.Tensor, missing: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+    """Features (B, T, P, 6) -> position planes (2, B, T, P), NaN where missing, points swapped where `flip`."""
+    bsz, t_in, n_pts, _ = x.shape
+    factor = _nan_factor(missing, x.dtype)  # (B, T, P)
+    planes = torch.empty(2, bsz, t_in, n_pts, dtype=x.dtype, device=x.device)
+    for c in range(2):
+        torch.mul(x[..., c], factor, out=planes[c])
+    if flip is None:
+        return planes
+    ident = torch.arange(n_pts, device=x.device)
+    perm = torch.as_tensor(FLIP_PERMUTATION.copy(), device=x.device)
+    src_pts = torch.where(flip[:, None], perm[None, :], ident[None, :])  # (B, P) source point of each point
+    return torch.gather(planes, 3, src_pts[None, :, None, :].expand_as(planes))  # (2, B, T, P)
 
 
 def _resample(planes: torch.Tensor, lengths: torch.Tensor, new_lengths: torch.Tensor, t_out: int) -> torch.Tensor:
     """Linear-interpolation resample of (2, B, T, P) to (2, B, t_out, P), padded by the rule.
 
     Output frame t (clamped to L'-1, so padding repeats the last real frame) samples source
-    time t*(L-1)/(L'-1). Weight exactly 0 on the next frame copies the frame; otherwise NaN
-    in either neighbour gives NaN.
+    time t*(L-1)/(L'-1). Weight exactly 0 on the next frame copies the frame (the next frame
+    is not read); otherwise NaN in either neighbour gives NaN.
     """
     _, bsz, t_in, n_pts = planes.shape
     device = planes.device
@@ -183,14 +197,14 @@ def _resample(planes: torch.Tensor, lengths: torch.Tensor, new_lengths: torch.Te
     tc = torch.minimum(t[None, :], new_lengths[:, None] - 1)  # (B, T')
     src = (tc * (lengths[:, None] - 1)).float() / (new_lengths[:, None] - 1).clamp(min=1).float()  # (B, T')
     i0 = src.floor().long()  # (B, T'), in [0, L-1]
-    i1 = torch.minimum(i0 + 1, lengths[:, None] - 1)  # (B, T')
-    w = (src - i0.float()).to(planes.dtype)[None, :, :, None]  # (1, B, T', 1)
+    w = src - i0.float()  # (B, T'), in [0, 1)
+    i1 = torch.where(w == 0, i0, torch.minimum(i0 + 1, lengths[:, None] - 1))  # (B, T')
 
     rows = planes.reshape(2, bsz * t_in, n_pts)
     base = torch.arange(bsz, device=device)[:, None] * t_in  # (B, 1)
     p0 = rows.index_select(1, (base + i0).reshape(-1)).view(2, bsz, t_out, n_pts)
     p1 = rows.index_select(1, (base + i1).reshape(-1)).view(2, bsz, t_out, n_pts)
-    return torch.where(w == 0, p0, torch.lerp(p0, p1, w))  # (2, B, T', P)
+    return p0.lerp_(p1, w.to(planes.dtype)[None, :, :, None])  # (2, B, T', P); w == 0 gives p0 exactly
 
 
 def _affine(planes: torch.Tensor, mat: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

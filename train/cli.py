@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
+import torch.distributed as dist
 
 from train.model import PRESETS
 
@@ -103,10 +105,13 @@ def main(ctx: click.Context, shards: Path, val_folds: str, epochs: int, batch_si
         seed=seed, max_steps=max_steps, save_every=save_every,
     )  # fmt: skip
     try:
-        metrics = train(cfg, resume=resume)
+        metrics = train(cfg, resume=resume).metrics
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
-    if metrics:
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if metrics and int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"validation top-1 {metrics['val_top1']:.4f}, top-5 {metrics['val_top5']:.4f} "
                    f"({metrics['val_samples']} samples) after {metrics['step']} steps -> {resume or out}")  # fmt: skip
 

@@ -235,7 +235,9 @@ def make_loader(
     if not shards:
         raise ValueError(f"{shard_dir}: no samples in folds {sorted(folds)}")
     stream = ShardStream(shards, batch_size, train, rank, world_size, seed, bucket, **stream_options)
-    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+    # Its own generator: creating an iterator must not draw from the global RNG (resume would diverge).
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, generator=generator,
                       persistent_workers=False, prefetch_factor=4 if workers else None)  # fmt: skip
 
 

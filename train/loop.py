@@ -64,6 +64,13 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+@dataclass
+class TrainResult:
+    metrics: dict[str, Any]  # the last validation metrics (empty when no epoch ended in this run)
+    model: torch.nn.Module  # the trained (unwrapped) model
+    batches: int  # training batches this rank consumed in this run
+
+
 # ---------------------------------------------------------------------------- setup
 
 
@@ -161,8 +168,8 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 # ---------------------------------------------------------------------------- training
 
 
-def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
-    """Train (or continue) a run; returns the last validation metrics."""
+def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
+    """Train (or continue) a run to its last step."""
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(Path(resume) / "last.pt")
@@ -235,6 +242,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
         save_checkpoint(out / name, state)
 
     metrics: dict[str, Any] = {}
+    consumed = 0
     while step < total_steps:
         train_loader.dataset.set_epoch(epoch)
         net.train()
@@ -258,6 +266,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
             if ema is not None:
                 ema.update_parameters(model)
             step += 1
+            consumed += 1
             seen += len(batch)
             loss_sum += loss.item() * len(batch)
             rate = seen * world / (time.perf_counter() - t0)
@@ -284,7 +293,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
                      metrics["train_loss"], metrics["val_loss"], metrics["val_top1"], metrics["val_top5"])  # fmt: skip
     if master:
         plot_curves(out)
-    return metrics
+    return TrainResult(metrics, model, consumed)
 
 
 def _as_tuple(x: Any) -> Any:

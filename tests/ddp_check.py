@@ -1,0 +1,34 @@
+"""Run by tests/test_train.py under torchrun: train a few steps with DDP, then compare ranks.
+
+Writes OUT/ddp_rank{r}.json with the batches this rank consumed, the epoch's batch count and a
+checksum of its weights, so the test can check equal batch counts and identical weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from train.loop import TrainConfig, train
+
+
+def main(shards: str, out: str) -> None:
+    cfg = TrainConfig(shards=shards, out=out, preset="tiny", epochs=1, batch_size=16, workers=0, device="cpu")
+    result = train(cfg)
+    flat = torch.cat([p.detach().flatten() for p in result.model.parameters()])
+    rank = dist.get_rank()
+    report = {"rank": rank, "world": dist.get_world_size(), "batches": result.batches,
+              "step": result.metrics["step"], "val_samples": result.metrics["val_samples"],
+              "sha256": hashlib.sha256(flat.numpy().tobytes()).hexdigest()}  # fmt: skip
+    Path(out, f"ddp_rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

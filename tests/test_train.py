@@ -1,0 +1,173 @@
+"""Trainer tests through the real entry points: smoke, learning, resume after SIGKILL, DDP, evaluate, predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from demo_data import demo_dataset, demo_shards
+
+from pipeline.features import preprocess
+from pipeline.read import read_landmarks
+from pipeline.shards import read_manifest
+from train.cli import main as train_cli
+from train.data import make_loader, train_val_folds
+from train.loop import TrainConfig, load_checkpoint, model_from_checkpoint, train
+
+BIN = Path(sys.executable).parent
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("train")
+    return demo_shards(base, demo_dataset(base, sequences=300, signs=5, participants=6), shard_size=40, folds=3)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One short run through the real CLI entry point (EMA on), shared by the tests that inspect it."""
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    args = ["--shards", str(shards), "--preset", "tiny", "--epochs", "2", "--batch-size", "32", "--workers", "0",
+            "--ema", "0.9", "--out", str(out), "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(train_cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def _steps_per_epoch(shards: Path, batch_size: int) -> int:
+    train_folds, _ = train_val_folds(read_manifest(shards), [0])
+    return len(make_loader(shards, train_folds, batch_size, train=True, workers=0))
+
+
+def test_smoke_run_writes_metrics_config_and_checkpoints(shards: Path, smoke_run: tuple[Path, str]) -> None:
+    out, output = smoke_run
+    manifest = read_manifest(shards)
+    fold0 = next(f["samples"] for f in manifest["folds"] if f["fold"] == 0)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[-1]["step"] == 2 * _steps_per_epoch(shards, 32)
+    assert all(r["val_samples"] == fold0 and 0 <= r["val_top1"] <= r["val_top5"] <= 1 for r in rows)
+    assert f"({fold0} samples) after {rows[-1]['step']} steps" in output
+    assert json.loads((out / "config.json").read_text())["preset"] == "tiny"
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(out / name, weights_only=True)
+        assert set(ckpt) >= {"model", "optimizer", "scheduler", "ema", "step", "epoch", "rng", "config", "label_map"}
+        assert ckpt["label_map"] == manifest["label_map"]
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == rows[-1]["step"]
+    assert not list(out.glob("*.tmp"))
+
+
+def test_evaluate_cli_reports_the_validation_metrics(shards: Path, smoke_run: tuple[Path, str]) -> None:
+    out, _ = smoke_run
+    result = CliRunner().invoke(train_cli, ["evaluate", "--checkpoint", str(out / "last.pt"), "--workers", "0",
+                                            "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"top-1 {last['val_top1']:.4f}, top-5 {last['val_top5']:.4f}" in result.output
+    assert "worst signs" in result.output and "most confused" in result.output
+
+
+def test_predict_real_files_matches_direct_preprocessing(smoke_run: tuple[Path, str], sample_file) -> None:
+    out, _ = smoke_run
+    path, _ = sample_file
+    result = CliRunner().invoke(train_cli, ["predict", "--checkpoint", str(out / "last.pt"), str(path),
+                                            "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith(f"{path}: ")
+    probs = [float(part.rsplit(" ", 1)[1]) for part in line.split(": ", 1)[1].split(", ")]
+    # independent route: the padded (384) tensor straight from preprocessing; padding must not matter
+    model = model_from_checkpoint(load_checkpoint(out / "last.pt"))
+    x, mask = preprocess(read_landmarks(path))
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(x)[None], torch.from_numpy(mask)[None]), -1)[0]
+    np.testing.assert_allclose(probs, expected.sort(descending=True).values[:5].numpy(), atol=1.5e-3)
+
+
+def test_predict_reports_bad_files_and_still_predicts_the_rest(smoke_run: tuple[Path, str], bad_dir: Path,
+                                                                sample_file) -> None:  # fmt: skip
+    out, _ = smoke_run
+    good, _ = sample_file
+    bad = bad_dir / "webcam_no_row_id.parquet"
+    result = CliRunner().invoke(train_cli, ["predict", "--checkpoint", str(out / "last.pt"), str(bad), str(good),
+                                            "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 1
+    assert f"{bad}: ERROR missing column 'row_id'" in result.output
+    assert f"{good}: " in result.output
+
+
+def test_learns_few_signs_to_90_percent(tmp_path_factory: pytest.TempPathFactory) -> None:
+    base = tmp_path_factory.mktemp("learn")
+    shards = demo_shards(base, demo_dataset(base, sequences=600, signs=5, participants=6, seed=1), shard_size=100)
+    cfg = TrainConfig(shards=str(shards), out=str(base / "run"), preset="small", epochs=12, batch_size=32, lr=3e-3,
+                      workers=0, device="cpu")  # fmt: skip
+    metrics = train(cfg).metrics
+    assert metrics["val_top1"] >= 0.9, metrics
+
+
+def _wait_for_mid_epoch_checkpoint(proc: subprocess.Popen, path: Path, min_step: int, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+        try:
+            ckpt = torch.load(path, weights_only=True)
+        except (FileNotFoundError, RuntimeError, EOFError):
+            ckpt = None
+        if ckpt and ckpt["step"] >= min_step and ckpt["batch_in_epoch"] > 0:
+            return ckpt
+        time.sleep(0.05)
+    raise AssertionError("no mid-epoch checkpoint appeared in time")
+
+
+def test_resume_after_sigkill_continues_the_same_schedule(shards: Path, tmp_path: Path) -> None:
+    args = ["--shards", str(shards), "--preset", "tiny", "--epochs", "3", "--batch-size", "4", "--workers", "0",
+            "--save-every", "1", "--device", "cpu", "--seed", "3"]  # fmt: skip
+    reference = tmp_path / "reference"
+    subprocess.run([BIN / "asl-train", *args, "--out", str(reference)], check=True, capture_output=True)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([BIN / "asl-train", *args, "--out", str(run)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        seen = _wait_for_mid_epoch_checkpoint(proc, run / "last.pt", min_step=_steps_per_epoch(shards, 4) + 3)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    killed_at = torch.load(run / "last.pt", weights_only=True)  # loadable whatever the moment of the kill
+    assert killed_at["step"] >= seen["step"]
+    subprocess.run([BIN / "asl-train", "--resume", str(run)], check=True, capture_output=True)
+
+    done, ref = torch.load(run / "last.pt", weights_only=True), torch.load(reference / "last.pt", weights_only=True)
+    assert done["step"] == ref["step"] == 3 * _steps_per_epoch(shards, 4)
+    assert done["scheduler"]["last_epoch"] == ref["scheduler"]["last_epoch"]
+    assert done["optimizer"]["state"][0]["step"] == ref["optimizer"]["state"][0]["step"]
+    # same data order, same augmentation draws, same optimizer state: the same weights as the uninterrupted run
+    for name, value in ref["model"].items():
+        torch.testing.assert_close(done["model"][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_ddp_two_cpu_processes_equal_batches_and_identical_weights(shards: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           str(TESTS / "ddp_check.py"), str(shards), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"ddp_rank{r}.json").read_text()) for r in (0, 1)]
+    train_folds, _ = train_val_folds(read_manifest(shards), [0])
+    per_rank = len(make_loader(shards, train_folds, 16, train=True, workers=0, rank=0, world_size=2))
+    assert [r["batches"] for r in reports] == [per_rank, per_rank]
+    assert reports[0]["sha256"] == reports[1]["sha256"]
+    fold0 = next(f["samples"] for f in read_manifest(shards)["folds"] if f["fold"] == 0)
+    assert reports[0]["val_samples"] == reports[1]["val_samples"] == fold0  # reduced over both ranks
+    assert (tmp_path / "last.pt").exists() and not (tmp_path / "ddp_rank0.json.tmp").exists()
