@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 DEMO ?= demo
 DEMO_SEQUENCES ?= 2000
 DEMO_SIGNS ?= 25
+DEMO_EPOCHS ?= 8
 
 .PHONY: setup demo test lint bench clean
 
@@ -21,11 +22,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# The main job: demo data -> shards -> a small model trained on CPU -> evaluation -> prediction.
 demo: setup
-	$(BIN)/asl-pipeline demo-data $(DEMO)/data --sequences $(DEMO_SEQUENCES) --signs $(DEMO_SIGNS)
+	test -f $(DEMO)/data/train.csv || $(BIN)/asl-pipeline demo-data $(DEMO)/data \
+		--sequences $(DEMO_SEQUENCES) --signs $(DEMO_SIGNS)
 	$(BIN)/asl-pipeline build-shards --data-dir $(DEMO)/data --out $(DEMO)/shards
 	$(BIN)/asl-pipeline verify $(DEMO)/shards
 	$(BIN)/asl-pipeline stats $(DEMO)/shards --top 5
+	rm -rf $(DEMO)/runs/small
+	$(BIN)/asl-train --shards $(DEMO)/shards --preset small --epochs $(DEMO_EPOCHS) --batch-size 64 \
+		--lr 3e-3 --out $(DEMO)/runs/small
+	$(BIN)/asl-train evaluate --checkpoint $(DEMO)/runs/small/best.pt
+	$(BIN)/asl-train predict --checkpoint $(DEMO)/runs/small/best.pt \
+		$$(ls $(DEMO)/data/train_landmark_files/*/*.parquet | head -n 3)
 
 test: setup
 	$(BIN)/python -m pytest -q

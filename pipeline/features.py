@@ -62,35 +62,32 @@ def features_from_positions(pos: Any, lengths: Any, out_len: int | None = None, 
     zero. `dx[t] = x[t+1] - x[t]`, `dx2[t] = x[t+2] - x[t]` on the sequence padded to
     `max_len`, zero where `t+1` (`t+2`) reaches `max_len`. NaN becomes 0.
     """
-    is_torch = not isinstance(pos, np.ndarray)
-    if is_torch:
+    n = out_len or pos.shape[-3]
+    frames, points, c = pos.shape[-3:]
+    flat = pos.reshape(-1, points, c)  # (N*T, P, 2): one row per frame of every sequence
+    if isinstance(pos, np.ndarray):
+        lengths, t = np.asarray(lengths).reshape(-1, 1), np.arange(n + 2)
+        base = np.arange(flat.shape[0] // frames)[:, None] * frames
+        out = np.empty(pos.shape[:-3] + (n, points, 3 * c), dtype=pos.dtype)
+        index = (np.minimum(t, lengths - 1) + base).reshape(-1)
+    else:
         import torch
 
-        lengths = torch.as_tensor(lengths, device=pos.device)
-        t = torch.arange(out_len or pos.shape[-3], device=pos.device)
-        minimum, take = torch.minimum, torch.take_along_dim
-    else:
-        lengths = np.asarray(lengths)
-        t = np.arange(out_len or pos.shape[-3])
-        minimum, take = np.minimum, np.take_along_axis
-
-    last = lengths[..., None] - 1  # (..., 1)
-
-    def frames(idx: Any) -> Any:  # (..., out_len, P, 2) positions at frame indices idx
-        return take(pos, idx[..., None, None], -3)
-
-    cur = frames(minimum(t, last))
-    real = t <= last  # (..., out_len)
-    d1 = frames(minimum(t + 1, last)) - cur
-    d2 = frames(minimum(t + 2, last)) - cur
-    zero = 0.0
-    if is_torch:
-        d1 = torch.where((real & (t + 1 < max_len))[..., None, None], d1, zero)
-        d2 = torch.where((real & (t + 2 < max_len))[..., None, None], d2, zero)
-        return torch.nan_to_num(torch.cat([cur, d1, d2], dim=-1), nan=0.0)
-    d1 = np.where((real & (t + 1 < max_len))[..., None, None], d1, zero)
-    d2 = np.where((real & (t + 2 < max_len))[..., None, None], d2, zero)
-    return np.nan_to_num(np.concatenate([cur, d1, d2], axis=-1), nan=0.0).astype(pos.dtype, copy=False)
+        lengths, t = torch.as_tensor(lengths, device=pos.device).reshape(-1, 1), torch.arange(n + 2, device=pos.device)
+        base = torch.arange(flat.shape[0] // frames, device=pos.device)[:, None] * frames
+        out = pos.new_empty(pos.shape[:-3] + (n, points, 3 * c))
+        index = (torch.minimum(t, lengths - 1) + base).reshape(-1)
+    # frames 0..n+1 with padding by the rule (past each length: the last real frame); one gather
+    ext = flat[index].reshape(pos.shape[:-3] + (n + 2, points, c))
+    cur = ext[..., :n, :, :]
+    out[..., :c] = cur
+    out[..., c : 2 * c] = ext[..., 1 : n + 1, :, :] - cur  # zero (or NaN -> 0) on padding: frames repeat
+    out[..., 2 * c :] = ext[..., 2:, :, :] - cur
+    out[..., max_len - 1 :, :, c : 2 * c] = 0.0
+    out[..., max_len - 2 :, :, 2 * c :] = 0.0
+    if isinstance(out, np.ndarray):
+        return np.nan_to_num(out, copy=False, nan=0.0)
+    return out.nan_to_num_(nan=0.0)
 
 
 def compact_features(xyz: np.ndarray, max_len: int = MAX_LEN) -> tuple[np.ndarray, np.ndarray]:

@@ -108,6 +108,18 @@ def test_all_probabilities_zero_returns_input(batch: Batch) -> None:
     assert augment_batch(batch, replace(ALL_ON, enabled=False)) is batch
 
 
+def test_config_defaults_and_validation() -> None:
+    cfg = AugmentConfig()
+    assert (cfg.resample_p, cfg.resample_range, cfg.flip_p) == (1.0, (0.5, 1.5), 0.5)
+    assert (cfg.affine_p, cfg.rotation_deg, cfg.scale_range) == (0.75, 10, (0.9, 1.1))
+    assert (cfg.shear_deg, cfg.shift) == (10, 0.1)
+    assert (cfg.temporal_mask_p, cfg.temporal_mask_fraction, cfg.cutout_p, cfg.cutout_frames) == (0.1, 0.1, 0.5, 10)
+    assert cfg.group_cutout_p == 0.0
+    for bad in (dict(flip_p=1.5), dict(resample_range=(1.5, 0.5)), dict(group_cutout_groups=("tail",))):
+        with pytest.raises(ValueError):
+            AugmentConfig(**bad)
+
+
 def test_positions_helper(batch: Batch) -> None:
     pos = positions(batch)
     assert pos.shape == (*batch.missing.shape, 2)

@@ -529,6 +529,20 @@ def test_changed_options_refused_then_force_rebuilds(tmp_path: Path, tiny_dir: P
     assert without_created(manifest) == without_created(manifest_of(clean))
 
 
+def test_force_removes_only_what_the_build_wrote(tmp_path: Path, tiny_dir: Path):
+    """--force clears old shards, sidecars and manifest, never a user's other files in --out."""
+    out = tmp_path / "out"
+    out.mkdir()
+    user_files = {"notes.json": b'{"mine": 1}\n', "results.jsonl": b"{}\n", "README.md": b"# shards\n"}
+    for name, data in user_files.items():
+        (out / name).write_bytes(data)
+    build_shards(tiny_dir, out, BuildOptions(shard_size=16, folds=2), jobs=1)
+    build_shards(tiny_dir, out, BuildOptions(shard_size=16, folds=3), jobs=1, force=True)
+    assert manifest_of(out)["config"]["folds"] == 3
+    for name, data in user_files.items():
+        assert (out / name).exists() and (out / name).read_bytes() == data, f"--force deleted the user's {name}"
+
+
 def test_unknown_directory_with_tars_refused(tmp_path: Path, tiny_dir: Path):
     out = tmp_path / "out"
     out.mkdir()

@@ -109,7 +109,7 @@ def test_predict_reports_bad_files_and_still_predicts_the_rest(smoke_run: tuple[
 def test_learns_few_signs_to_90_percent(tmp_path_factory: pytest.TempPathFactory) -> None:
     base = tmp_path_factory.mktemp("learn")
     shards = demo_shards(base, demo_dataset(base, sequences=600, signs=5, participants=6, seed=1), shard_size=100)
-    cfg = TrainConfig(shards=str(shards), out=str(base / "run"), preset="small", epochs=12, batch_size=32, lr=3e-3,
+    cfg = TrainConfig(shards=str(shards), out=str(base / "run"), preset="small", epochs=20, batch_size=32, lr=3e-3,
                       workers=0, device="cpu")  # fmt: skip
     metrics = train(cfg).metrics
     assert metrics["val_top1"] >= 0.9, metrics
@@ -130,7 +130,7 @@ def _wait_for_mid_epoch_checkpoint(proc: subprocess.Popen, path: Path, min_step:
 
 
 def test_resume_after_sigkill_continues_the_same_schedule(shards: Path, tmp_path: Path) -> None:
-    args = ["--shards", str(shards), "--preset", "tiny", "--epochs", "3", "--batch-size", "4", "--workers", "0",
+    args = ["--shards", str(shards), "--preset", "tiny", "--epochs", "2", "--batch-size", "4", "--workers", "0",
             "--save-every", "1", "--device", "cpu", "--seed", "3"]  # fmt: skip
     reference = tmp_path / "reference"
     subprocess.run([BIN / "asl-train", *args, "--out", str(reference)], check=True, capture_output=True)
@@ -149,7 +149,7 @@ def test_resume_after_sigkill_continues_the_same_schedule(shards: Path, tmp_path
     subprocess.run([BIN / "asl-train", "--resume", str(run)], check=True, capture_output=True)
 
     done, ref = torch.load(run / "last.pt", weights_only=True), torch.load(reference / "last.pt", weights_only=True)
-    assert done["step"] == ref["step"] == 3 * _steps_per_epoch(shards, 4)
+    assert done["step"] == ref["step"] == 2 * _steps_per_epoch(shards, 4)
     assert done["scheduler"]["last_epoch"] == ref["scheduler"]["last_epoch"]
     assert done["optimizer"]["state"][0]["step"] == ref["optimizer"]["state"][0]["step"]
     # same data order, same augmentation draws, same optimizer state: the same weights as the uninterrupted run

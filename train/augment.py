@@ -11,12 +11,18 @@ and of the padding rule. Consequences:
 * padding frames repeat the last real frame (positions and `missing`), motion zero.
 
 Every random quantity is drawn once per sequence (the affine matrix is one matrix for
-all frames of a sequence), vectorized over the batch. Draws use a fixed layout whatever
-the configuration, so a seed gives the same parameters to the augmentations that stay
-enabled when others are switched off.
+all frames of a sequence), vectorized over the batch: one (B, 15) uniform draw in a fixed
+layout whatever the configuration (so a seed gives the same parameters to the
+augmentations that stay enabled when others are switched off), plus one (B, T') draw
+for the temporal mask's frame choice when it is enabled. No per-sample or per-frame
+Python loops; the only host sync is reading `max(L')` for the output shape.
 
-Order of operations: temporal resample -> horizontal flip -> affine -> temporal mask ->
-temporal cutout -> group cutout.
+Order of operations: temporal resample and horizontal flip (they commute exactly; the
+flip's point swap is done first, on the shorter input) -> affine (the flip's x -> -x is
+folded into its matrix) -> temporal mask -> temporal cutout -> group cutout.
+
+Precondition: every sequence has at least one real frame, real frames form a prefix of
+each row, and the padding follows the pipeline's rule (as the collate produces it).
 
 Temporal resample: a sequence of `L` real frames gets the length factor `s` (drawn in
 `resample_range`) and the new length `L' = clamp(round(L * s), 1, max_len)`. New frame
@@ -92,6 +98,22 @@ class AugmentConfig:
 
     max_len: int = MAX_LEN  # resampled sequences never exceed this many frames
 
+    def __post_init__(self) -> None:
+        probabilities = (self.resample_p, self.flip_p, self.affine_p, self.temporal_mask_p, self.cutout_p)
+        if not all(0.0 <= p <= 1.0 for p in probabilities + (self.group_cutout_p,)):
+            raise ValueError("augmentation probabilities must lie in [0, 1]")
+        for name in ("resample_range", "scale_range"):
+            lo, hi = getattr(self, name)
+            if not 0.0 < lo <= hi:
+                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
+        if not 0.0 <= self.temporal_mask_fraction <= 1.0 or not 0.0 <= self.cutout_max_fraction <= 1.0:
+            raise ValueError("temporal_mask_fraction and cutout_max_fraction must lie in [0, 1]")
+        if self.cutout_frames < 0 or not 1 <= self.max_len <= MAX_LEN:
+            raise ValueError(f"cutout_frames must be >= 0 and max_len in [1, {MAX_LEN}]")
+        unknown = set(self.group_cutout_groups) - set(GROUP_SLICES)
+        if unknown:
+            raise ValueError(f"unknown groups {sorted(unknown)}; known: {sorted(GROUP_SLICES)}")
+
     def is_identity(self) -> bool:
         """True when no augmentation can fire."""
         probabilities = (self.resample_p, self.flip_p, self.affine_p, self.temporal_mask_p, self.cutout_p)
@@ -159,7 +181,9 @@ def augment_batch(batch: Batch, cfg: AugmentConfig, generator: torch.Generator |
 
     pos = planes.permute(1, 2, 3, 0).contiguous()  # (B, T', P, 2), padded by the rule
     feats = features_from_positions(pos, lengths, out_len=t_out)  # (B, T', P, 6), NaN -> 0
-    missing = torch.isnan(planes[0]) | torch.isnan(planes[1])  # (B, T', P); padding repeats the last real frame
+    # x and y are NaN together by construction (every step writes NaN to both or mixes both), so x decides;
+    # padding frames repeat the last real frame's positions, hence its missing points.
+    missing = torch.isnan(planes[0])  # (B, T', P)
     mask = t[None, :] < lengths[:, None]  # (B, T')
     return replace(batch, x=feats, mask=mask, missing=missing)
 
@@ -208,15 +232,14 @@ def _resample(planes: torch.Tensor, lengths: torch.Tensor, new_lengths: torch.Te
 
 
 def _affine(planes: torch.Tensor, mat: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Apply one matrix (B, 2, 2) and shift (B, 2) per sequence to every point of every frame."""
+    """In place: one matrix (B, 2, 2) and shift (B, 2) per sequence, applied to every point of every frame."""
     m = mat[:, :, :, None, None]  # (B, 2, 2, 1, 1)
     s = shift[:, :, None, None]  # (B, 2, 1, 1)
     px, py = planes[0], planes[1]  # (B, T, P)
-    out = torch.empty_like(planes)  # (2, B, T, P)
-    for axis in range(2):  # out = mat @ [x, y] + shift
-        torch.addcmul(s[:, axis], m[:, axis, 0], px, out=out[axis])
-        out[axis].addcmul_(m[:, axis, 1], py)
-    return out
+    new_x = torch.addcmul(s[:, 0], m[:, 0, 0], px).addcmul_(m[:, 0, 1], py)  # m00 x + m01 y + s0
+    py.mul_(m[:, 1, 1]).addcmul_(m[:, 1, 0], px).add_(s[:, 1])  # m10 x + m11 y + s1
+    px.copy_(new_x)
+    return planes
 
 
 def _affine_params(u: torch.Tensor, fire: torch.Tensor, cfg: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:

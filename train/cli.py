@@ -106,7 +106,7 @@ def main(ctx: click.Context, shards: Path, val_folds: str, epochs: int, batch_si
     )  # fmt: skip
     try:
         metrics = train(cfg, resume=resume).metrics
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         if dist.is_initialized():

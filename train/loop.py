@@ -222,8 +222,12 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     if cfg.compile:
         net = torch.compile(net, dynamic=True)
 
+    if ckpt is None and (out / "last.pt").exists():  # checked on every rank, so none waits for a failed one
+        raise FileExistsError(f"{out} already holds a run; continue it with --resume {out}, or pick another --out")
     if master:
         out.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
         log.info("model %s: %d parameters; %d steps/epoch, %d steps; train folds %s, val folds %s, device %s x%d",
                  cfg.preset, count_parameters(model), steps_per_epoch, total_steps, train_folds, val_folds,

@@ -1,0 +1,267 @@
+"""Benchmark `asl-pipeline build-shards` against the bare read rate and the per-sample baseline, in one run.
+
+Measures, on the same demo files (generated once, or `--data-dir` to reuse a Kaggle-layout directory):
+
+(a) bare read: `pyarrow.parquet.read_table(path, columns=["x", "y", "z"])` on every file, one process;
+(b) baseline: what users do today, one file at a time in one process: `pandas.read_parquet(path)`,
+    `df[["x", "y", "z"]].values.reshape(-1, 543, 3)`, then `pipeline.features.preprocess`;
+(c) `asl-pipeline build-shards` (the CLI, in a subprocess, fresh output directory, `--force`) at each
+    `--jobs`; files/s from the build's own timer (interpreter start-up excluded; the wall time is shown too).
+
+Then bytes on disk per sample against `L x 118 x 6 x 2` (float16 compact), and the peak RSS of the build
+(`getrusage(RUSAGE_CHILDREN).ru_maxrss` of a wrapper process around each build: the largest single process
+of the build tree, joblib's loky workers included) at N files and at `--scale` x N rows: a train.csv
+listing the same N parquet files `--scale` times under distinct sequence_ids, so no extra files need
+generating. Every file is read once before timing, so all measurements see a warm page cache.
+
+    python bench/build.py                      # 2,000 sequences, --jobs 1 and 2
+    python bench/build.py --quick              # 300-sequence smoke run
+    python bench/build.py --data-dir demo/data --jobs-list 1,2,4
+
+Numbers depend on the machine and on whatever else runs on it: read them as ratios measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+BYTES_PER_FRAME = 118 * 6 * 2  # float16 compact: L x 118 x 6 x 2 bytes a sample
+TARGET_VS_READ = 1.5
+TARGET_VS_BASELINE = 10.0
+TARGET_BYTES = 0.15
+TARGET_MEMORY = 1.25  # "the same": peak at scale x N files within 25% of the peak at N
+
+# Runs one command and prints its exit status, wall time and the peak RSS of its process tree (kB).
+_WRAPPER = (
+    "import json, resource, subprocess, sys, time\n"
+    "t = time.perf_counter()\n"
+    "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+    "wall = time.perf_counter() - t\n"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print(json.dumps({'rc': p.returncode, 'wall': wall, 'maxrss_kb': u.ru_maxrss, 'stdout': p.stdout,"
+    " 'stderr': p.stderr[-4000:]}))\n"
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sequences", type=int, default=2000, help="demo sequences to generate (default 2000)")
+    ap.add_argument("--quick", action="store_true", help="a 300-sequence smoke run")
+    ap.add_argument("--jobs-list", default="1,2", help="comma-separated --jobs values to build with (default 1,2)")
+    ap.add_argument("--data-dir", type=Path, help="reuse this Kaggle-layout directory instead of generating one")
+    ap.add_argument("--work-dir", type=Path, help="where to put generated data and shards (default: a temp dir)")
+    ap.add_argument("--scale", type=int, default=10, help="rows multiplier for the peak-memory build (default 10)")
+    ap.add_argument("--shard-size", type=int, default=100,
+                    help="build-shards --shard-size (default 100: 20 shards for 2,000 files, so that every worker "
+                         "stays busy; the CLI's default 500 gives 2,000 files only 5 shards)")  # fmt: skip
+    ap.add_argument("--signs", type=int, default=25)
+    ap.add_argument("--participants", type=int, default=10)
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.sequences = 300
+    args.jobs = [int(j) for j in args.jobs_list.split(",") if j.strip()]
+    return args
+
+
+def cli_command() -> list[str]:
+    exe = Path(sys.executable).parent / "asl-pipeline"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("asl-pipeline")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())"]
+
+
+def read_rows(data_dir: Path) -> list[dict[str, str]]:
+    with open(data_dir / "train.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def ensure_data(args: argparse.Namespace, work: Path) -> Path:
+    if args.data_dir:
+        return args.data_dir
+    from pipeline.demo import write_demo_dataset
+
+    data = work / f"data-{args.sequences}"
+    if (data / "train.csv").exists() and len(read_rows(data)) == args.sequences:
+        print(f"reusing {data}")
+        return data
+    start = time.perf_counter()
+    write_demo_dataset(data, sequences=args.sequences, signs=args.signs, participants=args.participants, seed=0,
+                       jobs=os.cpu_count() or 1)  # fmt: skip
+    print(f"generated {args.sequences} demo sequences in {time.perf_counter() - start:.1f}s -> {data}")
+    return data
+
+
+def scaled_data(data: Path, rows: list[dict[str, str]], scale: int, out: Path) -> Path:
+    """A data dir whose train.csv lists each parquet file `scale` times under distinct sequence ids.
+
+    The files are hard links (copies where links fail): the build's path check refuses symlinks that
+    resolve outside the data directory.
+    """
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for name in ("sign_to_prediction_index_map.json",):
+        if (data / name).exists():
+            shutil.copyfile(data / name, out / name)
+    for r in rows:
+        dst = out / r["path"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(data / r["path"], dst)
+        except OSError:
+            shutil.copyfile(data / r["path"], dst)
+    offset = 10 ** max(len(r["sequence_id"]) for r in rows)
+    with open(out / "train.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "participant_id", "sequence_id", "sign"], extrasaction="ignore")
+        writer.writeheader()
+        for k in range(scale):
+            for r in rows:
+                writer.writerow({**r, "sequence_id": str(int(r["sequence_id"]) + k * offset)})
+    return out
+
+
+def bare_read(paths: list[Path]) -> float:
+    import pyarrow.parquet as pq
+
+    start = time.perf_counter()
+    for p in paths:
+        pq.read_table(p, columns=["x", "y", "z"])
+    return time.perf_counter() - start
+
+
+def baseline(paths: list[Path]) -> float:
+    import pandas as pd
+
+    from pipeline.features import preprocess
+
+    start = time.perf_counter()
+    for p in paths:
+        df = pd.read_parquet(p)
+        xyz = df[["x", "y", "z"]].values.reshape(-1, 543, 3)
+        preprocess(xyz)
+    return time.perf_counter() - start
+
+
+def run_build(data: Path, out: Path, jobs: int, shard_size: int) -> dict:
+    """build-shards in a wrapper process; returns rc, wall, build seconds (its own timer), peak RSS, manifest."""
+    if out.exists():
+        shutil.rmtree(out)
+    options = ["--jobs", str(jobs), "--shard-size", str(shard_size), "--dtype", "float16", "--layout", "compact"]
+    cmd = cli_command() + ["build-shards", "--data-dir", str(data), "--out", str(out), *options, "--force"]
+    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout)
+    if result["rc"] not in (0, 3):
+        raise SystemExit(f"build-shards failed (rc {result['rc']}):\n{result['stdout']}\n{result['stderr']}")
+    match = re.search(r"rejected (\d+), ([\d.]+)s", result["stdout"])
+    result["seconds"] = float(match.group(2)) if match else result["wall"]
+    result["manifest"] = json.loads((out / "manifest.json").read_text())
+    return result
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="asl-bench-build-"))
+    work.mkdir(parents=True, exist_ok=True)
+    total_start = time.perf_counter()
+    try:
+        data = ensure_data(args, work)
+        rows = read_rows(data)
+        paths = [data / r["path"] for r in rows]
+        n = len(paths)
+        for p in paths:  # warm the page cache so that every measurement reads from memory
+            p.read_bytes()
+
+        t_read = bare_read(paths)
+        t_base = baseline(paths)
+        read_rate, base_rate = n / t_read, n / t_base
+
+        builds = {}
+        for jobs in args.jobs:
+            builds[jobs] = run_build(data, work / f"shards-j{jobs}", jobs, args.shard_size)
+        shas = {j: [s["sha256"] for s in b["manifest"]["shards"]] for j, b in builds.items()}
+        identical = len({tuple(v) for v in shas.values()}) == 1
+
+        ref_jobs = 2 if 2 in builds else max(builds)
+        manifest = builds[ref_jobs]["manifest"]
+        totals = manifest["totals"]
+        samples = totals["samples"]
+        ideal = totals["real_frames"] * BYTES_PER_FRAME
+        bytes_ratio = totals["bytes"] / ideal
+        for jobs in builds:  # keep one build's shards for inspection only
+            if jobs != ref_jobs:
+                shutil.rmtree(work / f"shards-j{jobs}", ignore_errors=True)
+
+        scaled = scaled_data(data, rows, args.scale, work / f"data-x{args.scale}")
+        big = run_build(scaled, work / f"shards-x{args.scale}", ref_jobs, args.shard_size)
+        shutil.rmtree(work / f"shards-x{args.scale}", ignore_errors=True)
+        small_rss, big_rss = builds[ref_jobs]["maxrss_kb"] / 1024, big["maxrss_kb"] / 1024
+        rss_ratio = big_rss / small_rss
+        big_samples = big["manifest"]["totals"]["samples"]
+
+        print()
+        print(f"build-shards benchmark: {n} files ({samples} written, {totals['rejected']} rejected), "
+              f"mean stored length {totals['real_frames'] / max(samples, 1):.1f} frames, "
+              f"{os.cpu_count()} CPUs, shard size {args.shard_size}")  # fmt: skip
+        print(f"{'measure':<46}{'seconds':>9}{'files/s':>10}{'x bare read':>13}{'x baseline':>12}{'peak RSS':>11}")
+
+        def line(name: str, seconds: float, rate: float, rss: str = "") -> None:
+            print(f"{name:<46}{seconds:>9.2f}{rate:>10.0f}{rate / read_rate:>13.2f}{rate / base_rate:>12.2f}{rss:>11}")
+
+        line("(a) bare read: pyarrow x,y,z, 1 process", t_read, read_rate)
+        line("(b) baseline: pandas + reshape + preprocess", t_base, base_rate)
+        for jobs, b in builds.items():
+            rss = f"{b['maxrss_kb'] / 1024:.0f} MB"
+            line(f"(c) build-shards --jobs {jobs} (wall {b['wall']:.1f}s)", b["seconds"], n / b["seconds"], rss)
+        line(f"    build-shards --jobs {ref_jobs}, {big_samples} rows (x{args.scale})", big["seconds"],
+             big_samples / big["seconds"], f"{big_rss:.0f} MB")  # fmt: skip
+        print(f"shards identical across --jobs {','.join(map(str, builds))}: {identical}")
+        print(f"bytes on disk: {totals['bytes'] / samples / 1e3:.1f} kB a sample vs L*118*6*2 = "
+              f"{ideal / samples / 1e3:.1f} kB ({(bytes_ratio - 1) * 100:+.1f}%)")  # fmt: skip
+
+        ref_rate = n / builds[ref_jobs]["seconds"]
+        print()
+        print("targets:")
+        checks = [
+            (f"--jobs {ref_jobs} >= {TARGET_VS_READ}x the 1-process bare read rate",
+             f"{ref_rate / read_rate:.2f}x", ref_rate / read_rate >= TARGET_VS_READ),
+            (f"--jobs {ref_jobs} >= {TARGET_VS_BASELINE:.0f}x the per-sample baseline",
+             f"{ref_rate / base_rate:.2f}x", ref_rate / base_rate >= TARGET_VS_BASELINE),
+            (f"bytes a sample within {TARGET_BYTES:.0%} of L*118*6*2 (float16 compact)",
+             f"{(bytes_ratio - 1) * 100:+.1f}%", abs(bytes_ratio - 1) <= TARGET_BYTES),
+            (f"peak RSS flat: {n} vs {big_samples} rows within {TARGET_MEMORY:.2f}x",
+             f"{small_rss:.0f} -> {big_rss:.0f} MB ({rss_ratio:.2f}x)", rss_ratio <= TARGET_MEMORY),
+            ("shards byte-identical whatever --jobs", str(identical), identical),
+        ]  # fmt: skip
+        for name, value, ok in checks:
+            print(f"  {verdict(ok)}  {name:<58} {value}")
+        print(f"\ntotal benchmark time {time.perf_counter() - total_start:.0f}s; work dir {work}")
+        return 0
+    finally:
+        if not args.keep and not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
