@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ CSV_COLUMNS = ("path", "participant_id", "sequence_id", "sign")
 LABEL_MAP = "sign_to_prediction_index_map.json"
 PLAN = "plan.json"
 EXIT_REJECTS = 3  # build finished, but some inputs were rejected
+# Files a build writes into --out; --force deletes these and nothing else.
+_OWNED = re.compile(r"(fold\d+-\d{6}\.(tar|json)|manifest\.json|plan\.json|rejects\.jsonl)(\.tmp)?")
 
 
 class BuildError(RuntimeError):
@@ -98,7 +101,6 @@ def read_index(data_dir: Path, limit: int | None = None) -> tuple[list[Row], dic
         raise BuildError(f"{csv}: missing column(s) {', '.join(absent)} (has: {', '.join(df.columns)})")
     label_map = _label_map(data_dir, df["sign"].drop_nulls().unique().to_list())
     rows, rejects, seen = [], [], {}
-    root = data_dir.resolve()
     for i, (path, participant, sequence, sign) in enumerate(df.select(CSV_COLUMNS).iter_rows()):
         reason = None
         if sign not in label_map:
@@ -107,7 +109,7 @@ def read_index(data_dir: Path, limit: int | None = None) -> tuple[list[Row], dic
             reason = f"sequence_id {sequence!r} is not a non-negative integer"
         elif sequence in seen:
             reason = f"duplicate sequence_id (first at train.csv row {seen[sequence] + 1})"
-        elif not path or not (root / path).resolve().is_relative_to(root):
+        elif not path or _escapes(path):
             reason = f"path {path!r} escapes the data directory"
         if reason:
             rejects.append({"sequence_id": str(sequence), "path": str(path), "reason": reason})
@@ -117,11 +119,20 @@ def read_index(data_dir: Path, limit: int | None = None) -> tuple[list[Row], dic
     return rows, label_map, rejects
 
 
+def _escapes(path: str) -> bool:
+    """True for an absolute path or one that climbs out with `..` (checked lexically: symlinks inside are fine)."""
+    norm = os.path.normpath(path)
+    return os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep)
+
+
 def _label_map(data_dir: Path, signs: list[str]) -> dict[str, int]:
     """The Kaggle map when present, else sorted unique signs (recorded in the manifest either way)."""
     path = data_dir / LABEL_MAP
     if path.exists():
-        return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+        try:
+            return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise BuildError(f"{path}: not a JSON object of sign -> index ({exc})") from None
     log.warning("%s not found: labels are the sorted unique signs of train.csv", path)
     return {sign: i for i, sign in enumerate(sorted(signs))}
 
@@ -294,7 +305,7 @@ def _claim(out: Path, fingerprint: str, force: bool) -> None:
             f"{out}: holds shards built with {what}; rerun with --force to rebuild, or choose another --out"
         )
     for p in out.iterdir():
-        if p.is_file() and (p.suffix in (".tar", ".json", ".tmp", ".jsonl")):
+        if p.is_file() and _OWNED.fullmatch(p.name):
             p.unlink()
     write_json_atomic(plan, {"fingerprint": fingerprint})
 

@@ -166,6 +166,7 @@ def decode_sample(members: dict[str, bytes], source: str = "") -> Sample:
         packed = load_npy(members["missing.npy"])
         meta = json.loads(members["json"])
         label = int(members["cls"])
+        mask = load_npy(members["mask.npy"]).astype(bool) if "mask.npy" in members else None
     except (KeyError, ValueError) as exc:
         raise ShardError(f"{source}: undecodable sample ({exc!r})") from None
     if x.ndim != 3 or x.shape[1:] != (N_POINTS, N_CHANNELS) or not 1 <= len(x) <= MAX_LEN:
@@ -173,8 +174,7 @@ def decode_sample(members: dict[str, bytes], source: str = "") -> Sample:
     if packed.shape != (len(x), _PACKED):
         raise ShardError(f"{source}: missing.npy has shape {packed.shape}, expected ({len(x)}, {_PACKED})")
     missing = unpack_missing(packed)
-    if "mask.npy" in members:
-        mask = load_npy(members["mask.npy"]).astype(bool)
+    if mask is not None:
         if x.shape != FEATURE_SHAPE or mask.shape != (MAX_LEN,):
             raise ShardError(f"{source}: padded sample has x {x.shape}, mask {mask.shape}")
         return Sample(x, mask, missing, label, meta)

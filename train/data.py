@@ -87,10 +87,15 @@ def worker_counts(n: int, workers: int, batch_size: int) -> list[int]:
 
 
 def slot_ranges(shards: list[tuple[str, int]], start: int, stop: int) -> list[Range]:
-    """Cut positions `[start, stop)` of the concatenated shard sequence (wrapping around) into ranges."""
+    """Cut positions `[start, stop)` of the shard sequence repeated end to end into per-shard ranges."""
     total = sum(n for _, n in shards)
+    bounds, pos = [], start
+    while pos < stop:  # wraps around (more than once when there are fewer samples than slots)
+        lo = pos % total
+        hi = min(total, lo + stop - pos)
+        bounds.append((lo, hi))
+        pos += hi - lo
     out, offset = [], 0
-    bounds = [(start, min(stop, total))] + ([(0, stop - total)] if stop > total else [])
     for url, n in shards:
         for a, b in bounds:
             lo, hi = max(a, offset), min(b, offset + n)
@@ -113,7 +118,7 @@ class ShardStream(wds.DataPipeline):
         seed: int = 0,
         bucket: bool = True,
         shuffle_buffer: int = 2000,
-        bucket_batches: int = 16,
+        bucket_batches: int = 32,
     ) -> None:
         self.shards, self.batch_size, self.train = shards, batch_size, train
         self.rank, self.world_size, self.seed = rank, world_size, seed
