@@ -211,7 +211,7 @@ def build_one_shard(task: ShardTask, data_dir: Path, out: Path, opts: BuildOptio
     try:
         for row in task.rows:
             try:
-                xyz = read_landmarks(data_dir / row.path)
+                xyz = read_landmarks(data_dir / row.path, coords="xy")  # z is never used
                 compact, missing = compact_features(xyz)
             except LandmarkFileError as exc:
                 rejects.append({"sequence_id": row.sequence_id, "path": row.path, "reason": exc.reason})

@@ -23,34 +23,38 @@ _POINTS = np.array(POINT_LANDMARKS)
 
 
 def normalized_positions(xyz: np.ndarray) -> np.ndarray:
-    """(T, 543, 3) raw landmarks -> (T, 118, 2) float32 positions, NaN where a point is missing.
+    """(T, 543, 2 or 3) raw landmarks -> (T, 118, 2) float32 positions, NaN where a point is missing.
 
     Origin: NaN-mean of raw landmark 17 over all frames (0.5 where entirely NaN).
     Scale: NaN-aware std per axis over all frames and the 118 points (correction=1),
     replaced by 1 where it is 0 or undefined. Statistics use the whole sequence.
     """
-    xy = xyz[:, :, :2].astype(np.float64)  # (T, 543, 2)
-    ref = xy[:, REFERENCE_LANDMARK, :]  # (T, 2)
-    present = ~np.isnan(ref)
-    count = present.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        origin = np.where(present, ref, 0.0).sum(axis=0) / count
-    origin = np.where(count > 0, origin, REFERENCE_FALLBACK)  # (2,)
-
-    pts = xy[:, _POINTS, :]  # (T, 118, 2)
-    std = _nan_std(pts.reshape(-1, 2))  # (2,)
+    ref = xyz[:, REFERENCE_LANDMARK, :2].T.astype(np.float64)  # (2, T)
+    pts = np.take(xyz, _POINTS, axis=1)[..., :2]  # (T, 118, 2)
+    origin = _nan_mean(ref, fallback=REFERENCE_FALLBACK)  # (2,)
+    # per axis as contiguous rows: reductions along the last axis are the fast ones
+    planes = np.ascontiguousarray(pts.reshape(-1, 2).T, dtype=np.float64)  # (2, T*118)
+    std = _nan_std(planes)  # (2,)
     return ((pts - origin) / std).astype(np.float32)
 
 
-def _nan_std(values: np.ndarray) -> np.ndarray:
-    """Per-column std ignoring NaN (correction=1); 1 where it is 0 or undefined."""
-    present = ~np.isnan(values)
-    n = present.sum(axis=0)
-    filled = np.where(present, values, 0.0)
+def _nan_mean(rows: np.ndarray, fallback: float) -> np.ndarray:
+    """Mean of each row ignoring NaN; `fallback` for a row with no value."""
+    present = ~np.isnan(rows)
+    n = present.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = filled.sum(axis=0) / n
-        sq = np.where(present, (values - mean) ** 2, 0.0).sum(axis=0)
-        std = np.sqrt(sq / (n - 1))
+        mean = np.where(present, rows, 0.0).sum(axis=1) / n
+    return np.where(n > 0, mean, fallback)
+
+
+def _nan_std(rows: np.ndarray) -> np.ndarray:
+    """Std of each row ignoring NaN (correction=1); 1 where it is 0 or undefined."""
+    present = ~np.isnan(rows)
+    n = present.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(present, rows, 0.0).sum(axis=1) / n
+        dev = np.where(present, rows - mean[:, None], 0.0)
+        std = np.sqrt((dev * dev).sum(axis=1) / (n - 1))
     return np.where((n > 1) & np.isfinite(std) & (std > 0), std, 1.0)
 
 

@@ -14,8 +14,6 @@ import pyarrow.parquet as pq
 
 from pipeline.landmarks import N_RAW, TYPE_SIZES, TYPES
 
-# Columns read from disk; `row_id` is required in the schema but never decoded.
-READ_COLUMNS = ["frame", "type", "landmark_index", "x", "y", "z"]
 _KINDS = {
     "frame": ("integer", pa.types.is_integer),
     "landmark_index": ("integer", pa.types.is_integer),
@@ -38,9 +36,15 @@ class LandmarkFileError(ValueError):
         self.reason = reason
 
 
-def read_landmarks(path: str | Path) -> np.ndarray:
-    """Landmarks of one sequence as (T, 543, 3) float32, frames in file order, NaN kept."""
-    table = _read_table(path)
+def read_landmarks(path: str | Path, coords: str = "xyz") -> np.ndarray:
+    """Landmarks of one sequence as (T, 543, len(coords)) float32, frames in file order, NaN kept.
+
+    `coords="xy"` skips decoding z (the features never use it); inf in z is still rejected,
+    from the column statistics when the file has them.
+    """
+    if not coords or not set(coords) <= set("xyz"):
+        raise ValueError(f"coords must be letters of 'xyz', got {coords!r}")
+    pf, table = _read_table(path, coords)
     n = table.num_rows
     if n == 0:
         raise LandmarkFileError(path, "no rows (zero frames)")
@@ -49,35 +53,54 @@ def read_landmarks(path: str | Path) -> np.ndarray:
     frames = n // N_RAW
     _check_types(path, table.column("type"), frames)
     index = table.column("landmark_index").to_numpy().reshape(frames, N_RAW)
-    bad = np.flatnonzero((index != _INDEX_PATTERN).any(axis=1))
-    if bad.size:
-        raise LandmarkFileError(path, f"frame block {bad[0]}: landmark_index not 0..n-1 within each type")
+    if not (index == _INDEX_PATTERN).all():
+        bad = np.flatnonzero((index != _INDEX_PATTERN).any(axis=1))[0]
+        raise LandmarkFileError(path, f"frame block {bad}: landmark_index not 0..n-1 within each type")
     _check_frames(path, table.column("frame").to_numpy(), frames)
+    out = np.empty((n, len(coords)), dtype=np.float32)
     with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, rejected below
-        xyz = np.stack([table.column(c).to_numpy() for c in "xyz"], axis=-1).astype(np.float32)
-    if np.isinf(xyz).any():
+        for i, c in enumerate(coords):
+            out[:, i] = table.column(c).to_numpy()
+    if np.isinf(out).any() or _unread_inf(pf, sorted(set("xyz") - set(coords))):
         raise LandmarkFileError(path, "infinite coordinate values")
-    return xyz.reshape(frames, N_RAW, 3)
+    return out.reshape(frames, N_RAW, len(coords))
 
 
-def _read_table(path: str | Path) -> pa.Table:
+def _unread_inf(pf: pq.ParquetFile, columns: list[str]) -> bool:
+    """Whether the columns not decoded hold inf: min/max statistics when present, else a read."""
+    names = pf.schema_arrow.names
+    for name in columns:
+        for g in range(pf.metadata.num_row_groups):
+            stats = pf.metadata.row_group(g).column(names.index(name)).statistics
+            if stats is None or not stats.has_min_max:
+                return bool(np.isinf(pf.read(columns=[name], use_threads=False).column(0).to_numpy()).any())
+            if not (np.isfinite(stats.min) and np.isfinite(stats.max)):
+                return True
+    return False
+
+
+def _read_table(path: str | Path, coords: str) -> tuple[pq.ParquetFile, pa.Table]:
     """The needed columns, after checking the schema; unreadable files become LandmarkFileError."""
     try:
+        # One read of the whole file, then decoding in this thread: cheaper than pyarrow's own
+        # file access and thread pool when many reader processes share the cores.
+        with open(path, "rb") as f:
+            buffer = pa.BufferReader(f.read())
         try:
-            pf = pq.ParquetFile(path, read_dictionary=["type"])
+            pf = pq.ParquetFile(buffer, read_dictionary=["type"])
         except KeyError:  # raised when the dictionary column is absent; the schema check below names it
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(buffer)
         schema = pf.schema_arrow
         for name, (kind, ok) in _KINDS.items():
             if name not in schema.names:
                 raise LandmarkFileError(path, f"missing column '{name}' (columns: {', '.join(schema.names)})")
             if not ok(schema.field(name).type):
                 raise LandmarkFileError(path, f"column '{name}' is {schema.field(name).type}, expected {kind}")
-        table = pf.read(columns=READ_COLUMNS)
+        table = pf.read(columns=["frame", "type", "landmark_index", *coords], use_threads=False)
         for name in ("frame", "type", "landmark_index"):
             if table.column(name).null_count:
                 raise LandmarkFileError(path, f"null values in column '{name}'")
-        return table
+        return pf, table
     except LandmarkFileError:
         raise
     except FileNotFoundError:
@@ -88,19 +111,20 @@ def _read_table(path: str | Path) -> pa.Table:
 
 def _check_types(path: str | Path, column: pa.ChunkedArray, frames: int) -> None:
     """Every frame's rows must be face, left_hand, pose, right_hand in that order."""
-    column = column.combine_chunks()
+    column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     if not pa.types.is_dictionary(column.type):
         column = column.dictionary_encode()
     names = column.dictionary.to_pylist()
     unknown = sorted(set(names) - set(TYPES), key=str)
     if unknown:
         raise LandmarkFileError(path, f"unknown landmark type {unknown[0]!r} (expected {', '.join(TYPES)})")
-    code_of = np.array([TYPES.index(name) for name in names], dtype=np.int64)
-    codes = code_of[column.indices.to_numpy(zero_copy_only=False)].reshape(frames, N_RAW)
-    bad = np.flatnonzero((codes != _TYPE_CODES).any(axis=1))
-    if bad.size:
+    codes = column.indices.to_numpy(zero_copy_only=False).reshape(frames, N_RAW)
+    if names != list(TYPES):  # dictionary in another order: translate to our codes
+        codes = np.array([TYPES.index(name) for name in names])[codes]
+    if not (codes == _TYPE_CODES).all():
+        bad = np.flatnonzero((codes != _TYPE_CODES).any(axis=1))[0]
         raise LandmarkFileError(
-            path, f"frame block {bad[0]}: rows not in the order face 0..467, left_hand, pose, right_hand"
+            path, f"frame block {bad}: rows not in the order face 0..467, left_hand, pose, right_hand"
         )
 
 

@@ -87,28 +87,33 @@ def load_npy(data: bytes) -> np.ndarray:
 
 
 class ShardWriter:
-    """Writes a tar shard under a temporary name; `close()` renames it into place, `abort()` removes it."""
+    """Writes a tar shard under a temporary name; `close()` renames it into place, `abort()` removes it.
+
+    Plain POSIX ustar members with fixed headers (mode 0644, uid/gid 0, mtime 0), so the same
+    samples always give the same bytes.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
         self._hash = hashlib.sha256()
-        self._tar = tarfile.open(  # noqa: SIM115 - closed in close()
-            fileobj=_HashingFile(self._file, self._hash), mode="w", format=tarfile.USTAR_FORMAT
-        )
         self.count = 0
 
     def write(self, members: Iterable[tuple[str, bytes]]) -> None:
         for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o644, 0  # fixed headers: same input, same bytes
-            self._tar.addfile(info, io.BytesIO(data))
+            self._put(ustar_header(name, len(data)))
+            self._put(data)
+            self._put(b"\0" * (-len(data) % 512))
         self.count += 1
 
+    def _put(self, data: bytes) -> None:
+        self._hash.update(data)
+        self._file.write(data)
+
     def close(self) -> tuple[int, str]:
-        """Finish the shard; returns its size in bytes and sha256 hex digest."""
-        self._tar.close()
+        """Finish the shard (end-of-archive blocks, fsync, rename); returns its size and sha256."""
+        self._put(b"\0" * 1024)
         self._file.flush()
         os.fsync(self._file.fileno())
         size = self._file.tell()
@@ -121,18 +126,16 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-class _HashingFile:
-    """File wrapper hashing everything written through it."""
-
-    def __init__(self, file: Any, digest: Any) -> None:
-        self._file, self._digest = file, digest
-
-    def write(self, data: bytes) -> int:
-        self._digest.update(data)
-        return self._file.write(data)
-
-    def tell(self) -> int:
-        return self._file.tell()
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header of a regular file `name` (at most 100 bytes) of `size` bytes."""
+    raw = name.encode()
+    if len(raw) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
+    header = b"".join([
+        raw.ljust(100, b"\0"), b"0000644\0", b"0000000\0", b"0000000\0", b"%011o\0" % size, b"00000000000\0",
+        b" " * 8, b"0", b"\0" * 100, b"ustar\x0000", b"\0" * 64, b"0000000\0" * 2, b"\0" * 155,
+    ]).ljust(512, b"\0")  # fmt: skip
+    return header[:148] + b"%06o\0 " % sum(header) + header[156:]
 
 
 def iter_members(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
