@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from pipeline.build import BuildOptions, build_shards
 from pipeline.demo import sample_lengths, write_demo_dataset
@@ -105,10 +106,15 @@ class EpochStats:
 
 
 def timed_epoch(
-    shards: Path, folds: list[int], batch_size: int, workers: int, bucket: bool = True, at: int = 0
+    shards: Path, folds: list[int], batch_size: int, workers: int, bucket: bool = True, at: int = 0, repeat: int = 1
 ) -> EpochStats:
+    """One timed training epoch; `repeat` lists every shard that many times, for an epoch of a realistic size."""
     loader = make_loader(shards, folds, batch_size, train=True, workers=workers, seed=0, bucket=bucket)
-    loader.dataset.set_epoch(at)
+    stream = loader.dataset
+    if repeat > 1:
+        stream = ShardStream(stream.shards * repeat, batch_size, train=True, seed=0, bucket=bucket)
+        loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+    stream.set_epoch(at)
     samples = batches = processed = real = 0
     t0 = time.perf_counter()
     for batch in loader:  # worker start-up included: it is part of every epoch (workers are not persistent)
@@ -227,7 +233,7 @@ def full_batches(shards: Path, folds: list[int], batch_size: int, limit: int) ->
     out = []
     for batch in loader:
         if len(batch) == batch_size:
-            out.append(batch)
+            out.append(batch.to("cpu"))  # as the trainer hands it to augmentation: float32 on the device
         if len(out) == limit:
             break
     return out
@@ -303,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", help="build the demo data and shards here (kept) instead of a temporary dir")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=2, help="timed loader epochs per setting (best is kept)")
+    parser.add_argument("--repeat", type=int, default=10,
+                        help="list every shard this many times in the timed epochs (2,000 x 10 = 20,000 samples, so "
+                             "that worker start-up weighs as in a full-size epoch)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for the augmentation")
     parser.add_argument("--jobs", type=int, default=2, help="processes for building the demo data and shards")
     parser.add_argument("--quick", action="store_true", help="smaller data and fewer repetitions: a smoke test")
@@ -352,7 +361,7 @@ def run(args: argparse.Namespace, shards: Path, folds: list[int]) -> list[Row]:
     # 1. loader throughput, one full epoch each
     epochs = {}
     for workers in (0, 1, 2):
-        runs = [timed_epoch(shards, folds, bsz, workers, at=e) for e in range(args.epochs)]
+        runs = [timed_epoch(shards, folds, bsz, workers, at=e, repeat=args.repeat) for e in range(args.epochs)]
         stats = min(runs, key=lambda r: r.seconds)  # the epoch least disturbed by other work
         epochs[workers] = stats
         rate = stats.samples / stats.seconds

@@ -115,7 +115,7 @@ def epoch(loader: torch.utils.data.DataLoader, cat: Catalog, at: int | None = No
     """One epoch of a loader as sequence ids per batch (after `set_epoch(at)` when given)."""
     if at is not None:
         loader.dataset.set_epoch(at)
-    return [cat.identify(batch) for batch in loader]
+    return [cat.identify(batch.to("cpu")) for batch in loader]
 
 
 def flat(batches: list[list[str]]) -> list[str]:
@@ -528,8 +528,18 @@ def test_bucketing_off_pads_to_384(cat: Catalog, shards: Path) -> None:
 
 
 def epoch_batches(loader: torch.utils.data.DataLoader, at: int = 0) -> list[Batch]:
+    """The epoch's batches as the trainer sees them: moved to the device (here the CPU), x as float32."""
     loader.dataset.set_epoch(at)
-    return list(loader)
+    return [batch.to("cpu") for batch in loader]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_batches_travel_in_the_shards_dtype_and_arrive_as_float32(shard_base: Path, data_dir: Path, dtype: str) -> None:
+    shard_dir = demo_shards(shard_base, data_dir, shard_size=25, folds=3, dtype=dtype)
+    raw = next(iter(make_loader(shard_dir, [0], 8, train=False, workers=0)))
+    assert raw.x.dtype == getattr(torch, dtype)  # half the bytes through worker IPC and host-to-device copies
+    moved = raw.to("cpu")
+    assert moved.x.dtype == torch.float32 and torch.equal(moved.x, raw.x.float())
 
 
 @pytest.mark.parametrize("bucket", [True, False], ids=["bucketed", "fixed-384"])

@@ -11,7 +11,7 @@ import torch
 class Batch:
     """A collated batch; real frames are a prefix of each row, padding follows the pipeline's rule."""
 
-    x: torch.Tensor  # (B, T, 118, 6) float32 features [x, y, dx, dy, dx2, dy2], no NaN
+    x: torch.Tensor  # (B, T, 118, 6) features [x, y, dx, dy, dx2, dy2], no NaN; the shards' dtype until `to()`
     mask: torch.Tensor  # (B, T) bool, True for real frames
     missing: torch.Tensor  # (B, T, 118) bool, True where the source point was NaN
     labels: torch.Tensor  # (B,) int64
@@ -25,7 +25,9 @@ class Batch:
         return self.labels.shape[0]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return replace(self, **{k: getattr(self, k).to(device, non_blocking=non_blocking) for k in _FIELDS})
+        """The batch on `device` with x as float32 (it travels in the shards' dtype, often float16)."""
+        moved = {k: getattr(self, k).to(device, non_blocking=non_blocking) for k in _FIELDS}
+        return replace(self, **moved | {"x": moved["x"].float()})
 
     def pin_memory(self) -> Batch:
         return replace(self, **{k: getattr(self, k).pin_memory() for k in _FIELDS})

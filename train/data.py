@@ -204,7 +204,7 @@ def collate(samples: list[Decoded], length: int | None = None) -> Batch:
     """Stack samples padded by the pipeline's rule to `length` (default: the longest in the batch)."""
     lengths = np.array([len(s.x) for s in samples])
     t = length or int(lengths.max())
-    x = np.zeros((len(samples), t, N_POINTS, N_CHANNELS), dtype=np.float32)  # (B, T, 118, 6)
+    x = np.zeros((len(samples), t, N_POINTS, N_CHANNELS), dtype=samples[0].x.dtype)  # (B, T, 118, 6)
     packed = np.zeros((len(samples), t, samples[0].missing.shape[-1]), dtype=np.uint8)
     for i, s in enumerate(samples):  # one copy per sample; everything per frame stays vectorized
         n = len(s.x)
