@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 DEMO ?= demo
 DEMO_SEQUENCES ?= 2000
 DEMO_SIGNS ?= 25
-DEMO_EPOCHS ?= 8
+DEMO_EPOCHS ?= 20
 
 .PHONY: setup demo test lint bench clean
 

@@ -367,12 +367,12 @@ def length_stats(frames: np.ndarray, lengths: np.ndarray) -> dict[str, Any]:
     return {
         "count": int(len(frames)),
         "min": int(frames.min()),
-        "p25": float(q[0]),
-        "median": float(q[1]),
-        "mean": round(float(frames.mean()), 3),
-        "p75": float(q[2]),
-        "p95": float(q[3]),
-        "p99": float(q[4]),
+        "p25": round(float(q[0]), 1),
+        "median": round(float(q[1]), 1),
+        "mean": round(float(frames.mean()), 1),
+        "p75": round(float(q[2]), 1),
+        "p95": round(float(q[3]), 1),
+        "p99": round(float(q[4]), 1),
         "max": int(frames.max()),
         "truncated": int((frames > lengths).sum()),
     }

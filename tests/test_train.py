@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -64,6 +65,8 @@ def test_smoke_run_writes_metrics_config_and_checkpoints(shards: Path, smoke_run
         assert set(ckpt) >= {"model", "optimizer", "scheduler", "ema", "step", "epoch", "rng", "config", "label_map"}
         assert ckpt["label_map"] == manifest["label_map"]
     assert torch.load(out / "last.pt", weights_only=True)["step"] == rows[-1]["step"]
+    if importlib.util.find_spec("matplotlib"):  # a dev extra; the curves are optional for users
+        assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("*.tmp"))
 
 

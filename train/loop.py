@@ -176,6 +176,9 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         cfg = TrainConfig.from_dict({**ckpt["config"], "out": str(resume)})
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device)
+    if device.type == "cuda":  # one GPU per process under torchrun
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     master = rank == 0
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
@@ -216,9 +219,12 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
             ema.n_averaged.fill_(ckpt["ema_n_averaged"])
         step, epoch, skip, best = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_top1"]
         torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         generator.set_state(ckpt["rng"]["augment"])
         random.setstate(_as_tuple(ckpt["rng"]["python"]))
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ids = [device.index] if device.type == "cuda" else None
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids) if world > 1 else model
     if cfg.compile:
         net = torch.compile(net, dynamic=True)
 
@@ -240,6 +246,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
             "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_top1": best,
             "rng": {"torch": torch.get_rng_state(), "augment": generator.get_state().cpu(),
+                    "cuda": torch.cuda.get_rng_state(device) if cuda else None,
                     "python": random.getstate()},
             "config": asdict(cfg), "label_map": label_map,
         }  # fmt: skip
