@@ -78,16 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def cli_command() -> list[str]:
-    exe = Path(sys.executable).parent / "asl-pipeline"
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("asl-pipeline")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())"]
-
-
 def read_rows(data_dir: Path) -> list[dict[str, str]]:
     with open(data_dir / "train.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -165,7 +155,8 @@ def run_build(data: Path, out: Path, jobs: int, shard_size: int) -> dict:
     if out.exists():
         shutil.rmtree(out)
     options = ["--jobs", str(jobs), "--shard-size", str(shard_size), "--dtype", "float16", "--layout", "compact"]
-    cmd = cli_command() + ["build-shards", "--data-dir", str(data), "--out", str(out), *options, "--force"]
+    cmd = [sys.executable, "-m", "pipeline.cli", "build-shards", "--data-dir", str(data), "--out", str(out)]
+    cmd += [*options, "--force"]
     proc = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True, check=True)
     result = json.loads(proc.stdout)
     if result["rc"] not in (0, 3):

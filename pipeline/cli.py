@@ -157,3 +157,7 @@ def demo_data_cmd(out: Path, sequences: int, signs: int, participants: int, seed
     summary = write_demo_dataset(out, sequences=sequences, signs=signs, participants=participants, seed=seed,
                                  jobs=jobs)  # fmt: skip
     click.echo(f"{summary} in {time.perf_counter() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

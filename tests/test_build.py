@@ -117,16 +117,6 @@ def cli(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def cli_executable() -> list[str]:
-    exe = Path(sys.executable).parent / "asl-pipeline"
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("asl-pipeline")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())"]
-
-
 def check_round_trip(data_dir: Path, shard_dir: Path, dtype: str, layout: str) -> None:
     """Every sample of every shard against direct preprocessing of its parquet file."""
     rows = {r["sequence_id"]: r for r in csv_rows(data_dir)}
@@ -555,8 +545,8 @@ def test_unknown_directory_with_tars_refused(tmp_path: Path, tiny_dir: Path):
 def test_killed_build_resumes_to_the_full_set(tmp_path: Path, demo_dir: Path, compact_shards: Path):
     out = tmp_path / "out"
     log = tmp_path / "build.log"
-    cmd = cli_executable() + ["build-shards", "--data-dir", str(demo_dir), "--out", str(out), "--jobs", "1",
-                              "--shard-size", str(KILL_OPTS.shard_size), "--folds", str(KILL_OPTS.folds)]  # fmt: skip
+    cmd = [sys.executable, "-m", "pipeline.cli", "build-shards", "--data-dir", str(demo_dir), "--out", str(out),
+           "--jobs", "1", "--shard-size", str(KILL_OPTS.shard_size), "--folds", str(KILL_OPTS.folds)]  # fmt: skip
     total = len(manifest_of(compact_shards)["shards"])
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
