@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 BIN := $(VENV)/bin
 DEMO ?= demo
 DEMO_SEQUENCES ?= 2000
@@ -18,7 +19,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
@@ -44,6 +45,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/read.py
+	$(BIN)/python bench/build.py
+	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/train_step.py
 
 clean:
 	rm -rf $(DEMO) runs

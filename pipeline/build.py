@@ -4,7 +4,8 @@ Work units are shards, never files: each task reads its files, preprocesses them
 streams them into one tar under a temporary name, renames it, then writes a sidecar
 `<shard>.json` (its completion marker). A rerun skips every shard whose sidecar
 matches the current plan, so a crash or kill loses at most the shards in flight.
-The manifest is written last, from the sidecars.
+The manifest is assembled from the sidecars on every run and written last, unless the one
+on disk already says the same (so an interrupted run never leaves a stale manifest behind).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import polars as pl
 from joblib import Parallel, delayed
 
-from pipeline.features import MAX_LEN, N_CHANNELS, compact_features
+from pipeline.features import FEATURES_VERSION, MAX_LEN, N_CHANNELS, REFERENCE_FALLBACK, compact_features
 from pipeline.landmarks import POINT_LANDMARKS, REFERENCE_LANDMARK
 from pipeline.read import LandmarkFileError, read_landmarks
 from pipeline.shards import (
@@ -33,8 +34,10 @@ from pipeline.shards import (
     LAYOUTS,
     MANIFEST,
     REJECTS,
+    FeatureRangeError,
     ShardWriter,
     encode_sample,
+    write_atomic,
     write_json_atomic,
 )
 
@@ -84,6 +87,7 @@ class BuildResult:
     built: int  # shards built in this run
     skipped: int  # shards already complete
     rejects: list[dict[str, str]] = field(default_factory=list)
+    manifest_written: bool = True  # False when the manifest on disk already described these shards
 
     @property
     def exit_code(self) -> int:
@@ -129,12 +133,30 @@ def _label_map(data_dir: Path, signs: list[str]) -> dict[str, int]:
     """The Kaggle map when present, else sorted unique signs (recorded in the manifest either way)."""
     path = data_dir / LABEL_MAP
     if path.exists():
-        try:
-            return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise BuildError(f"{path}: not a JSON object of sign -> index ({exc})") from None
+        return _read_label_map(path)
     log.warning("%s not found: labels are the sorted unique signs of train.csv", path)
     return {sign: i for i, sign in enumerate(sorted(signs))}
+
+
+def _read_label_map(path: Path) -> dict[str, int]:
+    """A sign -> index JSON object whose indices are exactly 0..N-1; BuildError naming the file otherwise.
+
+    The model's output has one unit per index, so a gap or a repeat would silently train on
+    a wrong number of classes or merge two signs.
+    """
+    try:
+        label_map = json.loads(path.read_text())
+    except ValueError as exc:
+        raise BuildError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(label_map, dict) or not label_map:
+        raise BuildError(f"{path}: expected a non-empty JSON object of sign -> index")
+    # JSON object keys are always strings; the values must be plain integers (not bools, floats or strings)
+    wrong = [k for k, v in label_map.items() if type(v) is not int]
+    if wrong:
+        raise BuildError(f"{path}: index of {wrong[0]!r} is {label_map[wrong[0]]!r}, expected an integer")
+    if sorted(label_map.values()) != list(range(len(label_map))):
+        raise BuildError(f"{path}: indices must be 0..{len(label_map) - 1} without gaps or repeats")
+    return label_map
 
 
 def assign_folds(counts: dict[str, int], folds: int) -> dict[str, int]:
@@ -187,10 +209,6 @@ def build_shards(
         task.inputs = _inputs_hash(task, data_dir, fingerprint)
 
     todo = [t for t in tasks if not _complete(out, t)]
-    if not todo and (out / MANIFEST).exists():
-        manifest = json.loads((out / MANIFEST).read_text())
-        if manifest.get("fingerprint") == fingerprint and len(manifest["shards"]) == len(tasks):
-            return BuildResult(manifest, built=0, skipped=len(tasks), rejects=manifest["rejects"])
     if progress:
         progress(sum(len(t.rows) for t in tasks if t not in todo), 0)
     done = Parallel(n_jobs=jobs, return_as="generator_unordered")(
@@ -200,8 +218,18 @@ def build_shards(
         if progress:
             progress(len(sidecar["sequence_ids"]) + len(sidecar["rejects"]), len(sidecar["rejects"]))
 
+    # Always from the sidecars: a run that died after its shards but before the manifest left
+    # complete shards that the old manifest does not describe.
     manifest = _manifest(out, tasks, config, fingerprint, fold_of, rejects)
-    return BuildResult(manifest, built=len(todo), skipped=len(tasks) - len(todo), rejects=manifest["rejects"])
+    old = _existing_manifest(out)
+    written = not (old and _without_created(old) == _without_created(manifest))
+    if written:
+        _write_manifest(out, manifest)
+    else:
+        manifest = old  # keep its "created": nothing changed
+    return BuildResult(
+        manifest, built=len(todo), skipped=len(tasks) - len(todo), rejects=manifest["rejects"], manifest_written=written
+    )
 
 
 def build_one_shard(task: ShardTask, data_dir: Path, out: Path, opts: BuildOptions) -> dict[str, Any]:
@@ -213,14 +241,15 @@ def build_one_shard(task: ShardTask, data_dir: Path, out: Path, opts: BuildOptio
             try:
                 xyz = read_landmarks(data_dir / row.path, coords="xy")  # z is never used
                 compact, missing = compact_features(xyz)
-            except LandmarkFileError as exc:
+                meta = {
+                    "sequence_id": row.sequence_id, "participant_id": row.participant_id, "sign": row.sign,
+                    "label": row.label, "frames": len(xyz), "length": len(compact), "fold": task.fold,
+                }  # fmt: skip
+                members = encode_sample(row.sequence_id, compact, missing, meta, opts.layout, opts.dtype)
+            except (LandmarkFileError, FeatureRangeError) as exc:
                 rejects.append({"sequence_id": row.sequence_id, "path": row.path, "reason": exc.reason})
                 continue
-            meta = {
-                "sequence_id": row.sequence_id, "participant_id": row.participant_id, "sign": row.sign,
-                "label": row.label, "frames": len(xyz), "length": len(compact), "fold": task.fold,
-            }  # fmt: skip
-            writer.write(encode_sample(row.sequence_id, compact, missing, meta, opts.layout, opts.dtype))
+            writer.write(members)
             ids.append(row.sequence_id)
             labels.append(row.label)
             frames.append(len(xyz))
@@ -239,15 +268,25 @@ def build_one_shard(task: ShardTask, data_dir: Path, out: Path, opts: BuildOptio
 
 
 def _config(opts: BuildOptions, label_map: dict[str, int], data_dir: Path) -> dict[str, Any]:
-    """Everything that determines the shards' content; its hash guards against mixing builds."""
+    """Everything that determines the shards' content; its hash guards against mixing builds.
+
+    Code is not hashed: a change to the preprocessing arithmetic must bump FEATURES_VERSION
+    (pipeline/features.py), and a change to the sample format FORMAT_VERSION (pipeline/shards.py).
+    """
     inputs = [data_dir / "train.csv", data_dir / LABEL_MAP]
     return {
         "format_version": FORMAT_VERSION,
+        "features_version": FEATURES_VERSION,
         "max_len": MAX_LEN,
         "channels": ["x", "y", "dx", "dy", "dx2", "dy2"][:N_CHANNELS],
         "point_landmarks": list(POINT_LANDMARKS),
         "reference_landmark": REFERENCE_LANDMARK,
-        "normalization": "(xy - nanmean(raw 17 over frames, 0.5 if all NaN)) / nanstd per axis (correction=1)",
+        "reference_fallback": REFERENCE_FALLBACK,
+        "normalization": (
+            f"(xy - origin) / scale; origin = nanmean of raw {REFERENCE_LANDMARK} over frames "
+            f"({REFERENCE_FALLBACK} if all NaN); scale = nanstd per axis over frames and points "
+            "(correction=1; 1 where 0 or undefined)"
+        ),
         "dtype": opts.dtype,
         "layout": opts.layout,
         "shard_size": opts.shard_size,
@@ -318,7 +357,7 @@ def _manifest(
     fold_of: dict[str, int],
     plan_rejects: list[dict[str, str]],
 ) -> dict[str, Any]:
-    """Assemble the manifest from the sidecars and write it (and rejects.jsonl) atomically, last."""
+    """The manifest of the planned shards, assembled from their sidecars."""
     sidecars = [json.loads(_sidecar_path(out, t).read_text()) for t in tasks]
     rejects = plan_rejects + [r for s in sidecars for r in s["rejects"]]
     lengths = np.array([n for s in sidecars for n in s["lengths"]], dtype=np.int64)
@@ -352,11 +391,25 @@ def _manifest(
         "lengths": length_stats(frames, lengths),
         "rejects": rejects,
     }
-    rejects_tmp = out / (REJECTS + ".tmp")
-    rejects_tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
-    os.replace(rejects_tmp, out / REJECTS)
-    write_json_atomic(out / MANIFEST, manifest)
     return manifest
+
+
+def _existing_manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest on disk, or None when there is none (or it is unreadable: it will be replaced)."""
+    try:
+        return json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _without_created(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in manifest.items() if k != "created"}
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """Write rejects.jsonl, then the manifest (last: its presence means a complete build), both atomically."""
+    write_atomic(out / REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in manifest["rejects"]).encode())
+    write_json_atomic(out / MANIFEST, manifest)
 
 
 def length_stats(frames: np.ndarray, lengths: np.ndarray) -> dict[str, Any]:

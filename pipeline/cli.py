@@ -6,15 +6,14 @@ import logging
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import click
-import numpy as np
 from tqdm import tqdm
 
 from pipeline import build as build_mod
-from pipeline.shards import read_manifest, verify_shards
+from pipeline.features import MAX_LEN
+from pipeline.shards import manifest_stats, read_manifest, verify_shards
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -79,8 +78,10 @@ def build_shards_cmd(data_dir: Path, out: Path, jobs: int, shard_size: int, fold
         except build_mod.BuildError as exc:
             raise click.ClickException(str(exc)) from None
     totals = result.manifest["totals"]
-    if result.built == 0 and result.skipped:
+    if result.built == 0 and result.skipped and not result.manifest_written:
         click.echo(f"{out}: all {result.skipped} shards are complete and match these options; nothing to do.")
+    elif result.built == 0 and result.skipped:
+        click.echo(f"{out}: all {result.skipped} shards are complete; manifest rewritten from their markers.")
     seconds = time.perf_counter() - start
     click.echo(
         f"{totals['samples']} samples in {totals['shards']} shards ({totals['bytes'] / 1e6:.1f} MB) -> {out}; "
@@ -99,12 +100,12 @@ def build_shards_cmd(data_dir: Path, out: Path, jobs: int, shard_size: int, fold
 def verify_cmd(shard_dir: Path) -> None:
     """Check every shard against the manifest: size, sha256, sample count, keys and shapes."""
     try:
-        problems = verify_shards(shard_dir)
+        manifest = read_manifest(shard_dir)
+        problems = verify_shards(shard_dir, manifest)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     for p in problems:
         click.echo(f"FAIL {p}", err=True)
-    manifest = read_manifest(shard_dir)
     if problems:
         raise click.ClickException(f"{len(problems)} problem(s) in {shard_dir}")
     click.echo(f"OK: {manifest['totals']['shards']} shards, {manifest['totals']['samples']} samples match the manifest")
@@ -116,29 +117,23 @@ def verify_cmd(shard_dir: Path) -> None:
 def stats_cmd(shard_dir: Path, top: int) -> None:
     """Counts per fold and sign, and the sequence length distribution, from the manifest."""
     try:
-        m = read_manifest(shard_dir)
+        stats = manifest_stats(read_manifest(shard_dir), top)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{m['totals']['samples']} samples, {m['totals']['shards']} shards, "
-               f"{m['totals']['bytes'] / 1e6:.1f} MB, {m['totals']['rejected']} rejected")  # fmt: skip
+    totals = stats["totals"]
+    click.echo(f"{totals['samples']} samples, {totals['shards']} shards, {totals['bytes'] / 1e6:.1f} MB, "
+               f"{totals['rejected']} rejected")  # fmt: skip
     click.echo("fold  samples  shards  participants")
-    for f in m["folds"]:
-        click.echo(f"{f['fold']:>4}  {f['samples']:>7}  {f['shards']:>6}  {len(f['participants'])}")
-    names = {v: k for k, v in m["label_map"].items()}
-    per_sign = Counter(label for s in m["shards"] for label in s["labels"])
-    ranked = sorted(((per_sign.get(i, 0), names[i]) for i in names), reverse=True)
-    click.echo(f"signs: {len(names)}; most: " + ", ".join(f"{n} {c}" for c, n in ranked[:top]))
-    click.echo("fewest: " + ", ".join(f"{n} {c}" for c, n in ranked[::-1][:top]))
-    lengths = m["lengths"]
+    for fold, samples, shards, participants in stats["folds"]:
+        click.echo(f"{fold:>4}  {samples:>7}  {shards:>6}  {participants}")
+    click.echo(f"signs: {stats['signs']}; most: " + ", ".join(f"{n} {c}" for n, c in stats["most"]))
+    click.echo("fewest: " + ", ".join(f"{n} {c}" for n, c in stats["fewest"]))
+    lengths = stats["lengths"]
     if lengths.get("count"):
         click.echo("frames: " + ", ".join(f"{k} {lengths[k]}" for k in
                                           ("min", "p25", "median", "mean", "p75", "p95", "p99", "max")))  # fmt: skip
-        click.echo(f"truncated to 384: {lengths['truncated']}")
-        stored = np.array([n for s in m["shards"] for n in s["lengths"]])
-        edges = [1, 16, 32, 64, 128, 256, 384, 385]
-        hist, _ = np.histogram(stored, bins=edges)
-        click.echo("stored length histogram: " + ", ".join(
-            f"[{a},{b}) {h}" for a, b, h in zip(edges[:-1], edges[1:], hist, strict=True)))  # fmt: skip
+        click.echo(f"truncated to {MAX_LEN}: {lengths['truncated']}")
+        click.echo("stored length histogram: " + ", ".join(f"[{a},{b}) {n}" for a, b, n in stats["histogram"]))
 
 
 @main.command("demo-data")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,7 +39,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.landmarks import LEYE, LIP, MIRROR_PAIRS, N_RAW, NOSE, REYE, TYPE_OFFSETS, TYPE_SIZES, TYPES
+from pipeline.landmarks import (
+    LEYE,
+    LIP,
+    MIRROR_PAIRS,
+    N_RAW,
+    NOSE,
+    REYE,
+    ROW_INDEX,
+    ROW_TYPES,
+    TYPE_OFFSETS,
+    TYPE_SIZES,
+    TYPES,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +91,9 @@ SCHEMA = pa.schema(
     metadata={"pandas": _PANDAS_METADATA},
 )
 
-# Per-row constants of one frame: landmark_index, and the type and "-{type}-{index}" strings as UTF-8 bytes.
-_INDEX = np.concatenate([np.arange(TYPE_SIZES[t], dtype=np.int16) for t in TYPES])
-_TYPE_STR = [t for t in TYPES for _ in range(TYPE_SIZES[t])]
-_SUFFIX_STR = [f"-{t}-{i}" for t, i in zip(_TYPE_STR, _INDEX.tolist(), strict=True)]
+# Per-row constants of one frame: the type and "-{type}-{index}" strings, as UTF-8 bytes below.
+_TYPE_STR = [TYPES[code] for code in ROW_TYPES.tolist()]
+_SUFFIX_STR = [f"-{t}-{i}" for t, i in zip(_TYPE_STR, ROW_INDEX.tolist(), strict=True)]
 _TYPE_BYTES = "".join(_TYPE_STR).encode()
 _TYPE_LENGTHS = np.array([len(s) for s in _TYPE_STR], dtype=np.int64)
 _SUFFIX_LENGTHS = np.array([len(s) for s in _SUFFIX_STR], dtype=np.int64)
@@ -461,7 +473,7 @@ def sequence_table(frame_numbers: np.ndarray, xyz: np.ndarray) -> pa.Table:
         pa.array(np.repeat(frames, N_RAW), type=pa.int16()),
         row_id,
         _string_array(_TYPE_BYTES * n, np.tile(_TYPE_LENGTHS, n)),
-        pa.array(np.tile(_INDEX, n), type=pa.int16()),
+        pa.array(np.tile(ROW_INDEX, n), type=pa.int16()),
         pa.array(flat[0], from_pandas=True),
         pa.array(flat[1], from_pandas=True),
         pa.array(flat[2], from_pandas=True),
@@ -469,7 +481,7 @@ def sequence_table(frame_numbers: np.ndarray, xyz: np.ndarray) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
-def _write_atomic(path: Path, write) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp) for a temporary name beside `path`, then rename it to `path`."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -497,7 +509,8 @@ def write_demo_dataset(
 
     The same arguments give byte-identical files whatever `jobs` is (joblib processes when jobs != 1; -1 means
     all cores). Existing files of the same names are replaced; other files under `out` are left alone.
-    train.csv and the label map are written last, so a complete train.csv means a complete dataset.
+    The label map is written after the parquet files and train.csv last of all, so a complete train.csv means a
+    complete dataset.
     """
     seed_arg = int(seed)
     plan = plan_dataset(sequences, signs, participants, seed)
@@ -535,9 +548,9 @@ def write_demo_dataset(
             strict=True,
         )
     ]
-    _write_atomic(root / "train.csv", lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
     label_map = json.dumps({name: i for i, name in enumerate(names)})
     _write_atomic(root / "sign_to_prediction_index_map.json", lambda tmp: tmp.write_text(label_map, encoding="utf-8"))
+    _write_atomic(root / "train.csv", lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
     frames = int(plan["frames"].sum())
     log.info("wrote %d sequences (%d frames) to %s", sequences, frames, root)
     return {

@@ -1,9 +1,11 @@
 """The reference preprocessing: raw (T, 543, 3) landmarks -> normalized (L, 118, 6) features.
 
 Channels are `[x, y, dx, dy, dx2, dy2]`. `features_from_positions` is the one definition
-of the motion channels and of the padding rule; it works on numpy arrays for one
-sequence and on torch tensors for a batch, so the trainer's augmentations recompute
-motion exactly as the pipeline does.
+of the motion channels; it works on numpy arrays for one sequence and on torch tensors
+for a batch, so the trainer's augmentations recompute motion exactly as the pipeline does.
+The padding rule (frame `t` of a sequence of `L` real frames is frame `min(t, L-1)`, with
+zero motion past `L`) is `padded_index` for stored per-sequence arrays (`pad_features`,
+`pad_frames`); `features_from_positions` applies the same index, batched.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ MAX_LEN = 384
 N_CHANNELS = 6
 FEATURE_SHAPE = (MAX_LEN, N_POINTS, N_CHANNELS)
 REFERENCE_FALLBACK = 0.5  # origin used when the reference landmark is NaN in every frame
+# Version of the arithmetic in this module: bump it with any change that alters the features, so
+# the build's fingerprint changes and old shards are never mixed with new ones (nor reused).
+FEATURES_VERSION = 1
 
 _POINTS = np.array(POINT_LANDMARKS)
 
@@ -104,19 +109,35 @@ def compact_features(xyz: np.ndarray, max_len: int = MAX_LEN) -> tuple[np.ndarra
     return features_from_positions(pos, len(pos), max_len=max_len), missing
 
 
-def pad_features(compact: np.ndarray, out_len: int = MAX_LEN) -> tuple[np.ndarray, np.ndarray]:
+def padded_index(length: int, out_len: int) -> np.ndarray:
+    """(out_len,) frame indices of a sequence of `length` real frames padded by the rule: `min(t, length - 1)`."""
+    return np.minimum(np.arange(out_len), length - 1)
+
+
+def pad_frames(a: np.ndarray, out_len: int) -> np.ndarray:
+    """Per-frame data (L, ...) padded (or truncated) to `out_len` frames by repeating its last frame."""
+    return a[padded_index(len(a), out_len)]
+
+
+def pad_features(
+    compact: np.ndarray, out_len: int = MAX_LEN, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Compact (L, P, 6) -> (out_len, P, 6) by the padding rule, and the (out_len,) bool mask.
 
-    Restores exactly what `features_from_positions` gives for padded frames: the last
-    real position repeated, motion zero.
+    Reproduces exactly what `features_from_positions` gives for padded frames: positions of
+    frame `L-1` repeated (`padded_index`), motion zero. `out`, when given, is a preallocated
+    (out_len, P, 6) array of any float dtype (e.g. a row of a batch) that is filled and returned.
     """
     n = min(len(compact), out_len)
-    out = np.zeros((out_len,) + compact.shape[1:], dtype=compact.dtype)
+    shape = (out_len,) + compact.shape[1:]
+    if out is None:
+        out = np.empty(shape, dtype=compact.dtype)
+    elif out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}, expected {shape}")
     out[:n] = compact[:n]
     out[n:, :, :2] = compact[n - 1, :, :2]
-    mask = np.zeros(out_len, dtype=bool)
-    mask[:n] = True
-    return out, mask
+    out[n:, :, 2:] = 0.0
+    return out, np.arange(out_len) < n
 
 
 def preprocess(xyz: np.ndarray, max_len: int = MAX_LEN) -> tuple[np.ndarray, np.ndarray]:
@@ -125,11 +146,14 @@ def preprocess(xyz: np.ndarray, max_len: int = MAX_LEN) -> tuple[np.ndarray, np.
     return features_from_positions(pos, len(pos), out_len=max_len, max_len=max_len), np.arange(max_len) < len(pos)
 
 
+N_PACKED = (N_POINTS + 7) // 8  # bytes per frame of the packed missing mask: 15
+
+
 def pack_missing(missing: np.ndarray) -> np.ndarray:
-    """(L, 118) bool -> (L, 15) uint8, bits packed along the points (big-endian bit order)."""
+    """(L, 118) bool -> (L, N_PACKED) uint8, bits packed along the points (big-endian bit order)."""
     return np.packbits(missing, axis=-1)
 
 
 def unpack_missing(packed: np.ndarray, n_points: int = N_POINTS) -> np.ndarray:
-    """Inverse of `pack_missing`: (..., 15) uint8 -> (..., 118) bool."""
+    """Inverse of `pack_missing`: (..., N_PACKED) uint8 -> (..., 118) bool."""
     return np.unpackbits(packed, axis=-1, count=n_points).astype(bool)

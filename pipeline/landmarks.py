@@ -10,15 +10,28 @@ import numpy as np
 # Rows of every frame, in file order (types sorted alphabetically), with their sizes.
 TYPES: tuple[str, ...] = ("face", "left_hand", "pose", "right_hand")
 TYPE_SIZES: dict[str, int] = {"face": 468, "left_hand": 21, "pose": 33, "right_hand": 21}
-TYPE_OFFSETS: dict[str, int] = {"face": 0, "left_hand": 468, "pose": 489, "right_hand": 522}
-N_RAW = 543  # rows per frame
+# Raw index of each type's first row: the sizes of the types before it.
+TYPE_OFFSETS: dict[str, int] = {t: sum(TYPE_SIZES[u] for u in TYPES[:i]) for i, t in enumerate(TYPES)}
+N_RAW = sum(TYPE_SIZES.values())  # rows per frame: 543
 
-LIP: tuple[int, ...] = (
-    0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185, 191,
-    267, 269, 270, 291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415,
-)  # fmt: skip
-LHAND: tuple[int, ...] = tuple(range(468, 489))
-RHAND: tuple[int, ...] = tuple(range(522, 543))
+# Per row of a frame (543): the code of its type (an index into TYPES) and its landmark_index within the type.
+ROW_TYPES: np.ndarray = np.repeat(np.arange(len(TYPES), dtype=np.int8), [TYPE_SIZES[t] for t in TYPES])
+ROW_INDEX: np.ndarray = np.concatenate([np.arange(TYPE_SIZES[t], dtype=np.int16) for t in TYPES])
+ROW_TYPES.setflags(write=False)
+ROW_INDEX.setflags(write=False)
+
+
+def _rows_of(landmark_type: str) -> tuple[int, ...]:
+    """Raw indices of every landmark of one type."""
+    return tuple(range(TYPE_OFFSETS[landmark_type], TYPE_OFFSETS[landmark_type] + TYPE_SIZES[landmark_type]))
+
+
+# Lip points that mirror each other pairwise (REFERENCE.md §2); the four centre points map to themselves.
+_LEFT_LIP = (37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185, 191)
+_RIGHT_LIP = (267, 269, 270, 291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415)
+LIP: tuple[int, ...] = (0, 13, 14, 17) + _LEFT_LIP + _RIGHT_LIP
+LHAND: tuple[int, ...] = _rows_of("left_hand")
+RHAND: tuple[int, ...] = _rows_of("right_hand")
 NOSE: tuple[int, ...] = (1, 2, 98, 327)
 REYE: tuple[int, ...] = (7, 33, 133, 144, 145, 153, 154, 155, 157, 158, 159, 160, 161, 163, 173, 246)
 LEYE: tuple[int, ...] = (249, 263, 362, 373, 374, 380, 381, 382, 384, 385, 386, 387, 388, 390, 398, 466)
@@ -38,8 +51,6 @@ for _name, _group in (("lip", LIP), ("lhand", LHAND), ("rhand", RHAND),
     _start += len(_group)
 
 # Raw mirror pairs; every selected point not listed maps to itself (0 13 14 17 1 2).
-_LEFT_LIP = (37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185, 191)
-_RIGHT_LIP = (267, 269, 270, 291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415)
 MIRROR_PAIRS: tuple[tuple[int, int], ...] = (
     *zip(LHAND, RHAND, strict=True),
     *zip(_LEFT_LIP, _RIGHT_LIP, strict=True),

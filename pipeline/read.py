@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.landmarks import N_RAW, TYPE_SIZES, TYPES
+from pipeline.landmarks import N_RAW, ROW_INDEX, ROW_TYPES, TYPES
 
 _KINDS = {
     "frame": ("integer", pa.types.is_integer),
@@ -23,8 +23,6 @@ _KINDS = {
     "y": ("floating-point", pa.types.is_floating),
     "z": ("floating-point", pa.types.is_floating),
 }
-_TYPE_CODES = np.repeat(np.arange(len(TYPES)), [TYPE_SIZES[t] for t in TYPES])  # (543,)
-_INDEX_PATTERN = np.concatenate([np.arange(TYPE_SIZES[t]) for t in TYPES])  # (543,)
 
 
 class LandmarkFileError(ValueError):
@@ -53,30 +51,40 @@ def read_landmarks(path: str | Path, coords: str = "xyz") -> np.ndarray:
     frames = n // N_RAW
     _check_types(path, table.column("type"), frames)
     index = table.column("landmark_index").to_numpy().reshape(frames, N_RAW)
-    if not (index == _INDEX_PATTERN).all():
-        bad = np.flatnonzero((index != _INDEX_PATTERN).any(axis=1))[0]
+    if not (index == ROW_INDEX).all():
+        bad = np.flatnonzero((index != ROW_INDEX).any(axis=1))[0]
         raise LandmarkFileError(path, f"frame block {bad}: landmark_index not 0..n-1 within each type")
     _check_frames(path, table.column("frame").to_numpy(), frames)
     out = np.empty((n, len(coords)), dtype=np.float32)
     with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, rejected below
         for i, c in enumerate(coords):
             out[:, i] = table.column(c).to_numpy()
-    if np.isinf(out).any() or _unread_inf(pf, sorted(set("xyz") - set(coords))):
+    if np.isinf(out).any() or _unread_overflow(pf, sorted(set("xyz") - set(coords))):
         raise LandmarkFileError(path, "infinite coordinate values")
     return out.reshape(frames, N_RAW, len(coords))
 
 
-def _unread_inf(pf: pq.ParquetFile, columns: list[str]) -> bool:
-    """Whether the columns not decoded hold inf: min/max statistics when present, else a read."""
+def _unread_overflow(pf: pq.ParquetFile, columns: list[str]) -> bool:
+    """Whether the columns not decoded hold a value that is inf as float32 (inf, or finite beyond float32's range).
+
+    Decided from the min/max statistics when present, else by reading the column: a file is
+    rejected for the same values whichever coordinates are decoded.
+    """
     names = pf.schema_arrow.names
     for name in columns:
         for g in range(pf.metadata.num_row_groups):
             stats = pf.metadata.row_group(g).column(names.index(name)).statistics
             if stats is None or not stats.has_min_max:
-                return bool(np.isinf(pf.read(columns=[name], use_threads=False).column(0).to_numpy()).any())
-            if not (np.isfinite(stats.min) and np.isfinite(stats.max)):
+                return _inf_as_float32(pf.read(columns=[name], use_threads=False).column(0).to_numpy())
+            if _inf_as_float32(np.array([stats.min, stats.max], dtype=np.float64)):
                 return True
     return False
+
+
+def _inf_as_float32(values: np.ndarray) -> bool:
+    """Whether any value is inf after the cast to float32, as in the decoded array (NaN is not)."""
+    with np.errstate(over="ignore"):
+        return bool(np.isinf(values.astype(np.float32)).any())
 
 
 def _read_table(path: str | Path, coords: str) -> tuple[pq.ParquetFile, pa.Table]:
@@ -121,8 +129,8 @@ def _check_types(path: str | Path, column: pa.ChunkedArray, frames: int) -> None
     codes = column.indices.to_numpy(zero_copy_only=False).reshape(frames, N_RAW)
     if names != list(TYPES):  # dictionary in another order: translate to our codes
         codes = np.array([TYPES.index(name) for name in names])[codes]
-    if not (codes == _TYPE_CODES).all():
-        bad = np.flatnonzero((codes != _TYPE_CODES).any(axis=1))[0]
+    if not (codes == ROW_TYPES).all():
+        bad = np.flatnonzero((codes != ROW_TYPES).any(axis=1))[0]
         raise LandmarkFileError(
             path, f"frame block {bad}: rows not in the order face 0..467, left_hand, pose, right_hand"
         )

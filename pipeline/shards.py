@@ -4,13 +4,14 @@ A sample with key `K` (its sequence_id) is the tar members:
 
 - `K.x.npy`        features, float16 or float32: `(L, 118, 6)` real frames only (compact
                    layout) or `(384, 118, 6)` padded by the rule (padded layout)
-- `K.missing.npy`  uint8 `(L or 384, 15)`: per frame, bit `i` (big-endian, `np.packbits`
+- `K.missing.npy`  uint8 `(L or 384, N_PACKED=15)`: per frame, bit `i` (big-endian, `np.packbits`
                    along the points) set when point `i` was NaN in the source
 - `K.mask.npy`     uint8 `(384,)`, 1 for real frames (padded layout only)
 - `K.cls`          the label index as ASCII digits
 - `K.json`         sequence_id, participant_id, sign, label, frames (raw), length (stored), fold
 
 Shards are written byte-for-byte deterministically (fixed tar headers) and atomically.
+`decode_compact` is the one validating decoder of a sample's members; `decode_sample` pads its result.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import io
 import json
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.features import FEATURE_SHAPE, MAX_LEN, N_CHANNELS, pack_missing, pad_features, unpack_missing
+from pipeline.features import (
+    FEATURE_SHAPE,
+    MAX_LEN,
+    N_CHANNELS,
+    N_PACKED,
+    pack_missing,
+    pad_features,
+    pad_frames,
+    unpack_missing,
+)
 from pipeline.landmarks import N_POINTS
 
 FORMAT_VERSION = 1
@@ -37,11 +48,19 @@ LAYOUTS = ("compact", "padded")
 DTYPES = ("float16", "float32")
 # The only member types a shard may hold; anything else (pickle, .pth, ...) is refused.
 MEMBER_TYPES = frozenset({"x.npy", "missing.npy", "mask.npy", "cls", "json"})
-_PACKED = (N_POINTS + 7) // 8
+_HISTOGRAM_EDGES = (1, 16, 32, 64, 128, 256)  # stored-length bins of `manifest_stats`, below MAX_LEN
 
 
 class ShardError(ValueError):
     """A shard that does not match the sample format."""
+
+
+class FeatureRangeError(ValueError):
+    """Features that the chosen dtype cannot hold (they would be stored as inf); `reason` says which."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass
@@ -58,21 +77,33 @@ class Sample:
 def encode_sample(
     key: str, compact: np.ndarray, missing: np.ndarray, meta: dict[str, Any], layout: str, dtype: str
 ) -> list[tuple[str, bytes]]:
-    """Tar members `(name, bytes)` of one sample from its compact features (L, 118, 6) and missing (L, 118)."""
+    """Tar members `(name, bytes)` of one sample from its compact features (L, 118, 6) and missing (L, 118).
+
+    Raises FeatureRangeError when a feature value does not fit `dtype`.
+    """
+    x = stored_features(compact, dtype)
     if layout == "compact":
-        members = [("x.npy", npy_bytes(compact.astype(dtype))), ("missing.npy", npy_bytes(pack_missing(missing)))]
+        members = [("x.npy", npy_bytes(x)), ("missing.npy", npy_bytes(pack_missing(missing)))]
     elif layout == "padded":
-        x, mask = pad_features(compact)
-        full_missing = missing[np.minimum(np.arange(MAX_LEN), len(missing) - 1)]  # padding repeats the last frame
+        x, mask = pad_features(x)
         members = [
-            ("x.npy", npy_bytes(x.astype(dtype))),
+            ("x.npy", npy_bytes(x)),
             ("mask.npy", npy_bytes(mask.astype(np.uint8))),
-            ("missing.npy", npy_bytes(pack_missing(full_missing))),
+            ("missing.npy", npy_bytes(pack_missing(pad_frames(missing, MAX_LEN)))),
         ]
     else:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     members += [("cls", str(meta["label"]).encode()), ("json", json.dumps(meta, sort_keys=True).encode())]
     return [(f"{key}.{ext}", data) for ext, data in members]
+
+
+def stored_features(compact: np.ndarray, dtype: str) -> np.ndarray:
+    """`compact` cast to the stored `dtype`; FeatureRangeError when a value would become inf in it."""
+    peak = max(float(compact.max()), -float(compact.min()))
+    if not peak <= float(np.finfo(dtype).max):  # also catches inf and NaN, which no decoder accepts
+        hint = "; rebuild with --dtype float32" if dtype != "float32" else ""
+        raise FeatureRangeError(f"features exceed the {dtype} range (max |value| {peak:.6g}){hint}")
+    return compact.astype(dtype)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -82,8 +113,11 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def load_npy(data: bytes) -> np.ndarray:
-    """Decode `.npy` bytes; object arrays (pickle) are refused."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """Decode `.npy` bytes; object arrays (pickle) are refused. Any malformed data raises ValueError."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except EOFError as exc:  # numpy's answer to empty data: one exception type for callers to catch
+        raise ValueError(f"truncated .npy data ({exc})") from None
 
 
 class ShardWriter:
@@ -98,14 +132,12 @@ class ShardWriter:
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
         self._hash = hashlib.sha256()
-        self.count = 0
 
     def write(self, members: Iterable[tuple[str, bytes]]) -> None:
         for name, data in members:
             self._put(ustar_header(name, len(data)))
             self._put(data)
             self._put(b"\0" * (-len(data) % 512))
-        self.count += 1
 
     def _put(self, data: bytes) -> None:
         self._hash.update(data)
@@ -162,27 +194,76 @@ def iter_members(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, group
 
 
-def decode_sample(members: dict[str, bytes], source: str = "") -> Sample:
-    """The padded float32 sample from a sample's members, for either layout."""
+def decode_compact(members: dict[str, bytes], source: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """The real frames of one sample, validated: x (L, 118, 6) in the stored dtype, missing (L, N_PACKED) uint8, label.
+
+    Either layout: a padded sample is cut to the frames its mask marks. Anything that does not
+    match the sample format raises ShardError naming `source` (shard:key) and the problem.
+    """
     try:
-        x = load_npy(members["x.npy"]).astype(np.float32)
+        x = load_npy(members["x.npy"])
         packed = load_npy(members["missing.npy"])
-        meta = json.loads(members["json"])
+        mask = load_npy(members["mask.npy"]) if "mask.npy" in members else None
         label = int(members["cls"])
-        mask = load_npy(members["mask.npy"]).astype(bool) if "mask.npy" in members else None
+        meta = json.loads(members["json"])
     except (KeyError, ValueError) as exc:
         raise ShardError(f"{source}: undecodable sample ({exc!r})") from None
+    problem = _arrays_problem(x, packed) or _mask_problem(mask, len(x)) or _label_problem(label, meta)
+    if problem:
+        raise ShardError(f"{source}: {problem}")
+    if mask is None:
+        return x, packed, label
+    n = int(mask.sum())
+    return x[:n], packed[:n], label
+
+
+def _arrays_problem(x: np.ndarray, packed: np.ndarray) -> str | None:
+    """What is wrong with the stored features and missing mask, or None."""
+    if x.dtype.name not in DTYPES:
+        return f"x.npy has dtype {x.dtype}, expected one of {', '.join(DTYPES)}"
     if x.ndim != 3 or x.shape[1:] != (N_POINTS, N_CHANNELS) or not 1 <= len(x) <= MAX_LEN:
-        raise ShardError(f"{source}: x.npy has shape {x.shape}, expected (L<=384, 118, 6)")
-    if packed.shape != (len(x), _PACKED):
-        raise ShardError(f"{source}: missing.npy has shape {packed.shape}, expected ({len(x)}, {_PACKED})")
-    missing = unpack_missing(packed)
-    if mask is not None:
-        if x.shape != FEATURE_SHAPE or mask.shape != (MAX_LEN,):
-            raise ShardError(f"{source}: padded sample has x {x.shape}, mask {mask.shape}")
-        return Sample(x, mask, missing, label, meta)
-    features, mask = pad_features(x)
-    return Sample(features, mask, missing[np.minimum(np.arange(MAX_LEN), len(x) - 1)], label, meta)
+        return f"x.npy has shape {x.shape}, expected (L, {N_POINTS}, {N_CHANNELS}) with 1 <= L <= {MAX_LEN}"
+    if not _all_finite(x):
+        return "x.npy holds non-finite values"
+    if packed.dtype != np.uint8 or packed.shape != (len(x), N_PACKED):
+        return f"missing.npy is {packed.dtype} {packed.shape}, expected uint8 ({len(x)}, {N_PACKED})"
+    return None
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """`np.isfinite(x).all()`, also fast for float16 (numpy's float16 isfinite is ~10x slower than float32's)."""
+    if x.dtype == np.float16:
+        return not ((x.view(np.uint16) & 0x7C00) == 0x7C00).any()  # all exponent bits set: inf or NaN
+    return bool(np.isfinite(x).all())
+
+
+def _mask_problem(mask: np.ndarray | None, frames: int) -> str | None:
+    """What is wrong with a padded sample's mask (1 for a prefix of real frames, 0 after), or None."""
+    if mask is None:
+        return None
+    if frames != MAX_LEN or mask.shape != (MAX_LEN,):
+        return f"padded sample has x.npy of {frames} frames and mask.npy of shape {mask.shape}, expected {MAX_LEN}"
+    n = int(mask.sum())
+    if n < 1 or not np.array_equal(mask, np.arange(MAX_LEN) < n):
+        return f"mask.npy is not 1 for the first L frames and 0 after (1 <= L <= {MAX_LEN})"
+    return None
+
+
+def _label_problem(label: int, meta: Any) -> str | None:
+    """What is wrong with the label and metadata (an object whose label is the .cls label), or None."""
+    if not isinstance(meta, dict):
+        return f"json is a {type(meta).__name__}, expected an object"
+    if meta.get("label") != label:
+        return f"json label {meta.get('label')!r} does not match cls {label}"
+    return None
+
+
+def decode_sample(members: dict[str, bytes], source: str = "") -> Sample:
+    """The padded float32 sample from a sample's members, for either layout (`decode_compact`, then padding)."""
+    x, packed, label = decode_compact(members, source)
+    features, mask = pad_features(x, out=np.empty(FEATURE_SHAPE, dtype=np.float32))
+    missing = unpack_missing(pad_frames(packed, MAX_LEN))
+    return Sample(features, mask, missing, label, json.loads(members["json"]))
 
 
 def iter_samples(path: str | Path) -> Iterator[Sample]:
@@ -191,16 +272,28 @@ def iter_samples(path: str | Path) -> Iterator[Sample]:
         yield decode_sample(members, f"{path}:{key}")
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temporary name, fsync, then rename over `path`."""
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` under a temporary name beside `path`, fsync, then rename over `path`.
+
+    Readers see the old file or the new one, never a part; the fsync makes the rename
+    durable only with complete contents behind it.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write `obj` as indented, key-sorted JSON with `write_atomic`."""
+    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
@@ -221,10 +314,10 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def verify_shards(shard_dir: str | Path) -> list[str]:
-    """Check every shard against the manifest; returns the problems found (empty when all is well)."""
+def verify_shards(shard_dir: str | Path, manifest: dict[str, Any] | None = None) -> list[str]:
+    """Check every shard against the manifest (read from `shard_dir` unless given); returns the problems found."""
     shard_dir = Path(shard_dir)
-    manifest = read_manifest(shard_dir)
+    manifest = manifest if manifest is not None else read_manifest(shard_dir)
     problems = []
     for entry in manifest["shards"]:
         path = shard_dir / entry["name"]
@@ -246,11 +339,12 @@ def _sample_problems(path: Path, entry: dict[str, Any], layout: str) -> list[str
     keys = []
     try:
         for key, members in iter_members(path):
-            sample = decode_sample(members, f"{path}:{key}")
-            if layout == "padded" and "mask.npy" not in members:
-                return [f"{path}:{key}: padded layout but no mask.npy"]
-            if sample.meta.get("sequence_id") != key or sample.label != sample.meta.get("label"):
-                return [f"{path}:{key}: metadata does not match the key or the label"]
+            decode_compact(members, f"{path}:{key}")
+            has_mask = "mask.npy" in members
+            if has_mask != (layout == "padded"):
+                return [f"{path}:{key}: {layout} layout, but mask.npy is {'present' if has_mask else 'absent'}"]
+            if json.loads(members["json"]).get("sequence_id") != key:
+                return [f"{path}:{key}: json sequence_id does not match the key"]
             keys.append(key)
     except ShardError as exc:
         return [str(exc)]
@@ -258,3 +352,27 @@ def _sample_problems(path: Path, entry: dict[str, Any], layout: str) -> list[str
     if keys != expected:
         return [f"{path}: holds {len(keys)} samples, manifest lists {len(expected)} (or another order)"]
     return []
+
+
+def manifest_stats(manifest: dict[str, Any], top: int = 10) -> dict[str, Any]:
+    """Counts per fold and sign, the raw length distribution and a histogram of stored lengths, from a manifest.
+
+    `most`/`fewest`: the `top` signs at each end of the count ranking as `(sign, count)`;
+    `histogram`: `(low, high, count)` per bin `[low, high)` of stored lengths, the last bin
+    holding the sequences of exactly MAX_LEN frames (most of them truncated).
+    """
+    names = {index: sign for sign, index in manifest["label_map"].items()}
+    per_sign = Counter(label for s in manifest["shards"] for label in s["labels"])
+    ranked = sorted(((per_sign.get(i, 0), names[i]) for i in names), reverse=True)
+    stored = np.array([n for s in manifest["shards"] for n in s["lengths"]], dtype=np.int64)
+    edges = [e for e in _HISTOGRAM_EDGES if e < MAX_LEN] + [MAX_LEN, MAX_LEN + 1]
+    counts, _ = np.histogram(stored, bins=edges)
+    return {
+        "totals": manifest["totals"],
+        "folds": [(f["fold"], f["samples"], f["shards"], len(f["participants"])) for f in manifest["folds"]],
+        "signs": len(names),
+        "most": [(name, count) for count, name in ranked[:top]],
+        "fewest": [(name, count) for count, name in ranked[::-1][:top]],
+        "lengths": manifest["lengths"],
+        "histogram": [(a, b, int(n)) for a, b, n in zip(edges[:-1], edges[1:], counts, strict=True)],
+    }

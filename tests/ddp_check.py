@@ -27,6 +27,10 @@ def main(shards: str, out: str) -> None:
               "sha256": hashlib.sha256(flat.numpy().tobytes()).hexdigest()}  # fmt: skip
     Path(out, f"ddp_rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()
+    if rank == 0:  # the checkpoint holds each rank's own RNG states, for an exact resume of every rank
+        states = torch.load(Path(out) / "last.pt", weights_only=True)["rng"]
+        same = [torch.equal(states[0][k], states[1][k]) for k in ("torch", "augment")]
+        Path(out, "ddp_rng.json").write_text(json.dumps({"ranks": len(states), "augment_equal": same[1]}))
     dist.destroy_process_group()
 
 

@@ -19,17 +19,22 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from demo_data import demo_dataset, demo_shards
 
+from pipeline import build as build_mod
+from pipeline import cli as cli_mod
+from pipeline import shards as shards_mod
 from pipeline.build import BuildError, BuildOptions, assign_folds, build_shards
 from pipeline.cli import main
-from pipeline.features import MAX_LEN, preprocess
-from pipeline.landmarks import POINT_LANDMARKS
+from pipeline.demo import sequence_table
+from pipeline.features import FEATURES_VERSION, MAX_LEN, compact_features, preprocess
+from pipeline.landmarks import N_RAW, POINT_LANDMARKS, TYPE_OFFSETS
 from pipeline.read import read_landmarks
-from pipeline.shards import iter_members, iter_samples, load_npy, verify_shards
+from pipeline.shards import file_sha256, iter_members, iter_samples, load_npy, verify_shards
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SAMPLE = SHARED / "gislr-sample"
@@ -117,6 +122,18 @@ def cli(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def negate_x(path: Path) -> None:
+    """Rewrite a landmark file with x negated: the same layout, other content (the features' x changes sign)."""
+    table = pq.read_table(path)
+    path.unlink()  # never write through a hard link into a cached dataset
+    pq.write_table(table.set_column(table.schema.get_field_index("x"), "x", pc.negate(table.column("x"))), path)
+
+
+def entry_of(manifest: dict, sequence_id: str) -> dict:
+    """The manifest entry of the shard holding `sequence_id`."""
+    return next(e for e in manifest["shards"] if sequence_id in e["sequence_ids"])
+
+
 def check_round_trip(data_dir: Path, shard_dir: Path, dtype: str, layout: str) -> None:
     """Every sample of every shard against direct preprocessing of its parquet file."""
     rows = {r["sequence_id"]: r for r in csv_rows(data_dir)}
@@ -183,6 +200,12 @@ def test_manifest_matches_files_and_inputs(demo_dir: Path, compact_shards: Path)
     assert manifest["label_map"] == label_map == manifest["config"]["label_map"]
     config = manifest["config"]
     assert (config["dtype"], config["layout"], config["shard_size"], config["folds"]) == ("float16", "compact", 10, 3)
+    assert (config["features_version"], config["reference_fallback"], config["reference_landmark"]) == (1, 0.5, 17)
+    assert FEATURES_VERSION == 1
+    assert config["normalization"] == (
+        "(xy - origin) / scale; origin = nanmean of raw 17 over frames (0.5 if all NaN); "
+        "scale = nanstd per axis over frames and points (correction=1; 1 where 0 or undefined)"
+    )
 
     tars = sorted(p.name for p in compact_shards.glob("*.tar"))
     assert [s["name"] for s in manifest["shards"]] == tars
@@ -285,7 +308,7 @@ def test_label_map_from_file_not_row_order(tmp_path: Path, tiny_dir: Path):
     shutil.copytree(tiny_dir, data, copy_function=os.link)
     (data / "sign_to_prediction_index_map.json").unlink()  # a hard link to the cached file: replace, never edit
     signs = sorted({r["sign"] for r in csv_rows(tiny_dir)})
-    label_map = {s: 100 + i for i, s in enumerate(reversed(signs))}
+    label_map = {s: 1 + i for i, s in enumerate(reversed(signs))}  # reversed: not the sorted order
     label_map["never_used"] = 0
     (data / "sign_to_prediction_index_map.json").write_text(json.dumps(label_map))
     result = build_shards(data, tmp_path / "out", BuildOptions(shard_size=50, folds=2), jobs=1)
@@ -297,6 +320,51 @@ def test_label_map_from_file_not_row_order(tmp_path: Path, tiny_dir: Path):
             assert sample.label == label_map[rows[sample.meta["sequence_id"]]["sign"]]
             n += 1
     assert n == len(rows)
+
+
+def _bad_label_maps(signs: list[str]) -> dict[str, tuple[str, str]]:
+    """Case -> (label map file text, the problem BuildError names)."""
+    perm = f"indices must be 0..{len(signs) - 1} without gaps or repeats"
+    return {
+        "gap": (json.dumps({s: 2 * i for i, s in enumerate(signs)}), perm),
+        "repeat": (json.dumps({s: min(i, 1) for i, s in enumerate(signs)}), perm),
+        "from-1": (json.dumps({s: i + 1 for i, s in enumerate(signs)}), perm),
+        "negative": (json.dumps({s: -i for i, s in enumerate(signs)}), perm),
+        "string": (json.dumps({signs[0]: "0"}), f"index of {signs[0]!r} is '0', expected an integer"),
+        "float": (json.dumps({signs[0]: 0.0}), f"index of {signs[0]!r} is 0.0, expected an integer"),
+        "bool": (json.dumps({signs[0]: False}), f"index of {signs[0]!r} is False, expected an integer"),
+        "list": (json.dumps(signs), "expected a non-empty JSON object of sign -> index"),
+        "empty": ("{}", "expected a non-empty JSON object of sign -> index"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["gap", "repeat", "from-1", "negative", "string", "float", "bool", "list", "empty"])
+def test_bad_label_map_fails_before_any_work(tmp_path: Path, tiny_dir: Path, case: str):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dir, data, copy_function=os.link)
+    label_path = data / "sign_to_prediction_index_map.json"
+    label_path.unlink()  # a hard link to the cached file: replace, never edit
+    text, problem = _bad_label_maps(sorted({r["sign"] for r in csv_rows(tiny_dir)}))[case]
+    label_path.write_text(text)
+    out = tmp_path / "out"
+    result = cli("build-shards", "--data-dir", data, "--out", out, "--jobs", "1")
+    assert result.exit_code == 1, result.output
+    assert result.output == f"Error: {label_path}: {problem}\n"
+    assert not out.exists(), "a refused build wrote into --out"
+    with pytest.raises(BuildError) as info:
+        build_shards(data, out, BuildOptions(), jobs=1)
+    assert str(info.value) == f"{label_path}: {problem}"
+
+
+def test_label_map_not_json_fails(tmp_path: Path, tiny_dir: Path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dir, data, copy_function=os.link)
+    (data / "sign_to_prediction_index_map.json").unlink()
+    (data / "sign_to_prediction_index_map.json").write_text('{"a": 0,')
+    result = cli("build-shards", "--data-dir", data, "--out", tmp_path / "out", "--jobs", "1")
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {data / 'sign_to_prediction_index_map.json'}: not valid JSON (")
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -446,9 +514,10 @@ def test_idempotent_rerun_does_no_work(tmp_path: Path, demo_dir: Path, compact_s
     before = snapshot(out)
     result = build_shards(demo_dir, out, KILL_OPTS, jobs=2)
     assert result.built == 0 and result.skipped == len(result.manifest["shards"]) > 0
+    assert not result.manifest_written
     after = snapshot(out)
     for name, stamp in before.items():
-        if name.endswith(".tar") or name.startswith("fold"):
+        if name != "plan.json":
             assert after[name] == stamp, f"{name} was rewritten"
     assert without_created(manifest_of(out)) == without_created(manifest_of(compact_shards))
 
@@ -461,7 +530,7 @@ def test_idempotent_rerun_does_no_work(tmp_path: Path, demo_dir: Path, compact_s
     }
 
 
-def test_changed_input_file_rebuilds_only_its_shard(tmp_path: Path, tiny_dir: Path):
+def test_touched_input_file_rebuilds_only_its_shard(tmp_path: Path, tiny_dir: Path):
     data = tmp_path / "data"
     shutil.copytree(tiny_dir, data)
     out = tmp_path / "out"
@@ -473,7 +542,72 @@ def test_changed_input_file_rebuilds_only_its_shard(tmp_path: Path, tiny_dir: Pa
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
     second = build_shards(data, out, opts, jobs=1)
     assert (second.built, second.skipped) == (1, first.built - 1)
+    # same content: the rebuilt shard has the same bytes, so the manifest stays as it was
     assert without_created(second.manifest) == without_created(first.manifest)
+    assert second.manifest == first.manifest and not second.manifest_written
+
+
+def test_changed_input_file_rebuilds_only_its_shard(tmp_path: Path, tiny_dir: Path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dir, data, copy_function=os.link)
+    out = tmp_path / "out"
+    opts = BuildOptions(shard_size=5, folds=2)
+    first = build_shards(data, out, opts, jobs=1)
+    row = csv_rows(data)[0]
+    negate_x(data / row["path"])
+    second = build_shards(data, out, opts, jobs=1)
+    assert (second.built, second.skipped, second.manifest_written) == (1, first.built - 1, True)
+    name = entry_of(first.manifest, row["sequence_id"])["name"]
+    changed = [a["name"] for a, b in zip(first.manifest["shards"], second.manifest["shards"], strict=True) if a != b]
+    assert changed == [name]
+    assert entry_of(second.manifest, row["sequence_id"])["sha256"] == file_sha256(out / name)
+    assert manifest_of(out) == second.manifest and verify_shards(out) == []
+    check_new_content(data, out / name, row["sequence_id"])
+
+
+def check_new_content(data: Path, shard: Path, sequence_id: str) -> None:
+    """The sample in `shard` is the preprocessing of the file as it is now (its x negated)."""
+    sample = next(s for s in iter_samples(shard) if s.meta["sequence_id"] == sequence_id)
+    path = data / next(r["path"] for r in csv_rows(data) if r["sequence_id"] == sequence_id)
+    want, *_ = expected_sample(path)
+    assert sample.features.tobytes() == want.astype(np.float16).astype(np.float32).tobytes()
+    assert np.abs(want[..., 0]).max() > 0  # so a negated x is really another content
+
+
+def test_crash_before_the_manifest_then_rerun_writes_it(tmp_path: Path, tiny_dir: Path, monkeypatch):
+    """Shards rebuilt by a run that died before its manifest: the next run, with nothing to build, still rewrites it."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dir, data, copy_function=os.link)
+    out = tmp_path / "out"
+    opts = BuildOptions(shard_size=5, folds=2)
+    first = build_shards(data, out, opts, jobs=1)
+    row = csv_rows(data)[0]
+    negate_x(data / row["path"])
+
+    def crash(*args: object) -> None:
+        raise RuntimeError("killed before the manifest")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(build_mod, "_manifest", crash)
+        with pytest.raises(RuntimeError, match="killed before the manifest"):
+            build_shards(data, out, opts, jobs=1)
+    name = entry_of(first.manifest, row["sequence_id"])["name"]
+    assert manifest_of(out) == first.manifest, "the crash changed the manifest"
+    assert verify_shards(out) == [f"{out / name}: sha256 differs from the manifest"]  # its shard was rebuilt
+
+    third = build_shards(data, out, opts, jobs=1)
+    assert (third.built, third.skipped, third.manifest_written) == (0, len(first.manifest["shards"]), True)
+    assert manifest_of(out) == third.manifest
+    assert verify_shards(out) == []
+    entry = entry_of(third.manifest, row["sequence_id"])
+    assert (entry["bytes"], entry["sha256"]) == ((out / name).stat().st_size, file_sha256(out / name))
+    check_new_content(data, out / name, row["sequence_id"])
+
+    # and now there is nothing to do: nothing is written
+    before = {n: v for n, v in snapshot(out).items() if n != "plan.json"}
+    fourth = build_shards(data, out, opts, jobs=1)
+    assert (fourth.built, fourth.manifest_written) == (0, False) and fourth.manifest == third.manifest
+    assert {n: v for n, v in snapshot(out).items() if n != "plan.json"} == before
 
 
 CHANGES = {
@@ -651,10 +785,28 @@ def test_verify_catches_edited_label(shard_copy: Path):
         member = next(m for m in tar.getmembers() if m.name.endswith(".cls"))
         offset = member.offset_data
     data = bytearray(victim.read_bytes())
-    data[offset] = ord("9") if data[offset] != ord("9") else ord("8")
+    old = chr(data[offset])
+    new = "9" if old != "9" else "8"
+    data[offset] = ord(new)
     victim.write_bytes(bytes(data))
     _verify_fails(shard_copy, victim.name, "sha256")
-    assert any("metadata does not match" in p for p in verify_shards(shard_copy))
+    key = member.name.split(".")[0]
+    assert f"{victim}:{key}: json label {old} does not match cls {new}" in verify_shards(shard_copy)
+
+
+def test_verify_reads_the_manifest_once(shard_copy: Path, monkeypatch):
+    reads: list[Path] = []
+    real = shards_mod.read_manifest
+
+    def counting(shard_dir: Path) -> dict:
+        reads.append(shard_dir)
+        return real(shard_dir)
+
+    monkeypatch.setattr(shards_mod, "read_manifest", counting)
+    monkeypatch.setattr(cli_mod, "read_manifest", counting)
+    result = cli("verify", shard_copy)
+    assert result.exit_code == 0, result.output
+    assert reads == [shard_copy]
 
 
 def test_verify_catches_deleted_shard(shard_copy: Path):
@@ -693,6 +845,10 @@ def test_stats_prints_counts_per_fold_and_sign(compact_shards: Path):
         assert f"{names[label]} {count}" in result.output
     assert f"median {manifest['lengths']['median']}" in result.output
     assert f"truncated to 384: {manifest['lengths']['truncated']}" in result.output
+    stored = [n for e in manifest["shards"] for n in e["lengths"]]
+    bins = [(1, 16), (16, 32), (32, 64), (64, 128), (128, 256), (256, 384), (384, 385)]
+    histogram = ", ".join(f"[{a},{b}) {sum(a <= n < b for n in stored)}" for a, b in bins)
+    assert lines[-1] == f"stored length histogram: {histogram}"
 
 
 def test_verify_names_the_shard_of_an_undecodable_mask(tmp_path: Path, padded_shards: Path):
@@ -722,3 +878,67 @@ def test_verify_names_the_shard_of_an_undecodable_mask(tmp_path: Path, padded_sh
     result = cli("verify", out)
     assert result.exit_code != 0 and victim.name in result.output, result.output
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- features beyond float16, durable writes
+
+
+def _write_sequence(data: Path, rel: str, xyz: np.ndarray) -> None:
+    path = data / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(sequence_table(np.arange(len(xyz), dtype=np.int16) + 10, xyz), path)
+
+
+def test_features_beyond_float16_rejected_with_a_reason(tmp_path: Path):
+    """Nearly constant hands and no face (origin 0.5): a tiny std puts the features far past 65504."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    extreme = np.full((4, N_RAW, 3), np.nan, dtype=np.float32)
+    extreme[:, TYPE_OFFSETS["pose"] : TYPE_OFFSETS["pose"] + 33] = 0.5  # pose is never missing
+    for hand in ("left_hand", "right_hand"):
+        block = slice(TYPE_OFFSETS[hand], TYPE_OFFSETS[hand] + 21)
+        extreme[:, block] = 0.1 + rng.normal(0, 1e-6, (4, 21, 3))
+    normal = rng.uniform(0, 1, (5, N_RAW, 3)).astype(np.float32)
+    rows = [("train_landmark_files/1/100.parquet", "1", "100", "a", extreme),
+            ("train_landmark_files/2/200.parquet", "2", "200", "b", normal)]  # fmt: skip
+    for rel, *_, xyz in rows:
+        _write_sequence(data, rel, xyz)
+    write_csv(data, [dict(zip(("path", "participant_id", "sequence_id", "sign"), r[:4], strict=True)) for r in rows])
+    (data / "sign_to_prediction_index_map.json").write_text('{"a": 0, "b": 1}')
+
+    compact, _ = compact_features(read_landmarks(data / rows[0][0], coords="xy"))
+    peak = float(np.abs(compact).max())
+    assert 65504 < peak < 1e7 and np.isfinite(compact).all()  # the construction really leaves float16's range
+    reason = f"features exceed the float16 range (max |value| {peak:.6g}); rebuild with --dtype float32"
+
+    half = cli("build-shards", "--data-dir", data, "--out", tmp_path / "f16", "--jobs", "1", "--folds", "1")
+    assert half.exit_code == 3, half.output
+    assert f"rejected {rows[0][0]}: {reason}" in half.output
+    manifest = manifest_of(tmp_path / "f16")
+    assert manifest["rejects"] == [{"sequence_id": "100", "path": rows[0][0], "reason": reason}]
+    assert [e["sequence_ids"] for e in manifest["shards"]] == [["200"]]
+    assert verify_shards(tmp_path / "f16") == []
+
+    full = cli("build-shards", "--data-dir", data, "--out", tmp_path / "f32", "--jobs", "1", "--folds", "1",
+               "--dtype", "float32")  # fmt: skip
+    assert full.exit_code == 0, full.output
+    sample = next(
+        s for tar in (tmp_path / "f32").glob("*.tar") for s in iter_samples(tar) if s.meta["sequence_id"] == "100"
+    )
+    assert float(np.abs(sample.features).max()) == peak
+
+
+def test_build_fsyncs_every_file_it_renames_into_place(tmp_path: Path, tiny_dir: Path, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "out"
+    build_shards(tiny_dir, out, BuildOptions(shard_size=16, folds=2), jobs=1)  # jobs=1: all in this process
+    written = sorted(p.name for p in out.iterdir())
+    assert {"manifest.json", "rejects.jsonl", "plan.json"} < set(written)
+    assert sorted(synced) == sorted(name + ".tmp" for name in written)

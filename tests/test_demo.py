@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import demo
 from pipeline.demo import generate_sequence, plan_dataset, sample_lengths, write_demo_dataset
 from pipeline.landmarks import N_RAW, TYPE_OFFSETS
 
@@ -136,6 +138,22 @@ def test_missing_values_come_in_whole_hands_and_faces(tables):
         assert (face.all(axis=1) == face.any(axis=1)).all()
     assert hand_nan > 0
     assert 0.3 < hand_nan / hand_rows < 0.95
+
+
+def test_train_csv_is_written_last(tmp_path, monkeypatch):
+    """A complete train.csv means a complete dataset: every parquet file and the label map come before it."""
+    written: list[str] = []
+    real_write = demo._write_atomic
+
+    def recording_write(path: Path, write: Callable[[Path], object]) -> None:
+        real_write(path, write)
+        written.append(path.relative_to(root).as_posix())
+
+    root = tmp_path / "data"
+    monkeypatch.setattr(demo, "_write_atomic", recording_write)
+    write_demo_dataset(root, sequences=6, signs=2, participants=2, seed=0, jobs=1)
+    assert written[-2:] == ["sign_to_prediction_index_map.json", "train.csv"]
+    assert sorted(written[:-2]) == sorted(r["path"] for r in _rows(root))
 
 
 # ---------------------------------------------------------------- determinism

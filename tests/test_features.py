@@ -15,11 +15,14 @@ import pytest
 import torch
 
 from pipeline.features import (
+    N_PACKED,
     compact_features,
     features_from_positions,
     normalized_positions,
     pack_missing,
     pad_features,
+    pad_frames,
+    padded_index,
     preprocess,
     unpack_missing,
 )
@@ -313,6 +316,56 @@ def test_pack_missing_round_trip_and_bit_order(L):
     unpacked = unpack_missing(packed)
     assert unpacked.dtype == np.bool_
     np.testing.assert_array_equal(unpacked, missing)
+
+
+def test_n_packed_is_bytes_per_frame_of_118_bits():
+    assert N_PACKED == 15
+    assert pack_missing(np.zeros((2, 118), dtype=bool)).shape == (2, N_PACKED)
+
+
+# ---------------------------------------------------------------- the padding rule
+
+
+def test_padded_index_repeats_the_last_real_frame():
+    np.testing.assert_array_equal(padded_index(3, 6), [0, 1, 2, 2, 2, 2])
+    np.testing.assert_array_equal(padded_index(1, 3), [0, 0, 0])
+    np.testing.assert_array_equal(padded_index(5, 3), [0, 1, 2])  # longer than out_len: truncated
+
+
+def test_pad_frames_repeats_the_last_frame():
+    a = np.array([[1, 2], [3, 4], [5, 6]], dtype=np.uint8)
+    padded = pad_frames(a, 5)
+    np.testing.assert_array_equal(padded, [[1, 2], [3, 4], [5, 6], [5, 6], [5, 6]])
+    assert padded.dtype == np.uint8
+    np.testing.assert_array_equal(pad_frames(a, 2), [[1, 2], [3, 4]])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("L", [1, 5, MAX_LEN])
+def test_pad_features_into_out_equals_without(dtype, L):
+    compact = np.random.default_rng(L).normal(0, 1, (L, 118, 6)).astype(dtype)
+    want, want_mask = pad_features(compact.astype(np.float32))
+    out = np.full((MAX_LEN, 118, 6), np.nan, dtype=np.float32)  # junk everywhere: every element must be written
+    got, mask = pad_features(compact, out=out)
+    assert got is out
+    assert got.tobytes() == want.tobytes()
+    np.testing.assert_array_equal(mask, want_mask)
+    assert mask.sum() == L
+
+
+def test_pad_features_fills_one_row_of_a_batch():
+    a = np.random.default_rng(0).normal(0, 1, (3, 118, 6)).astype(np.float32)
+    batch = np.full((2, 5, 118, 6), np.nan, dtype=np.float32)
+    pad_features(a, 5, out=batch[1])
+    assert batch[1].tobytes() == pad_features(a, 5)[0].tobytes()
+    np.testing.assert_array_equal(batch[1, 3:, :, :2], np.broadcast_to(a[2, :, :2], (2, 118, 2)))
+    np.testing.assert_array_equal(batch[1, 3:, :, 2:], 0.0)
+    assert np.isnan(batch[0]).all()
+
+
+def test_pad_features_refuses_out_of_another_shape():
+    with pytest.raises(ValueError, match=r"^out has shape \(4, 118, 6\), expected \(5, 118, 6\)$"):
+        pad_features(np.zeros((3, 118, 6), np.float32), 5, out=np.zeros((4, 118, 6), np.float32))
 
 
 # ---------------------------------------------------------------- batched features_from_positions

@@ -122,3 +122,15 @@ def test_flip_moves_left_hand_data_to_right_hand_slot():
     np.testing.assert_array_equal(
         flipped[s["lip"]], data[s["lip"]][list(range(4)) + list(range(22, 40)) + list(range(4, 22))]
     )
+
+
+def test_rows_of_a_frame():
+    # Kaggle order: face 0..467, left_hand 0..20, pose 0..32, right_hand 0..20 (REFERENCE.md §1).
+    types = [0] * 468 + [1] * 21 + [2] * 33 + [3] * 21
+    index = list(range(468)) + list(range(21)) + list(range(33)) + list(range(21))
+    assert landmarks.ROW_TYPES.tolist() == types
+    assert landmarks.ROW_INDEX.tolist() == index
+    assert not landmarks.ROW_TYPES.flags.writeable and not landmarks.ROW_INDEX.flags.writeable
+    # a raw landmark k of a frame is row k: its type and index put it back at TYPE_OFFSETS + index
+    offsets = np.array([landmarks.TYPE_OFFSETS[t] for t in landmarks.TYPES])
+    np.testing.assert_array_equal(offsets[landmarks.ROW_TYPES] + landmarks.ROW_INDEX, np.arange(543))

@@ -272,6 +272,29 @@ def test_infinite_coordinate(good_table, write_parquet, column, value):
     reject(write_parquet(with_column(good_table, column, values)), "infinite coordinate values")
 
 
+@pytest.mark.parametrize("statistics", [True, False], ids=["with-stats", "no-stats"])
+@pytest.mark.parametrize("value", [1e300, -1e300, np.inf])
+@pytest.mark.parametrize("coords", ["xy", "xyz"])
+def test_z_beyond_float32_rejected_whether_decoded_or_not(good_table, write_parquet, coords, value, statistics):
+    # z is not decoded with coords="xy": its column statistics (or a read) must still catch a value that is
+    # finite in the file but inf as float32, exactly as decoding it does.
+    z = good_table.column("z").to_numpy().copy()
+    z[2 * ROWS + 7] = value
+    path = write_parquet(with_column(good_table, "z", z), write_statistics=statistics)
+    with pytest.raises(LandmarkFileError) as info:
+        read_landmarks(path, coords=coords)
+    assert info.value.reason == "infinite coordinate values"
+    assert str(info.value) == f"{path}: infinite coordinate values"
+
+
+@pytest.mark.parametrize("coords", ["xy", "xyz"])
+def test_largest_float32_z_accepted(good_table, write_parquet, coords):
+    z = good_table.column("z").to_numpy().copy()
+    z[2 * ROWS + 7] = -float(np.finfo(np.float32).max)  # finite in float32: a valid (if absurd) value
+    got = read_landmarks(write_parquet(with_column(good_table, "z", z)), coords=coords)
+    assert got.shape == (good_table.num_rows // ROWS, ROWS, len(coords))
+
+
 def test_truncated_file(good_parquet, tmp_path):
     data = good_parquet.read_bytes()
     path = tmp_path / "truncated.parquet"

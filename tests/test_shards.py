@@ -1,10 +1,11 @@
-"""The sample format: deterministic atomic shard writes, round trip of both layouts, refused members and pickles."""
+"""The sample format: atomic deterministic writes, round trip of both layouts, validation, refused members, pickles."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -13,15 +14,22 @@ import pytest
 
 from pipeline.features import MAX_LEN, pack_missing, pad_features
 from pipeline.shards import (
+    FeatureRangeError,
     Sample,
     ShardError,
     ShardWriter,
+    decode_compact,
     decode_sample,
     encode_sample,
     iter_members,
     iter_samples,
+    manifest_stats,
     npy_bytes,
+    write_atomic,
+    write_json_atomic,
 )
+
+SOURCE = "s.tar:1000"
 
 
 def make_sample(seed: int, length: int, label: int = 3) -> tuple[str, np.ndarray, np.ndarray, dict]:
@@ -56,6 +64,12 @@ def good_members(key: str = "42") -> list[tuple[str, bytes]]:
     _, compact, missing, meta = make_sample(0, 5)
     meta["sequence_id"] = key
     return encode_sample(key, compact, missing, meta, "compact", "float16")
+
+
+def sample_members(layout: str = "compact", dtype: str = "float16", length: int = 5) -> dict[str, bytes]:
+    """{member type: bytes} of sample 1000 (label 3) with `length` frames."""
+    key, compact, missing, meta = make_sample(0, length)
+    return {name.split(".", 1)[1]: data for name, data in encode_sample(key, compact, missing, meta, layout, dtype)}
 
 
 # ---------------------------------------------------------------- ShardWriter
@@ -227,27 +241,206 @@ def test_decode_sample_refuses_pickled_array_in_a_shard(tmp_path: Path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(
-    "change, phrase",
-    [
-        ({"x.npy": npy_bytes(np.zeros((3, 118, 5), np.float16))}, "expected (L<=384, 118, 6)"),
-        ({"x.npy": npy_bytes(np.zeros((385, 118, 6), np.float16))}, "expected (L<=384, 118, 6)"),
-        ({"x.npy": npy_bytes(np.zeros((0, 118, 6), np.float16))}, "expected (L<=384, 118, 6)"),
-        ({"missing.npy": npy_bytes(np.zeros((4, 15), np.uint8))}, "missing.npy has shape"),
-        ({"x.npy": b"not an npy file"}, "undecodable"),
-        ({"cls": b"three"}, "undecodable"),
-        ({"json": b"{"}, "undecodable"),
-        ({"mask.npy": npy_bytes(np.ones(384, np.uint8))}, "padded sample"),
-    ],
-)
-def test_decode_sample_rejects_malformed(change: dict, phrase: str):
-    key, compact, missing, meta = make_sample(0, 5)
-    members = {name.split(".", 1)[1]: data for name, data in encode_sample(key, compact, missing, meta, "compact",
-                                                                           "float16")}  # fmt: skip
-    members.update(change)
+def _x(frames: int, dtype: type = np.float16, fill: float = 0.0) -> bytes:
+    return npy_bytes(np.full((frames, 118, 6), fill, dtype))
+
+
+def _missing(*shape: int, dtype: type = np.uint8) -> bytes:
+    return npy_bytes(np.zeros(shape, dtype))
+
+
+def _mask(values: list[int]) -> bytes:
+    return npy_bytes(np.array(values + [0] * (MAX_LEN - len(values)), np.uint8))
+
+
+_SHAPE = "expected (L, 118, 6) with 1 <= L <= 384"
+_MASK_RULE = "mask.npy is not 1 for the first L frames and 0 after (1 <= L <= 384)"
+MALFORMED = {
+    "x-channels": ("compact", {"x.npy": npy_bytes(np.zeros((5, 118, 5), np.float16))},
+                   f"x.npy has shape (5, 118, 5), {_SHAPE}"),
+    "x-2d": ("compact", {"x.npy": npy_bytes(np.zeros((5, 708), np.float16))}, f"x.npy has shape (5, 708), {_SHAPE}"),
+    "x-0-frames": ("compact", {"x.npy": _x(0), "missing.npy": _missing(0, 15)},
+                   f"x.npy has shape (0, 118, 6), {_SHAPE}"),
+    "x-385-frames": ("compact", {"x.npy": _x(385), "missing.npy": _missing(385, 15)},
+                     f"x.npy has shape (385, 118, 6), {_SHAPE}"),
+    "x-int": ("compact", {"x.npy": _x(5, np.int16)}, "x.npy has dtype int16, expected one of float16, float32"),
+    "x-nan": ("compact", {"x.npy": _x(5, np.float32, np.nan)}, "x.npy holds non-finite values"),
+    "x-inf": ("compact", {"x.npy": _x(5, np.float16, -np.inf)}, "x.npy holds non-finite values"),
+    "x-inf-float32": ("compact", {"x.npy": _x(5, np.float32, np.inf)}, "x.npy holds non-finite values"),
+    "x-nan-float16": ("compact", {"x.npy": _x(5, np.float16, np.nan)}, "x.npy holds non-finite values"),
+    "missing-L-1": ("compact", {"missing.npy": _missing(5, 1)}, "missing.npy is uint8 (5, 1), expected uint8 (5, 15)"),
+    "missing-1-frame": ("compact", {"missing.npy": _missing(1, 15)},
+                        "missing.npy is uint8 (1, 15), expected uint8 (5, 15)"),
+    "missing-fewer-frames": ("compact", {"missing.npy": _missing(4, 15)},
+                             "missing.npy is uint8 (4, 15), expected uint8 (5, 15)"),
+    "missing-int64": ("compact", {"missing.npy": _missing(5, 15, dtype=np.int64)},
+                      "missing.npy is int64 (5, 15), expected uint8 (5, 15)"),
+    "mask-on-compact": ("compact", {"mask.npy": npy_bytes(np.ones(MAX_LEN, np.uint8))},
+                        "padded sample has x.npy of 5 frames and mask.npy of shape (384,), expected 384"),
+    "mask-short": ("padded", {"mask.npy": npy_bytes(np.ones(383, np.uint8))},
+                   "padded sample has x.npy of 384 frames and mask.npy of shape (383,), expected 384"),
+    "mask-gap": ("padded", {"mask.npy": _mask([1, 1, 0, 1, 1, 1])}, _MASK_RULE),
+    "mask-not-from-0": ("padded", {"mask.npy": _mask([0, 1, 1, 1, 1, 1])}, _MASK_RULE),
+    "mask-zero": ("padded", {"mask.npy": _mask([])}, _MASK_RULE),
+    "mask-two": ("padded", {"mask.npy": _mask([1, 1, 2, 1])}, _MASK_RULE),
+    "label-mismatch": ("compact", {"cls": b"4"}, "json label 3 does not match cls 4"),
+    "json-list": ("compact", {"json": b"[3]"}, "json is a list, expected an object"),
+    "json-no-label": ("compact", {"json": b"{}"}, "json label None does not match cls 3"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("decode", [decode_compact, decode_sample], ids=["decode_compact", "decode_sample"])
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_sample_refused_naming_source_and_problem(decode, case: str):
+    layout, change, problem = MALFORMED[case]
+    members = sample_members(layout) | change
     with pytest.raises(ShardError) as info:
-        decode_sample(members, "s.tar:1000")
-    assert phrase in str(info.value) and "s.tar:1000" in str(info.value)
+        decode(members, SOURCE)
+    assert str(info.value) == f"{SOURCE}: {problem}"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"x.npy": b"not an npy file"},
+        {"cls": b"three"},
+        {"json": b"{"},
+        {"missing.npy": b""},
+        {"x.npy": npy_bytes(np.zeros((5, 118, 6), np.float16))[:-1]},
+    ],
+    ids=["x", "cls", "json", "missing-empty", "x-truncated"],
+)
+def test_undecodable_member_refused_naming_source(change: dict):
+    with pytest.raises(ShardError) as info:
+        decode_compact(sample_members() | change, SOURCE)
+    assert str(info.value).startswith(f"{SOURCE}: undecodable sample (")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_one_non_finite_value_among_finite_ones_refused(dtype: type):
+    x = np.random.default_rng(0).normal(0, 1, (5, 118, 6)).astype(dtype)
+    x[0, 0, 0] = np.finfo(dtype).max  # the largest finite value is fine
+    decode_compact(sample_members() | {"x.npy": npy_bytes(x)}, SOURCE)
+    for bad in (np.nan, np.inf, -np.inf):
+        x[3, 117, 5] = bad
+        with pytest.raises(ShardError, match=r"^s\.tar:1000: x\.npy holds non-finite values$"):
+            decode_compact(sample_members() | {"x.npy": npy_bytes(x)}, SOURCE)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("layout", ["compact", "padded"])
+@pytest.mark.parametrize("length", [1, 17, MAX_LEN])
+def test_decode_compact_returns_the_stored_real_frames(layout: str, dtype: str, length: int):
+    _, compact, missing, _ = make_sample(0, length)
+    x, packed, label = decode_compact(sample_members(layout, dtype, length), SOURCE)
+    assert x.dtype == np.dtype(dtype) and x.shape == (length, 118, 6)
+    assert x.tobytes() == compact.astype(dtype).tobytes()
+    assert packed.dtype == np.uint8 and packed.shape == (length, 15)
+    assert packed.tobytes() == pack_missing(missing).tobytes()
+    assert label == 3 and type(label) is int
+
+
+# ---------------------------------------------------------------- features beyond the stored dtype
+
+
+def test_encode_sample_refuses_features_beyond_float16():
+    key, compact, missing, meta = make_sample(0, 3)
+    compact[1, 7, 0] = -70000.0
+    for layout in ("compact", "padded"):
+        with pytest.raises(FeatureRangeError) as info:
+            encode_sample(key, compact, missing, meta, layout, "float16")
+        assert (
+            info.value.reason
+            == str(info.value)
+            == ("features exceed the float16 range (max |value| 70000); rebuild with --dtype float32")
+        )
+    members = encode_sample(key, compact, missing, meta, "compact", "float32")
+    x, _, _ = decode_compact({n.split(".", 1)[1]: d for n, d in members}, SOURCE)
+    assert x[1, 7, 0] == -70000.0  # float32 holds it
+
+
+def test_encode_sample_accepts_the_largest_float16():
+    key, compact, missing, meta = make_sample(0, 3)
+    compact[2, 0, 5] = 65504.0
+    members = encode_sample(key, compact, missing, meta, "compact", "float16")
+    x, _, _ = decode_compact({n.split(".", 1)[1]: d for n, d in members}, SOURCE)
+    assert x[2, 0, 5] == 65504.0 and np.isfinite(x).all()
+
+
+def test_encode_sample_refuses_infinite_float32_features():
+    key, compact, missing, meta = make_sample(0, 3)
+    compact[0, 0, 0] = np.inf
+    with pytest.raises(FeatureRangeError) as info:
+        encode_sample(key, compact, missing, meta, "compact", "float32")
+    assert info.value.reason == "features exceed the float32 range (max |value| inf)"
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def test_write_atomic_fsyncs_the_temporary_file_then_renames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: Path, dst: Path) -> None:
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "f.jsonl"
+    write_atomic(target, b"abc\n")
+    tmp = str(tmp_path / "f.jsonl.tmp")
+    assert events == [("fsync", tmp), ("replace", tmp, str(target))]
+    assert target.read_bytes() == b"abc\n"
+    write_json_atomic(target, {"b": 1, "a": [2]})
+    assert target.read_bytes() == b'{\n "a": [\n  2\n ],\n "b": 1\n}\n'
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync", "replace"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.jsonl"]
+
+
+def test_write_atomic_failure_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    target = tmp_path / "f.json"
+    target.write_bytes(b"old")
+
+    def fail(src: Path, dst: Path) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk gone"):
+        write_atomic(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+
+
+# ---------------------------------------------------------------- manifest statistics
+
+
+def test_manifest_stats_counts_and_histogram():
+    lengths = {"count": 6, "min": 1, "median": 108.0, "max": 537, "truncated": 1}
+    manifest = {
+        "totals": {"samples": 6, "shards": 2, "bytes": 1000, "rejected": 1, "real_frames": 999},
+        "folds": [
+            {"fold": 0, "participants": ["a", "b"], "samples": 4, "shards": 1},
+            {"fold": 1, "participants": ["c"], "samples": 2, "shards": 1},
+        ],
+        "label_map": {"TV": 0, "after": 1, "zipper": 2},
+        "shards": [{"labels": [0, 0, 1, 0], "lengths": [1, 15, 16, 384]}, {"labels": [1, 0], "lengths": [383, 200]}],
+        "lengths": lengths,
+    }
+    assert manifest_stats(manifest, top=2) == {
+        "totals": manifest["totals"],
+        "folds": [(0, 4, 1, 2), (1, 2, 1, 1)],
+        "signs": 3,
+        "most": [("TV", 4), ("after", 2)],
+        "fewest": [("zipper", 0), ("after", 2)],
+        "lengths": lengths,
+        "histogram": [(1, 16, 2), (16, 32, 1), (32, 64, 0), (64, 128, 0), (128, 256, 1), (256, 384, 1), (384, 385, 1)],
+    }
 
 
 @pytest.mark.parametrize("member", ["x.npy", "missing.npy", "cls", "json"])

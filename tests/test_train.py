@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,6 +159,40 @@ def test_resume_after_sigkill_continues_the_same_schedule(shards: Path, tmp_path
     # same data order, same augmentation draws, same optimizer state: the same weights as the uninterrupted run
     for name, value in ref["model"].items():
         torch.testing.assert_close(done["model"][name], value, rtol=0, atol=0, msg=name)
+    # one metrics line per epoch, as in the uninterrupted run
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows] == [1, 2]
+    assert [r["val_loss"] for r in rows] == [r["val_loss"] for r in ref_rows]
+
+
+def test_resume_refuses_other_shards(shards: Path, tmp_path: Path) -> None:
+    mine = tmp_path / "shards"
+    shutil.copytree(shards, mine)
+    run = tmp_path / "run"
+    args = ["--shards", str(mine), "--preset", "tiny", "--epochs", "1", "--workers", "0", "--out", str(run),
+            "--device", "cpu"]  # fmt: skip
+    assert CliRunner().invoke(train_cli, args).exit_code == 0
+    manifest = json.loads((mine / "manifest.json").read_text())
+    (mine / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "rebuilt"}))
+    result = CliRunner().invoke(train_cli, ["--resume", str(run)])
+    assert result.exit_code == 1 and "is not the shard set" in result.output, result.output
+
+
+def test_fresh_run_refuses_an_existing_run_directory(smoke_run: tuple[Path, str], shards: Path) -> None:
+    out, _ = smoke_run
+    result = CliRunner().invoke(train_cli, ["--shards", str(shards), "--preset", "tiny", "--out", str(out)])
+    assert result.exit_code == 1 and "already holds a run" in result.output
+
+
+def test_evaluate_refuses_shards_with_another_label_map(smoke_run: tuple[Path, str],
+                                                         tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
+    out, _ = smoke_run
+    base = tmp_path_factory.mktemp("other")
+    other = demo_shards(base, demo_dataset(base, sequences=60, signs=3, participants=3), shard_size=40, folds=3)
+    result = CliRunner().invoke(train_cli, ["evaluate", "--checkpoint", str(out / "last.pt"), "--shards", str(other),
+                                            "--workers", "0"])  # fmt: skip
+    assert result.exit_code == 1 and "label map" in result.output
 
 
 def test_ddp_two_cpu_processes_equal_batches_and_identical_weights(shards: Path, tmp_path: Path) -> None:
@@ -173,4 +208,5 @@ def test_ddp_two_cpu_processes_equal_batches_and_identical_weights(shards: Path,
     assert reports[0]["sha256"] == reports[1]["sha256"]
     fold0 = next(f["samples"] for f in read_manifest(shards)["folds"] if f["fold"] == 0)
     assert reports[0]["val_samples"] == reports[1]["val_samples"] == fold0  # reduced over both ranks
-    assert (tmp_path / "last.pt").exists() and not (tmp_path / "ddp_rank0.json.tmp").exists()
+    assert (tmp_path / "last.pt").exists() and not list(tmp_path.glob("*.tmp"))
+    assert json.loads((tmp_path / "ddp_rng.json").read_text()) == {"ranks": 2, "augment_equal": False}

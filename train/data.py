@@ -25,7 +25,6 @@ Workers must not be persistent: the epoch is read when the loader starts its wor
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import random
 from collections.abc import Iterable, Iterator
@@ -38,9 +37,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
-from pipeline.features import MAX_LEN, N_CHANNELS, unpack_missing
+from pipeline.features import MAX_LEN, N_CHANNELS, N_PACKED, pad_features, pad_frames, unpack_missing
 from pipeline.landmarks import N_POINTS
-from pipeline.shards import ShardError, iter_members, load_npy, read_manifest
+from pipeline.shards import decode_compact, iter_members, read_manifest
 from train.batch import Batch
 
 
@@ -186,17 +185,9 @@ def read_samples(src: Iterable[Range]) -> Iterator[dict[str, Any]]:
 
 
 def decode(src: Iterable[dict[str, Any]]) -> Iterator[Decoded]:
-    """Decode `.npy` (no pickle), `.cls` and `.json` members."""
+    """Decode and validate `.npy` (no pickle), `.cls` and `.json` members: the pipeline's decoder."""
     for s in src:
-        where = f"{s['__url__']}:{s['__key__']}"
-        try:
-            x, missing = load_npy(s["x.npy"]), load_npy(s["missing.npy"])
-            label = int(s["cls"]) if "cls" in s else int(json.loads(s["json"])["label"])
-        except (KeyError, ValueError) as exc:
-            raise ShardError(f"{where}: undecodable sample ({exc!r})") from None
-        if "mask.npy" in s:  # padded layout: keep the real frames only
-            n = int(load_npy(s["mask.npy"]).sum())
-            x, missing = x[:n], missing[:n]
+        x, missing, label = decode_compact(s, f"{s['__url__']}:{s['__key__']}")
         yield Decoded(x, missing, label, s["__key__"])
 
 
@@ -204,14 +195,11 @@ def collate(samples: list[Decoded], length: int | None = None) -> Batch:
     """Stack samples padded by the pipeline's rule to `length` (default: the longest in the batch)."""
     lengths = np.array([len(s.x) for s in samples])
     t = length or int(lengths.max())
-    x = np.zeros((len(samples), t, N_POINTS, N_CHANNELS), dtype=samples[0].x.dtype)  # (B, T, 118, 6)
-    packed = np.zeros((len(samples), t, samples[0].missing.shape[-1]), dtype=np.uint8)
+    x = np.empty((len(samples), t, N_POINTS, N_CHANNELS), dtype=samples[0].x.dtype)  # (B, T, 118, 6)
+    packed = np.empty((len(samples), t, N_PACKED), dtype=np.uint8)  # (B, T, 15)
     for i, s in enumerate(samples):  # one copy per sample; everything per frame stays vectorized
-        n = len(s.x)
-        x[i, :n] = s.x
-        x[i, n:, :, :2] = s.x[n - 1, :, :2]
-        packed[i, :n] = s.missing
-        packed[i, n:] = s.missing[n - 1]
+        pad_features(s.x, t, out=x[i])
+        packed[i] = pad_frames(s.missing, t)
     mask = np.arange(t)[None, :] < lengths[:, None]  # (B, T)
     return Batch(
         x=torch.from_numpy(x),

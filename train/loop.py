@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -24,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.shards import read_manifest
+from pipeline.shards import read_manifest, write_atomic, write_json_atomic
 from train.augment import AugmentConfig, augment_batch
 from train.batch import Batch
 from train.data import make_loader, train_val_folds
@@ -82,14 +81,43 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); starts the process group when launched by torchrun."""
+def setup_distributed(name: str) -> tuple[torch.device, int, int]:
+    """(device, rank, world size); under torchrun each process takes GPU LOCAL_RANK, then joins the group."""
+    device = resolve_device(name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1
+        return device, 0, 1
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world
+    return device, dist.get_rank(), world
+
+
+def gathered_rng(generator: torch.Generator, device: torch.device, world: int) -> list[dict[str, torch.Tensor]]:
+    """Every rank's RNG states (torch, CUDA, augmentation), so a resume gives each rank its own back."""
+    parts = {"torch": torch.get_rng_state(), "augment": generator.get_state().cpu()}
+    if device.type == "cuda":
+        parts["cuda"] = torch.cuda.get_rng_state(device)
+    if world == 1:
+        return [parts]
+    flat = torch.cat(list(parts.values())).to(device)  # same size on every rank
+    bufs = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(bufs, flat)
+    sizes = [p.numel() for p in parts.values()]
+    return [dict(zip(parts, buf.cpu().split(sizes), strict=True)) for buf in bufs]
+
+
+def restore_rng(states: list[dict[str, torch.Tensor]], rank: int, generator: torch.Generator,
+                device: torch.device) -> None:  # fmt: skip
+    if len(states) <= rank:
+        raise ValueError(f"the checkpoint holds RNG states of {len(states)} ranks; resume with that many processes")
+    state = states[rank]
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["augment"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -174,21 +202,16 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     if resume is not None:
         ckpt = load_checkpoint(Path(resume) / "last.pt")
         cfg = TrainConfig.from_dict({**ckpt["config"], "out": str(resume)})
-    device = resolve_device(cfg.device)
-    rank, world = init_distributed(device)
-    if device.type == "cuda":  # one GPU per process under torchrun
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    master = rank == 0
-    out = Path(cfg.out)
+    device, rank, world = setup_distributed(cfg.device)
+    cuda, master, out = device.type == "cuda", rank == 0, Path(cfg.out)
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
 
     # data: every rank sees the same number of batches per epoch
     manifest = read_manifest(cfg.shards)
+    if ckpt is not None and ckpt.get("shards_fingerprint") != manifest["fingerprint"]:
+        raise ValueError(f"{cfg.shards} is not the shard set {resume} was trained on (its manifest differs)")
     label_map = manifest["label_map"]
     train_folds, val_folds = train_val_folds(manifest, cfg.val_folds)
-    cuda = device.type == "cuda"
     loader_args = dict(workers=cfg.workers, rank=rank, world_size=world, seed=cfg.seed, bucket=cfg.bucket,
                        pin_memory=cuda)  # fmt: skip
     train_loader = make_loader(cfg.shards, train_folds, cfg.batch_size, train=True, **loader_args)
@@ -199,7 +222,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         total_steps = min(total_steps, cfg.max_steps)
     warmup = max(1, int(cfg.warmup * total_steps))
 
-    # model, optimizer, schedule, EMA
+    # model, optimizer, schedule, EMA, augmentation
     model = build_model(cfg, len(label_map)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
@@ -208,7 +231,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     ) if cfg.ema else None  # fmt: skip
     aug_cfg = AugmentConfig(**cfg.augment_options)
     generator = torch.Generator(device=device)
-    generator.manual_seed(cfg.seed * 1000 + rank)
+    generator.manual_seed(cfg.seed * 1000 + rank)  # every rank draws its own augmentations
     step, epoch, skip, best = 0, 0, 0, -1.0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -218,12 +241,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
             ema.module.load_state_dict(ckpt["ema"])
             ema.n_averaged.fill_(ckpt["ema_n_averaged"])
         step, epoch, skip, best = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_top1"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        generator.set_state(ckpt["rng"]["augment"])
-        random.setstate(_as_tuple(ckpt["rng"]["python"]))
-    ids = [device.index] if device.type == "cuda" else None
+        restore_rng(ckpt["rng"], rank, generator, device)
+    ids = [device.index] if cuda else None
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids) if world > 1 else model
     if cfg.compile:
         net = torch.compile(net, dynamic=True)
@@ -232,25 +251,23 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         raise FileExistsError(f"{out} already holds a run; continue it with --resume {out}, or pick another --out")
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+        keep_metrics(out / "metrics.jsonl", epoch)  # drop epochs logged after the checkpoint we resume from
+        write_json_atomic(out / "config.json", asdict(cfg))
         log.info("model %s: %d parameters; %d steps/epoch, %d steps; train folds %s, val folds %s, device %s x%d",
                  cfg.preset, count_parameters(model), steps_per_epoch, total_steps, train_folds, val_folds,
                  device, world)  # fmt: skip
 
-    def checkpoint(name: str, batch_in_epoch: int) -> None:
-        state = {
+    def checkpoint(name: str, batch_in_epoch: int) -> None:  # called on every rank: it gathers their RNG states
+        rng = gathered_rng(generator, device, world)
+        if not master:
+            return
+        save_checkpoint(out / name, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "ema": ema.module.state_dict() if ema is not None else None,
             "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
-            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_top1": best,
-            "rng": {"torch": torch.get_rng_state(), "augment": generator.get_state().cpu(),
-                    "cuda": torch.cuda.get_rng_state(device) if cuda else None,
-                    "python": random.getstate()},
-            "config": asdict(cfg), "label_map": label_map,
-        }  # fmt: skip
-        save_checkpoint(out / name, state)
+            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_top1": best, "rng": rng,
+            "config": asdict(cfg), "label_map": label_map, "shards_fingerprint": manifest["fingerprint"],
+        })  # fmt: skip
 
     metrics: dict[str, Any] = {}
     consumed = 0
@@ -259,7 +276,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         net.train()
         bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch}", disable=not master or None,
                    dynamic_ncols=True, leave=False)  # fmt: skip
-        seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * samples, samples: one sync per log
+        t0 = time.perf_counter()
         for i, batch in enumerate(train_loader):
             if i < skip:  # resuming mid-epoch: the epoch's order is deterministic, so skip what was trained
                 continue
@@ -278,38 +296,53 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
                 ema.update_parameters(model)
             step += 1
             consumed += 1
-            seen += len(batch)
-            loss_sum += loss.item() * len(batch)
-            rate = seen * world / (time.perf_counter() - t0)
+            sums += torch.stack([loss.detach().double() * len(batch), sums.new_tensor(len(batch))])
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", sps=f"{rate:.0f}")
-            if master and cfg.save_every and step % cfg.save_every == 0:
+            if step % 10 == 0 or step == total_steps:
+                rate = sums[1].item() * world / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", sps=f"{rate:.0f}")
+            if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint("last.pt", i + 1)
             if step >= total_steps:
                 break
         bar.close()
+        seconds = time.perf_counter() - t0
+        if world > 1:
+            dist.all_reduce(sums)
         skip = 0
         epoch += 1
-        metrics = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(1, seen),
-                   "lr": scheduler.get_last_lr()[0], "samples_per_s": round(rate if seen else 0.0, 1),
+        metrics = {"epoch": epoch, "step": step, "train_loss": sums[0].item() / max(1.0, sums[1].item()),
+                   "lr": scheduler.get_last_lr()[0], "samples_per_s": round(sums[1].item() / seconds, 1),
                    **evaluate(ema.module if ema is not None else model, val_loader, device)}  # fmt: skip
-        if master:
-            if metrics["val_top1"] > best:
-                best = metrics["val_top1"]
-                checkpoint("best.pt", 0)
-            checkpoint("last.pt", 0)
+        improved = metrics["val_top1"] > best  # the same on every rank: the metrics are reduced
+        best = max(best, metrics["val_top1"])
+        if master:  # the epoch's line goes first: a kill before last.pt is written repeats the epoch
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             log.info("epoch %d step %d: train loss %.3f, val loss %.3f, top-1 %.3f, top-5 %.3f", epoch, step,
                      metrics["train_loss"], metrics["val_loss"], metrics["val_top1"], metrics["val_top5"])  # fmt: skip
+        if improved:
+            checkpoint("best.pt", 0)
+        checkpoint("last.pt", 0)
     if master:
         plot_curves(out)
     return TrainResult(metrics, model, consumed)
 
 
-def _as_tuple(x: Any) -> Any:
-    """random.setstate needs tuples; a checkpoint round trip may return lists."""
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+def keep_metrics(path: Path, epochs: int) -> None:
+    """Keep the metrics of the first `epochs` epochs only (none for a new run), rewritten atomically."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if _epoch_of(line) is not None]
+    kept = "".join(line + "\n" for line in rows if _epoch_of(line) <= epochs)
+    write_atomic(path, kept.encode())
+
+
+def _epoch_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a kill
 
 
 def plot_curves(run: Path) -> Path | None:
@@ -321,7 +354,8 @@ def plot_curves(run: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines if _epoch_of(line) is not None]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [r["epoch"] for r in rows]
     a.plot(epochs, [r["train_loss"] for r in rows], label="train")
@@ -331,6 +365,8 @@ def plot_curves(run: Path) -> Path | None:
     b.plot(epochs, [r["val_top5"] for r in rows], label="top-5")
     b.set_xlabel("epoch"), b.set_ylabel("validation accuracy"), b.legend()
     fig.tight_layout()
-    fig.savefig(run / "curves.png")
+    tmp = run / "curves.png.tmp"
+    fig.savefig(tmp, format="png")
     plt.close(fig)
+    os.replace(tmp, run / "curves.png")
     return run / "curves.png"

@@ -18,7 +18,7 @@ The rules that guarantee it:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +57,6 @@ class ModelConfig:
             raise ValueError("kernel_size and eca_kernel must be odd ('same' padding)")
         if self.depth < 1 or self.convs_per_group < 0:
             raise ValueError("depth must be >= 1 and convs_per_group >= 0")
-
-    def to_dict(self) -> dict[str, int | float]:
-        return asdict(self)
 
 
 PRESETS: dict[str, dict[str, int | float]] = {

@@ -12,6 +12,7 @@ import torch
 
 from pipeline.features import compact_features, pack_missing
 from pipeline.read import LandmarkFileError, read_landmarks
+from pipeline.shards import read_manifest
 from train.data import Decoded, collate, make_loader
 from train.loop import TrainConfig, load_checkpoint, model_from_checkpoint, predict_batches, resolve_device
 
@@ -57,6 +58,8 @@ def evaluation_report(checkpoint: str | Path, shards: str | Path | None = None, 
     cfg = TrainConfig.from_dict(ckpt["config"])
     shards = shards or cfg.shards
     folds = folds if folds is not None else cfg.val_folds
+    if read_manifest(shards)["label_map"] != ckpt["label_map"]:
+        raise ValueError(f"{shards}: its label map is not the one {checkpoint} was trained with")
     model = model_from_checkpoint(ckpt).to(dev)
     names = {v: s for s, v in ckpt["label_map"].items()}
     loader = make_loader(shards, folds, batch_size, train=False, workers=workers)
