@@ -23,8 +23,10 @@ from pipeline.shards import (
     encode_sample,
     iter_members,
     iter_samples,
+    load_npy,
     manifest_stats,
     npy_bytes,
+    tar_members,
     write_atomic,
     write_json_atomic,
 )
@@ -457,3 +459,46 @@ def test_json_member_is_the_metadata():
     members = dict(encode_sample(key, compact, missing, meta, "compact", "float16"))
     assert json.loads(members[f"{key}.json"]) == meta
     assert members[f"{key}.cls"] == b"11"
+
+
+# ---------------------------------------------------------------- the tar reader against tarfile
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_members_reads_what_tarfile_writes(tmp_path: Path, fmt: int):
+    """Names longer than 100 bytes (ustar prefix, GNU long name, pax path), empty and odd-sized members."""
+    members = [("d/" + "k" * 120 + ".json", b"{}"), ("7.cls", b""), ("7.x.npy", bytes(range(256)) * 3)]
+    if fmt == tarfile.USTAR_FORMAT:
+        members[0] = ("p" * 90 + "/" + "k" * 90 + ".json", b"{}")  # ustar: long names only through the prefix
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as f:
+        assert list(tar_members(f, path)) == members
+
+
+def test_tar_members_refuses_a_corrupted_header(tmp_path: Path):
+    path = tmp_path / "s.tar"
+    write_shard(path)
+    data = bytearray(path.read_bytes())
+    data[5] ^= 0x20  # one bit of the first member's name: the header checksum no longer matches
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="checksum"):
+        list(iter_members(path))
+
+
+NPY_CASES = [
+    np.zeros((3, 118, 6), np.float16), np.arange(5, dtype=np.int64), np.ones((2, 15), np.uint8), np.float32(2.5),
+    np.zeros((0, 4), np.float32), np.zeros((2, 3), np.float32, order="F"), np.array(["a"]), np.zeros(2, ">f4"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("array", NPY_CASES)
+def test_load_npy_matches_numpy(array: np.ndarray):
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    got = load_npy(buf.getvalue())
+    assert got.dtype == array.dtype and got.shape == array.shape and np.array_equal(got, array)
