@@ -189,9 +189,12 @@ def build_shards(
     opts: BuildOptions = BuildOptions(),
     jobs: int = -1,
     force: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> BuildResult:
-    """Build (or finish) the shards of `data_dir` into `out`; `progress(files, rejects)` is called per shard."""
+    """Build (or finish) the shards of `data_dir` into `out`.
+
+    `progress(files, rejects, total files)` is called once for the shards already complete, then per shard built.
+    """
     if opts.dtype not in DTYPES or opts.layout not in LAYOUTS or opts.shard_size < 1 or opts.folds < 1:
         raise BuildError(f"invalid options {opts}")
     data_dir, out = Path(data_dir), Path(out)
@@ -209,14 +212,15 @@ def build_shards(
         task.inputs = _inputs_hash(task, data_dir, fingerprint)
 
     todo = [t for t in tasks if not _complete(out, t)]
+    total = sum(len(t.rows) for t in tasks)
     if progress:
-        progress(sum(len(t.rows) for t in tasks if t not in todo), 0)
+        progress(sum(len(t.rows) for t in tasks if t not in todo), 0, total)
     done = Parallel(n_jobs=jobs, return_as="generator_unordered")(
         delayed(build_one_shard)(t, data_dir, out, opts) for t in todo
     )
     for sidecar in done:
         if progress:
-            progress(len(sidecar["sequence_ids"]) + len(sidecar["rejects"]), len(sidecar["rejects"]))
+            progress(len(sidecar["sequence_ids"]) + len(sidecar["rejects"]), len(sidecar["rejects"]), total)
 
     # Always from the sidecars: a run that died after its shards but before the manifest left
     # complete shards that the old manifest does not describe.

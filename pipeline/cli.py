@@ -67,9 +67,10 @@ def build_shards_cmd(data_dir: Path, out: Path, jobs: int, shard_size: int, fold
     with tqdm(unit="file", desc="build-shards", dynamic_ncols=True, disable=None) as bar:
         rejected = 0
 
-        def progress(files: int, rejects: int) -> None:
+        def progress(files: int, rejects: int, total: int) -> None:
             nonlocal rejected
             rejected += rejects
+            bar.total = total
             bar.update(files)
             bar.set_postfix(rejected=rejected, refresh=False)
 
