@@ -28,7 +28,7 @@ from demo_data import demo_dataset, demo_shards
 from pipeline import build as build_mod
 from pipeline import cli as cli_mod
 from pipeline import shards as shards_mod
-from pipeline.build import BuildError, BuildOptions, assign_folds, build_shards
+from pipeline.build import BuildError, BuildOptions, BuildResult, assign_folds, build_shards
 from pipeline.cli import main
 from pipeline.demo import sequence_table
 from pipeline.features import FEATURES_VERSION, MAX_LEN, compact_features, preprocess
@@ -547,7 +547,8 @@ def test_touched_input_file_rebuilds_only_its_shard(tmp_path: Path, tiny_dir: Pa
     assert second.manifest == first.manifest and not second.manifest_written
 
 
-def test_changed_input_file_rebuilds_only_its_shard(tmp_path: Path, tiny_dir: Path):
+def built_then_changed(tmp_path: Path, tiny_dir: Path) -> tuple[Path, Path, BuildOptions, BuildResult, dict]:
+    """A build of a private copy of `tiny_dir`, then the content of its first file changed (x negated)."""
     data = tmp_path / "data"
     shutil.copytree(tiny_dir, data, copy_function=os.link)
     out = tmp_path / "out"
@@ -555,6 +556,11 @@ def test_changed_input_file_rebuilds_only_its_shard(tmp_path: Path, tiny_dir: Pa
     first = build_shards(data, out, opts, jobs=1)
     row = csv_rows(data)[0]
     negate_x(data / row["path"])
+    return data, out, opts, first, row
+
+
+def test_changed_input_file_rebuilds_only_its_shard(tmp_path: Path, tiny_dir: Path):
+    data, out, opts, first, row = built_then_changed(tmp_path, tiny_dir)
     second = build_shards(data, out, opts, jobs=1)
     assert (second.built, second.skipped, second.manifest_written) == (1, first.built - 1, True)
     name = entry_of(first.manifest, row["sequence_id"])["name"]
@@ -576,13 +582,7 @@ def check_new_content(data: Path, shard: Path, sequence_id: str) -> None:
 
 def test_crash_before_the_manifest_then_rerun_writes_it(tmp_path: Path, tiny_dir: Path, monkeypatch):
     """Shards rebuilt by a run that died before its manifest: the next run, with nothing to build, still rewrites it."""
-    data = tmp_path / "data"
-    shutil.copytree(tiny_dir, data, copy_function=os.link)
-    out = tmp_path / "out"
-    opts = BuildOptions(shard_size=5, folds=2)
-    first = build_shards(data, out, opts, jobs=1)
-    row = csv_rows(data)[0]
-    negate_x(data / row["path"])
+    data, out, opts, first, row = built_then_changed(tmp_path, tiny_dir)
 
     def crash(*args: object) -> None:
         raise RuntimeError("killed before the manifest")
