@@ -23,7 +23,7 @@ from pipeline.read import read_landmarks
 from pipeline.shards import read_manifest
 from train.cli import main as train_cli
 from train.data import make_loader, train_val_folds
-from train.loop import TrainConfig, load_checkpoint, model_from_checkpoint, train
+from train.loop import TrainConfig, gathered_rng, load_checkpoint, model_from_checkpoint, restore_rng, train
 
 BIN = Path(sys.executable).parent
 TESTS = Path(__file__).parent
@@ -210,3 +210,11 @@ def test_ddp_two_cpu_processes_equal_batches_and_identical_weights(shards: Path,
     assert reports[0]["val_samples"] == reports[1]["val_samples"] == fold0  # reduced over both ranks
     assert (tmp_path / "last.pt").exists() and not list(tmp_path.glob("*.tmp"))
     assert json.loads((tmp_path / "ddp_rng.json").read_text()) == {"ranks": 2, "augment_equal": False}
+
+
+def test_resume_refuses_another_world_size() -> None:
+    generator = torch.Generator()
+    states = gathered_rng(generator, torch.device("cpu"), world=1) * 2  # as written by 2 ranks
+    with pytest.raises(ValueError, match="written by 2 rank"):
+        restore_rng(states, rank=0, world=1, generator=generator, device=torch.device("cpu"))
+    restore_rng(states[:1], rank=0, world=1, generator=generator, device=torch.device("cpu"))

@@ -8,6 +8,7 @@ needed to continue the same schedule, including the position inside the epoch.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -109,10 +110,11 @@ def gathered_rng(generator: torch.Generator, device: torch.device, world: int) -
     return [dict(zip(parts, buf.cpu().split(sizes), strict=True)) for buf in bufs]
 
 
-def restore_rng(states: list[dict[str, torch.Tensor]], rank: int, generator: torch.Generator,
+def restore_rng(states: list[dict[str, torch.Tensor]], rank: int, world: int, generator: torch.Generator,
                 device: torch.device) -> None:  # fmt: skip
-    if len(states) <= rank:
-        raise ValueError(f"the checkpoint holds RNG states of {len(states)} ranks; resume with that many processes")
+    if len(states) != world:
+        # another world size also changes the batches per epoch, so the saved position would be wrong
+        raise ValueError(f"the checkpoint was written by {len(states)} rank(s); resume with that many processes")
     state = states[rank]
     torch.set_rng_state(state["torch"])
     generator.set_state(state["augment"])
@@ -129,13 +131,10 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temporary name, fsync, rename: a kill never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Serialize in memory, then the pipeline's atomic write: a kill never leaves a half-written file."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomic(path, buf.getvalue())
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -241,7 +240,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
             ema.module.load_state_dict(ckpt["ema"])
             ema.n_averaged.fill_(ckpt["ema_n_averaged"])
         step, epoch, skip, best = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_top1"]
-        restore_rng(ckpt["rng"], rank, generator, device)
+        restore_rng(ckpt["rng"], rank, world, generator, device)
     ids = [device.index] if cuda else None
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids) if world > 1 else model
     if cfg.compile:
