@@ -96,30 +96,40 @@ def build_shards_cmd(data_dir: Path, out: Path, jobs: int, shard_size: int, fold
     sys.exit(result.exit_code)
 
 
-@main.command("verify")
-@click.argument("shard_dir", default="shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def verify_cmd(shard_dir: Path) -> None:
-    """Check every shard against the manifest: size, sha256, sample count, keys and shapes."""
+LOCATION_HELP = (
+    "SHARDS is a directory, a file:// or http(s):// URL of one, or a pipe: command template whose {} "
+    "stands for a file name (e.g. 'pipe:aws s3 cp s3://bucket/shards/{} -')."
+)
+
+
+@main.command("verify", epilog=LOCATION_HELP)
+@click.argument("shards", default="shards")
+def verify_cmd(shards: str) -> None:
+    """Check every shard against the manifest: size, sha256, sample count, keys, labels and shapes.
+
+    Exit status 1 on any mismatch (each one is listed).
+    """
     try:
-        manifest = read_manifest(shard_dir)
-        problems = verify_shards(shard_dir, manifest)
-    except (FileNotFoundError, ValueError) as exc:
+        manifest = read_manifest(shards)
+        with tqdm(total=manifest["totals"]["bytes"], unit="B", unit_scale=True, desc="verify", disable=None) as bar:
+            problems = verify_shards(shards, manifest, progress=bar.update)
+    except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     for p in problems:
         click.echo(f"FAIL {p}", err=True)
     if problems:
-        raise click.ClickException(f"{len(problems)} problem(s) in {shard_dir}")
+        raise click.ClickException(f"{len(problems)} problem(s) in {shards}")
     click.echo(f"OK: {manifest['totals']['shards']} shards, {manifest['totals']['samples']} samples match the manifest")
 
 
-@main.command("stats")
-@click.argument("shard_dir", default="shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@main.command("stats", epilog=LOCATION_HELP)
+@click.argument("shards", default="shards")
 @click.option("--top", default=10, show_default=True, help="Signs to list at each end of the count ranking.")
-def stats_cmd(shard_dir: Path, top: int) -> None:
+def stats_cmd(shards: str, top: int) -> None:
     """Counts per fold and sign, and the sequence length distribution, from the manifest."""
     try:
-        stats = manifest_stats(read_manifest(shard_dir), top)
-    except (FileNotFoundError, ValueError) as exc:
+        stats = manifest_stats(read_manifest(shards), top)
+    except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     totals = stats["totals"]
     click.echo(f"{totals['samples']} samples, {totals['shards']} shards, {totals['bytes'] / 1e6:.1f} MB, "

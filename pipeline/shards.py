@@ -16,6 +16,7 @@ Shards are written byte-for-byte deterministically (fixed tar headers) and atomi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -23,7 +24,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -41,6 +42,7 @@ from pipeline.features import (
     unpack_missing,
 )
 from pipeline.landmarks import N_POINTS
+from pipeline.location import STALL_S, Location, LocationError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -117,23 +119,39 @@ def load_npy(data: bytes) -> np.ndarray:
     """Decode `.npy` bytes; object arrays (pickle) are refused. Any malformed data raises ValueError.
 
     The headers `np.save` writes for plain numeric arrays are parsed directly (numpy parses them with
-    `ast.literal_eval`, the larger part of decoding a small array); anything else goes through
-    `np.load(allow_pickle=False)`. Arrays from the fast path are read-only views of `data`.
+    `ast.literal_eval`, the larger part of decoding a small array); any other header goes through
+    numpy's header parser. Either way the data's size is checked against the shape before anything
+    is allocated, so a header claiming an absurd shape is an error, not a MemoryError. The arrays
+    are read-only views of `data`.
     """
     fast = _plain_npy(data)
-    if fast is not None:
-        return fast
+    return fast if fast is not None else _checked_npy(data)
+
+
+def _checked_npy(data: bytes) -> np.ndarray:
+    f = io.BytesIO(data)
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except EOFError as exc:  # numpy's answer to empty data: one exception type for callers to catch
-        raise ValueError(f"truncated .npy data ({exc})") from None
+        major, _ = np.lib.format.read_magic(f)
+        if major not in (1, 2):
+            raise ValueError(f"unsupported .npy format version {major}")
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+    except (ValueError, EOFError, TypeError) as exc:
+        raise ValueError(f"malformed .npy header ({exc})") from None
+    if dtype.hasobject:
+        raise ValueError("object arrays are refused (they would be unpickled)")
+    count, offset = math.prod(shape), f.tell()
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(f".npy header says {dtype} {shape} ({count * dtype.itemsize} bytes), "
+                         f"{len(data) - offset} bytes follow")  # fmt: skip
+    return np.frombuffer(data, dtype, count, offset=offset).reshape(shape, order="F" if fortran_order else "C")
 
 
 _NPY_HEADER = re.compile(rb"\{'descr': '([<|][fiub][1248])', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \} *\n")
 
 
 def _plain_npy(data: bytes) -> np.ndarray | None:
-    """A version-1.0 `.npy` of a numeric dtype in C order, or None to let numpy decide."""
+    """A version-1.0 `.npy` of a numeric dtype in C order whose size matches its shape, else None."""
     if data[:8] != b"\x93NUMPY\x01\x00" or len(data) < 10:
         return None
     end = 10 + int.from_bytes(data[8:10], "little")
@@ -198,33 +216,53 @@ def ustar_header(name: str, size: int) -> bytes:
     return header[:148] + b"%06o\0 " % sum(header) + header[156:]
 
 
-def iter_members(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield `(key, {member type: bytes})` per sample of a shard, in order; refuses unknown member types."""
+def iter_members(source: str | Path | BinaryIO, name: str | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield `(key, {member type: bytes})` per sample of a shard, in order; refuses unknown member types.
+
+    `source` is a local path or any binary stream (a shard read from a URL, `io.BytesIO(data)`);
+    `name` is what errors call it (default: the path).
+    """
+    name = str(source) if name is None else name
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, (str, Path)):
+            try:
+                source = stack.enter_context(open(source, "rb", buffering=1 << 20))
+            except OSError as exc:
+                raise ShardError(f"{name}: not a readable tar shard ({exc.strerror or exc})") from None
+        yield from _grouped(tar_members(source, name), name)
+
+
+def _grouped(members: Iterator[tuple[str, bytes]], name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Consecutive members of the same key as one sample."""
     key, group = None, {}
     try:
-        with open(path, "rb", buffering=1 << 20) as f:
-            for name, data in tar_members(f, path):
-                sample_key, _, ext = Path(name).name.partition(".")
-                if ext not in MEMBER_TYPES:
-                    raise ShardError(f"{path}: member {name!r} has a refused type {ext!r} (allowed: .npy, .cls, .json)")
-                if sample_key != key and group:
-                    yield key, group
-                    group = {}
-                key = sample_key
-                group[ext] = data
-    except ShardError:
-        raise
-    except (OSError, ValueError) as exc:  # unreadable file, undecodable name or pax record
-        raise ShardError(f"{path}: not a readable tar shard ({exc})") from None
+        for member, data in members:
+            sample_key, _, ext = member.rpartition("/")[2].partition(".")
+            if ext not in MEMBER_TYPES:
+                raise ShardError(f"{name}: member {member!r} has a refused type {ext!r} (allowed: .npy, .cls, .json)")
+            if sample_key != key and group:
+                yield key, group
+                group = {}
+            key = sample_key
+            group[ext] = data
+    except OSError as exc:  # a read error of the underlying stream
+        raise ShardError(f"{name}: not a readable tar shard ({exc})") from None
     if group:
         yield key, group
+
+
+# Bounds on what a header may claim: a sample's largest member (padded float32 x.npy) is 1.1 MB.
+MAX_MEMBER_BYTES = 64 << 20
+_MAX_NAME_BYTES = 4096
 
 
 def tar_members(f: BinaryIO, path: str | Path) -> Iterator[tuple[str, bytes]]:
     """`(name, data)` of every regular file in a tar stream (ustar, pax and GNU long names); others refused.
 
     A small reader instead of `tarfile`, whose per-header Python work costs more than decoding
-    the sample: headers are checksummed, sizes and truncation checked.
+    the sample. Headers are checksummed; every size is parsed strictly and bounded
+    (`MAX_MEMBER_BYTES`) before anything is read; truncation and malformed pax records are
+    `ShardError`s naming `path`. The stream is read front to back only (a pipe or a socket works).
     """
     long_name, pax = None, {}
     while True:
@@ -233,24 +271,20 @@ def tar_members(f: BinaryIO, path: str | Path) -> Iterator[tuple[str, bytes]]:
             return
         if len(header) < 512:
             raise ShardError(f"{path}: not a readable tar shard (truncated header)")
-        try:
-            checksum = int(header[148:156].strip(b"\0 ") or b"0", 8)
-            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-        except ValueError:
-            raise ShardError(f"{path}: not a readable tar shard (bad header)") from None
-        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
-            raise ShardError(f"{path}: not a readable tar shard (header checksum mismatch)")
+        size = _header_size(header, path)
         data = f.read(size)
         if len(data) < size or len(f.read(-size % 512)) < -size % 512:
             raise ShardError(f"{path}: not a readable tar shard (truncated member)")
         kind = header[156:157]
         if kind == b"x":  # pax extended header: only the path matters here
-            pax = dict(_pax_records(data))
+            pax = _pax_records(data, path)
             continue
         if kind in (b"g", b"L"):
-            long_name = data.rstrip(b"\0").decode() if kind == b"L" else long_name
+            if kind == b"L" and size > _MAX_NAME_BYTES:
+                raise ShardError(f"{path}: not a readable tar shard (long name of {size} bytes)")
+            long_name = _text(data.split(b"\0", 1)[0], path) if kind == b"L" else long_name
             continue
-        name = pax.get("path") or long_name or _header_name(header)
+        name = pax.get("path") or long_name or _header_name(header, path)
         long_name, pax = None, {}
         if kind not in (b"0", b"\0"):
             raise ShardError(f"{path}: member {name!r} is not a regular file")
@@ -260,20 +294,48 @@ def tar_members(f: BinaryIO, path: str | Path) -> Iterator[tuple[str, bytes]]:
 _ZERO_BLOCK = bytes(512)
 
 
-def _header_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0].decode()
-    prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
+def _header_size(header: bytes, path: str | Path) -> int:
+    """The member size of a checksummed header, within `MAX_MEMBER_BYTES`."""
+    try:
+        checksum = int(header[148:156].strip(b"\0 ") or b"0", 8)
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+    except ValueError:  # includes GNU base-256 sizes, far beyond any member of ours
+        raise ShardError(f"{path}: not a readable tar shard (bad header)") from None
+    if checksum != sum(header[:148]) + 256 + sum(header[156:]):
+        raise ShardError(f"{path}: not a readable tar shard (header checksum mismatch)")
+    if not 0 <= size <= MAX_MEMBER_BYTES:
+        raise ShardError(f"{path}: not a readable tar shard (member of {size} bytes, over {MAX_MEMBER_BYTES})")
+    return size
+
+
+def _text(raw: bytes, path: str | Path) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise ShardError(f"{path}: not a readable tar shard (member name or pax record not UTF-8)") from None
+
+
+def _header_name(header: bytes, path: str | Path) -> str:
+    name = _text(header[:100].split(b"\0", 1)[0], path)
+    prefix = _text(header[345:500].split(b"\0", 1)[0], path) if header[257:262] == b"ustar" else ""
     return f"{prefix}/{name}" if prefix else name
 
 
-def _pax_records(data: bytes) -> Iterator[tuple[str, str]]:
-    """`key=value` records of a pax header ("LEN key=value\\n" each)."""
-    pos = 0
+def _pax_records(data: bytes, path: str | Path) -> dict[str, str]:
+    """`key=value` records of a pax header ("LEN key=value\\n" each, LEN counting the whole record)."""
+    records, pos = {}, 0
     while pos < len(data):
-        length = int(data[pos : data.index(b" ", pos)])
-        key, _, value = data[data.index(b" ", pos) + 1 : pos + length - 1].decode().partition("=")
-        yield key, value
-        pos += length
+        space = data.find(b" ", pos, pos + 20)
+        length = int(data[pos:space]) if space > pos and data[pos:space].isdigit() else 0
+        end = pos + length
+        if length <= space - pos + 1 or end > len(data) or data[end - 1 : end] != b"\n":
+            raise ShardError(f"{path}: not a readable tar shard (malformed pax record at byte {pos})")
+        key, eq, value = data[space + 1 : end - 1].partition(b"=")
+        if not eq:
+            raise ShardError(f"{path}: not a readable tar shard (malformed pax record at byte {pos})")
+        records[_text(key, path)] = _text(value, path)
+        pos = end
+    return records
 
 
 def decode_compact(members: dict[str, bytes], source: str) -> tuple[np.ndarray, np.ndarray, int]:
@@ -378,14 +440,136 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
-def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
-    path = Path(shard_dir) / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no manifest (run `asl-pipeline build-shards` first)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ShardError(f"{path}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+def read_manifest(location: str | Path | Location) -> dict[str, Any]:
+    """The manifest of a shard location (directory, URL or pipe: template), checked by `manifest_problem`."""
+    loc = as_location(location)
+    url = loc.url(MANIFEST)
+    try:
+        manifest = json.loads(loc.read(MANIFEST))
+    except LocationError as exc:
+        if loc.is_local and not Path(url).exists():
+            raise FileNotFoundError(f"{url}: no manifest (run `asl-pipeline build-shards` first)") from None
+        raise LocationError(f"cannot read the manifest: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ShardError(f"{url}: not a JSON manifest ({str(exc)[:200]})") from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise ShardError(f"{url}: {problem}")
     return manifest
+
+
+def as_location(location: str | Path | Location) -> Location:
+    return location if isinstance(location, Location) else Location.parse(location)
+
+
+# What build-shards names its shards; a manifest naming anything else is refused before any read.
+SHARD_NAME = re.compile(r"fold(\d+)-\d{6,}\.tar")
+_ENTRY_LISTS = ("sequence_ids", "labels", "lengths")
+
+
+def manifest_problem(manifest: Any) -> str | None:
+    """What makes a manifest unusable (a missing key, a wrong type, counts or labels that disagree), or None.
+
+    Everything the loader and `verify` rely on is checked here, once, so that an edited or
+    foreign manifest fails with one line before any shard is read.
+    """
+    if not isinstance(manifest, dict):
+        return "the manifest is not a JSON object"
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return f"format version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
+    absent = [k for k in ("fingerprint", "config", "label_map", "folds", "shards", "totals") if k not in manifest]
+    if absent:
+        return f"manifest is missing {', '.join(map(repr, absent))} (not written by build-shards, or edited)"
+    label_map, config = manifest["label_map"], manifest["config"]
+    indices = list(label_map.values()) if isinstance(label_map, dict) else None
+    if not indices or any(type(v) is not int for v in indices) or sorted(indices) != list(range(len(indices))):
+        return "label_map must be an object mapping every sign to one of the indices 0..N-1"
+    if not isinstance(config, dict) or config.get("layout") not in LAYOUTS or config.get("dtype") not in DTYPES:
+        return f"config must give a layout in {LAYOUTS} and a dtype in {DTYPES}"
+    folds, shards = manifest["folds"], manifest["shards"]
+    if not isinstance(folds, list) or not all(isinstance(f, dict) and _ints(f, "fold", "samples") for f in folds):
+        return "folds must be a list of objects with integer 'fold' and 'samples'"
+    if not isinstance(shards, list):
+        return "shards must be a list"
+    for i, entry in enumerate(shards):
+        problem = _entry_problem(entry, len(indices))
+        if problem:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            return f"shards[{i}] ({name}): {problem}"
+    per_fold = Counter()
+    for entry in shards:
+        per_fold[entry["fold"]] += entry["samples"]
+    for f in folds:
+        if per_fold.pop(f["fold"], 0) != f["samples"]:
+            return f"fold {f['fold']} says {f['samples']} samples, its shards hold {per_fold.get(f['fold'], 0)}"
+    if per_fold:
+        return f"shards of fold(s) {sorted(per_fold)}, which the manifest's folds do not list"
+    return None
+
+
+def _ints(d: dict[str, Any], *keys: str) -> bool:
+    return all(type(d.get(k)) is int and d[k] >= 0 for k in keys)
+
+
+def _entry_problem(entry: Any, n_classes: int) -> str | None:
+    """What is wrong with one manifest shard entry, or None."""
+    if not isinstance(entry, dict) or not _ints(entry, "fold", "samples", "bytes"):
+        return "expected an object with integer 'fold', 'samples' and 'bytes'"
+    name = SHARD_NAME.fullmatch(entry.get("name") if isinstance(entry.get("name"), str) else "")
+    if name is None or int(name.group(1)) != entry["fold"]:
+        return "name must be foldK-NNNNNN.tar, K its fold"
+    if not isinstance(entry.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+        return "sha256 must be 64 hex digits"
+    for key in _ENTRY_LISTS:
+        if not isinstance(entry.get(key), list) or len(entry[key]) != entry["samples"]:
+            return f"'{key}' must list one value per sample ('samples' says {entry['samples']})"
+    if not all(isinstance(k, str) and _SAMPLE_KEY.fullmatch(k) for k in entry["sequence_ids"]):
+        return "sequence_ids must be strings of letters, digits, '_' or '-'"
+    bad = next((v for v in entry["labels"] if type(v) is not int or not 0 <= v < n_classes), None)
+    if bad is not None:
+        return f"label {bad!r} is outside the label map's 0..{n_classes - 1}"
+    if not all(type(v) is int and 1 <= v <= MAX_LEN for v in entry["lengths"]):
+        return f"lengths must be integers in 1..{MAX_LEN}"
+    return None
+
+
+_SAMPLE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def read_shard(location: Location, entry: dict[str, Any], check: str = "sha256", stall_s: float = STALL_S,
+               retries: int = 0) -> bytes:  # fmt: skip
+    """The bytes of one shard of the manifest: exactly its size and, with `check="sha256"`, its digest.
+
+    Anything else is a LocationError naming the shard (retried for a remote location: a
+    connection cut short or a flipped byte on the wire may not happen twice).
+    """
+    if check not in SHARD_CHECKS:
+        raise ValueError(f"check must be one of {SHARD_CHECKS}, got {check!r}")
+
+    def problem(data: bytes) -> str | None:
+        if len(data) != entry["bytes"]:
+            return f"{len(data)} bytes, manifest says {entry['bytes']} (cut short or altered)"
+        if check == "sha256" and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            return "sha256 differs from the manifest (altered or corrupted)"
+        return None
+
+    return location.read(entry["name"], max_bytes=entry["bytes"], check=problem, stall_s=stall_s, retries=retries)
+
+
+SHARD_CHECKS = ("sha256", "size")
+
+
+def shard_samples(data: bytes, entry: dict[str, Any], source: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of one shard's bytes, checked against its manifest entry: the same keys, in order, and count."""
+    expected, n = entry["sequence_ids"], 0
+    for key, members in iter_members(io.BytesIO(data), source):
+        if n >= len(expected) or key != expected[n]:
+            listed = repr(expected[n]) if n < len(expected) else f"only {len(expected)} samples"
+            raise ShardError(f"{source}: sample {n} is {key!r}, the manifest lists {listed}")
+        yield key, members
+        n += 1
+    if n != len(expected):
+        raise ShardError(f"{source}: holds {n} samples, manifest says {len(expected)}")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -396,43 +580,50 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def verify_shards(shard_dir: str | Path, manifest: dict[str, Any] | None = None) -> list[str]:
-    """Check every shard against the manifest (read from `shard_dir` unless given); returns the problems found."""
-    shard_dir = Path(shard_dir)
-    manifest = manifest if manifest is not None else read_manifest(shard_dir)
+def verify_shards(location: str | Path | Location, manifest: dict[str, Any] | None = None,
+                  progress: Callable[[int], None] | None = None) -> list[str]:  # fmt: skip
+    """Check every shard against the manifest (read from `location` unless given); returns the problems found.
+
+    Size, sha256, then every sample decoded: keys, order and count, labels, layout. `progress(bytes)`
+    is called after each shard.
+    """
+    loc = as_location(location)
+    manifest = manifest if manifest is not None else read_manifest(loc)
     problems = []
     for entry in manifest["shards"]:
-        path = shard_dir / entry["name"]
-        if not path.exists():
-            problems.append(f"{path}: missing")
+        url = loc.url(entry["name"])
+        try:  # a local file is read whatever its size, to say what else is wrong with it
+            data = loc.read(entry["name"], max_bytes=None if loc.is_local else entry["bytes"])
+        except LocationError as exc:
+            problems.append(str(exc))
             continue
-        if path.stat().st_size != entry["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
-        elif file_sha256(path) != entry["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest")
-        problems += _sample_problems(path, entry, manifest["config"]["layout"])
-    listed = {e["name"] for e in manifest["shards"]}
-    problems += [f"{p}: shard not in the manifest" for p in sorted(shard_dir.glob("*.tar")) if p.name not in listed]
+        if len(data) != entry["bytes"]:
+            problems.append(f"{url}: {len(data)} bytes, manifest says {entry['bytes']}")
+        elif hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            problems.append(f"{url}: sha256 differs from the manifest")
+        problems += _sample_problems(data, entry, manifest["config"]["layout"], url)
+        if progress:
+            progress(len(data))
+    if loc.is_local:
+        listed = {e["name"] for e in manifest["shards"]}
+        problems += [f"{p}: shard not in the manifest" for p in sorted(loc.path.glob("*.tar")) if p.name not in listed]
     return problems
 
 
-def _sample_problems(path: Path, entry: dict[str, Any], layout: str) -> list[str]:
-    """Decode every sample of one shard and compare keys, order and count with its manifest entry."""
-    keys = []
+def _sample_problems(data: bytes, entry: dict[str, Any], layout: str, url: str) -> list[str]:
+    """Decode every sample of one shard and compare keys, order, count and labels with its manifest entry."""
     try:
-        for key, members in iter_members(path):
-            decode_compact(members, f"{path}:{key}")
+        for i, (key, members) in enumerate(shard_samples(data, entry, url)):
+            _, _, label = decode_compact(members, f"{url}:{key}")
             has_mask = "mask.npy" in members
             if has_mask != (layout == "padded"):
-                return [f"{path}:{key}: {layout} layout, but mask.npy is {'present' if has_mask else 'absent'}"]
+                return [f"{url}:{key}: {layout} layout, but mask.npy is {'present' if has_mask else 'absent'}"]
             if json.loads(members["json"]).get("sequence_id") != key:
-                return [f"{path}:{key}: json sequence_id does not match the key"]
-            keys.append(key)
+                return [f"{url}:{key}: json sequence_id does not match the key"]
+            if label != entry["labels"][i]:
+                return [f"{url}:{key}: label {label}, manifest says {entry['labels'][i]}"]
     except ShardError as exc:
         return [str(exc)]
-    expected = [str(k) for k in entry["sequence_ids"]]
-    if keys != expected:
-        return [f"{path}: holds {len(keys)} samples, manifest lists {len(expected)} (or another order)"]
     return []
 
 

@@ -31,7 +31,7 @@ from pipeline.features import MAX_LEN
 from pipeline.landmarks import N_POINTS
 from pipeline.shards import MANIFEST, ShardError, file_sha256, iter_samples, read_manifest
 from train.batch import Batch
-from train.data import ShardStream, fold_shards, rank_counts, train_val_folds, worker_counts
+from train.data import ShardStream, checked, fold_shards, rank_counts, train_val_folds, worker_counts
 from train.data import make_loader as _make_loader
 
 RANKS = 2
@@ -186,7 +186,7 @@ def _slot_positions(stream: ShardStream, rank: int, worker: int, workers: int) -
     """(shard, index) of every sample in one rank's worker's ranges."""
     stream.rank = rank
     stream._slot = lambda: (worker, workers)  # what get_worker_info() gives inside a DataLoader worker
-    return [(r.url, i) for r in stream.epoch_ranges() for i in range(r.start, r.stop)]
+    return [(r.name, i) for r in stream.epoch_ranges() for i in range(r.start, r.stop)]
 
 
 def test_epoch_ranges_split_every_sample_over_ranks_and_workers() -> None:
@@ -201,7 +201,8 @@ def test_epoch_ranges_split_every_sample_over_ranks_and_workers() -> None:
             continue
         cuts = np.sort(rng.choice(np.arange(1, n), size=min(n - 1, int(rng.integers(0, 4))), replace=False))
         sizes = np.diff(np.concatenate([[0], cuts, [n]])).tolist()
-        stream = ShardStream([(f"s{i}", k) for i, k in enumerate(sizes)], batch, train, world_size=ranks, seed=1)
+        shards = [{"name": f"s{i}", "samples": k} for i, k in enumerate(sizes)]
+        stream = ShardStream("unread", shards, batch, train, world_size=ranks, seed=1)
         seen: Counter[tuple[str, int]] = Counter()
         for rank in range(ranks):
             share = rank_counts(n, ranks, pad=train)[rank]
@@ -339,19 +340,19 @@ def test_set_epoch_reaches_the_workers_of_a_reused_loader(cat: Catalog, shards: 
 
 
 def test_shard_shuffle_depends_on_epoch_and_seed_only(shards: Path, cat: Catalog) -> None:
-    manifest_order = [str(shards / e["name"]) for e in cat.manifest["shards"] if e["fold"] in (1, 2)]
+    manifest_order = [e["name"] for e in cat.manifest["shards"] if e["fold"] in (1, 2)]
 
-    def urls(train: bool, at: int, seed: int = SEED) -> list[str]:
+    def names(train: bool, at: int, seed: int = SEED) -> list[str]:
         stream = make_loader(shards, [1, 2], 1000, train=train, workers=0, seed=seed).dataset
         stream.set_epoch(at)
-        return [r.url for r in stream.epoch_ranges()]  # one rank, one worker: the shard order of the epoch
+        return [r.name for r in stream.epoch_ranges()]  # one rank, one worker: the shard order of the epoch
 
-    orders = [urls(True, at) for at in range(4)]
+    orders = [names(True, at) for at in range(4)]
     assert all(sorted(o) == sorted(manifest_order) for o in orders)
     assert len({tuple(o) for o in orders}) > 1, "the shard order does not change with the epoch"
-    assert urls(True, 2) == orders[2]
-    assert urls(True, 2, seed=SEED + 1) != orders[2] or urls(True, 3, seed=SEED + 1) != orders[3]
-    assert all(urls(False, at) == manifest_order for at in range(3)), "validation must not shuffle shards"
+    assert names(True, 2) == orders[2]
+    assert names(True, 2, seed=SEED + 1) != orders[2] or names(True, 3, seed=SEED + 1) != orders[3]
+    assert all(names(False, at) == manifest_order for at in range(3)), "validation must not shuffle shards"
 
 
 def test_sample_shuffle_mixes_shards(cat: Catalog, shards: Path) -> None:
@@ -370,7 +371,7 @@ def test_sample_shuffle_mixes_shards(cat: Catalog, shards: Path) -> None:
 @pytest.mark.parametrize("divisible", [True, False], ids=["N-even", "N-odd"])
 def test_fewer_shards_than_workers_times_ranks(few_cat: Catalog, few_shards: Path, divisible: bool) -> None:
     folds = few_cat.fold_set(1, RANKS, divisible)
-    assert len(fold_shards(few_shards, few_cat.manifest, folds)) == 1 < 2 * RANKS
+    assert len(fold_shards(few_cat.manifest, folds)) == 1 < 2 * RANKS
     expected = few_cat.ids(folds)
     train, val = [], []
     for rank in range(RANKS):
@@ -425,20 +426,15 @@ def _rewrite_shard(shard_dir: Path, name: str, members: list[tuple[str, bytes]])
     (shard_dir / MANIFEST).write_text(json.dumps(manifest))
 
 
-def epoch_errors(loader: torch.utils.data.DataLoader) -> list[Exception]:
-    """The exceptions raised while reading one whole epoch.
-
-    The iterator is drained after an error: a DataLoader iterator dropped right after a worker's error
-    takes 5 s per worker to shut down (torch joins each worker with a timeout).
-    """
-    it, errors = iter(loader), []
-    while True:
+def epoch_errors(loader: torch.utils.data.DataLoader) -> list[ShardError]:
+    """The errors met while reading one whole epoch, as `checked` raises them (one per failed worker)."""
+    errors = []
+    for item in loader:  # a worker whose shard fails yields a DataError and stops; the others go on
         try:
-            next(it)
-        except StopIteration:
-            return errors
-        except Exception as exc:  # noqa: BLE001 - collected for the caller to check
+            list(checked([item]))
+        except ShardError as exc:
             errors.append(exc)
+    return errors
 
 
 def _members(path: Path) -> list[tuple[str, bytes]]:

@@ -5,10 +5,13 @@ One explicit list of WebDataset stages (see `ShardStream.stages`):
 1. `epoch_ranges`  shard shuffle (seeded by epoch, identical on every rank), then a split
                    of the shuffled sample sequence into one contiguous range per rank
                    and per DataLoader worker
-2. `read_samples`  tar members of the range; any member type other than `.npy`, `.cls`,
-                   `.json` is an error naming the shard and the member
+2. `read_samples`  each shard of a range read whole from its location (a directory, an
+                   http(s) URL or a `pipe:` command, `pipeline.location`), checked against
+                   the manifest (size and sha256, then its keys in order and their count),
+                   then the members of the range's samples; any member type other than
+                   `.npy`, `.cls`, `.json` is an error naming the shard and the member
 3. `wds.shuffle`   sample shuffle buffer (training only)
-4. `decode`        `.npy` without pickle, `.cls`, `.json`
+4. `decode`        `.npy` without pickle, `.cls`, `.json`; the label must be the manifest's
 5. `batches`       length bucketing and collate: each batch trimmed to its longest sequence
 
 Epoch contract: the manifest's sample counts fix the epoch before any data is read.
@@ -20,6 +23,12 @@ depend on the number of workers. The split is per sample, not per shard, so fewe
 shards than `workers x ranks` works by design. Validation is not shuffled, not padded,
 and yields every sample of the validation folds exactly once across ranks and workers.
 Workers must not be persistent: the epoch is read when the loader starts its workers.
+
+Data errors (a shard that cannot be read, or that disagrees with the manifest) do not cross
+the worker boundary as exceptions, whose message torch buries in a worker traceback: the
+stream yields a `DataError` in place of the next batch and stops, and `checked` (or the
+trainer's cross-rank version, `train.distributed.agreed_batches`) raises it as a `ShardError`
+with its one-line message.
 """
 
 from __future__ import annotations
@@ -39,17 +48,25 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from pipeline.features import MAX_LEN, N_CHANNELS, N_PACKED, pad_features, pad_frames, unpack_missing
 from pipeline.landmarks import N_POINTS
-from pipeline.shards import decode_compact, iter_members, read_manifest
+from pipeline.location import RETRIES, STALL_S, Location, LocationError
+from pipeline.shards import ShardError, as_location, decode_compact, read_manifest, read_shard, shard_samples
 from train.batch import Batch
 
 
 @dataclass(frozen=True)
 class Range:
-    """Samples `[start, stop)` of one shard, in stored order."""
+    """Samples `[start, stop)` of one shard (its manifest name), in stored order."""
 
-    url: str
+    name: str
     start: int
     stop: int
+
+
+@dataclass
+class DataError:
+    """Stands in the stream for the batch that a data error prevented; the stream ends after it."""
+
+    message: str
 
 
 @dataclass
@@ -60,14 +77,13 @@ class Decoded:
     key: str
 
 
-def fold_shards(shard_dir: str | Path, manifest: dict[str, Any], folds: Iterable[int]) -> list[tuple[str, int]]:
-    """`(path, sample count)` of the non-empty shards in the given folds, in manifest order."""
+def fold_shards(manifest: dict[str, Any], folds: Iterable[int]) -> list[dict[str, Any]]:
+    """Manifest entries of the non-empty shards in the given folds, in manifest order."""
     folds = set(folds)
     known = {f["fold"] for f in manifest["folds"]}
     if not folds <= known:
         raise ValueError(f"folds {sorted(folds - known)} not in the manifest (has {sorted(known)})")
-    return [(str(Path(shard_dir) / s["name"]), s["samples"]) for s in manifest["shards"]
-            if s["fold"] in folds and s["samples"]]  # fmt: skip
+    return [s for s in manifest["shards"] if s["fold"] in folds and s["samples"]]
 
 
 def rank_counts(total: int, ranks: int, pad: bool) -> list[int]:
@@ -85,9 +101,9 @@ def worker_counts(n: int, workers: int, batch_size: int) -> list[int]:
     return counts
 
 
-def slot_ranges(shards: list[tuple[str, int]], start: int, stop: int) -> list[Range]:
+def slot_ranges(shards: list[dict[str, Any]], start: int, stop: int) -> list[Range]:
     """Cut positions `[start, stop)` of the shard sequence repeated end to end into per-shard ranges."""
-    total = sum(n for _, n in shards)
+    total = sum(s["samples"] for s in shards)
     bounds, pos = [], start
     while pos < stop:  # wraps around (more than once when there are fewer samples than slots)
         lo = pos % total
@@ -95,21 +111,27 @@ def slot_ranges(shards: list[tuple[str, int]], start: int, stop: int) -> list[Ra
         bounds.append((lo, hi))
         pos += hi - lo
     out, offset = [], 0
-    for url, n in shards:
+    for shard in shards:
+        n = shard["samples"]
         for a, b in bounds:
             lo, hi = max(a, offset), min(b, offset + n)
             if lo < hi:
-                out.append(Range(url, lo - offset, hi - offset))
+                out.append(Range(shard["name"], lo - offset, hi - offset))
         offset += n
     return out
 
 
 class ShardStream(wds.DataPipeline):
-    """An iterable of `Batch` for one rank; the DataLoader's workers split it further."""
+    """An iterable of `Batch` for one rank; the DataLoader's workers split it further.
+
+    `shards` are manifest entries (name, samples, bytes, sha256, sequence_ids, labels) of shards
+    at `location`; `check` is "sha256" (size and digest of every shard read) or "size".
+    """
 
     def __init__(
         self,
-        shards: list[tuple[str, int]],
+        location: str | Location,
+        shards: list[dict[str, Any]],
         batch_size: int,
         train: bool,
         rank: int = 0,
@@ -118,17 +140,29 @@ class ShardStream(wds.DataPipeline):
         bucket: bool = True,
         shuffle_buffer: int = 2000,
         bucket_batches: int = 32,
+        check: str = "sha256",
+        stall_s: float = STALL_S,
+        retries: int = RETRIES,
     ) -> None:
+        self.location = as_location(location)
         self.shards, self.batch_size, self.train = shards, batch_size, train
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.bucket, self.shuffle_buffer, self.bucket_batches = bucket, shuffle_buffer, bucket_batches
+        self.check, self.stall_s, self.retries = check, stall_s, retries
+        self.entries = {s["name"]: s for s in shards}
         self.epoch = 0
-        self.total = sum(n for _, n in shards)
+        self.total = sum(s["samples"] for s in shards)
         super().__init__(*self.stages())
+
+    def __iter__(self) -> Iterator[Batch | DataError]:
+        try:
+            yield from super().__iter__()
+        except (ShardError, LocationError) as exc:
+            yield DataError(str(exc))
 
     def stages(self) -> list[Any]:
         shuffle = [self.shuffle_stage] if self.train else []
-        return [self.epoch_ranges, read_samples, *shuffle, decode, self.batches]
+        return [self.epoch_ranges, self.read_samples, *shuffle, decode, self.batches]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -156,6 +190,17 @@ class ShardStream(wds.DataPipeline):
         start += sum(per_worker[:worker])
         yield from slot_ranges(shards, start, start + per_worker[worker])
 
+    def read_samples(self, src: Iterable[Range]) -> Iterator[dict[str, Any]]:
+        """Members of the samples in each range, from its shard read whole and checked against the manifest."""
+        for r in src:
+            entry = self.entries[r.name]
+            data = read_shard(self.location, entry, self.check, self.stall_s, self.retries)
+            source = self.location.url(r.name)
+            for i, (key, sample) in enumerate(shard_samples(data, entry, source)):  # all of them: counts are checked
+                if r.start <= i < r.stop:
+                    sample["__key__"], sample["__url__"], sample["__label__"] = key, source, entry["labels"][i]
+                    yield sample
+
     def shuffle_stage(self, src: Iterator[Any]) -> Iterator[Any]:
         seed = f"{self.seed}:{self.epoch}:{self.rank}:{self._slot()[0]}"
         return wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)(src)
@@ -174,21 +219,22 @@ class ShardStream(wds.DataPipeline):
                 yield collate(chunk, None if self.bucket else MAX_LEN)
 
 
-def read_samples(src: Iterable[Range]) -> Iterator[dict[str, Any]]:
-    """Members of the samples in each range (refusing any non-.npy/.cls/.json member)."""
-    for r in src:
-        members = iter_members(r.url)
-        for key, sample in itertools.islice(members, r.start, r.stop):
-            sample["__key__"], sample["__url__"] = key, r.url
-            yield sample
-        members.close()
-
-
 def decode(src: Iterable[dict[str, Any]]) -> Iterator[Decoded]:
     """Decode and validate `.npy` (no pickle), `.cls` and `.json` members: the pipeline's decoder."""
     for s in src:
-        x, missing, label = decode_compact(s, f"{s['__url__']}:{s['__key__']}")
+        source = f"{s['__url__']}:{s['__key__']}"
+        x, missing, label = decode_compact(s, source)
+        if label != s["__label__"]:  # the manifest's labels are checked against the label map
+            raise ShardError(f"{source}: label {label}, manifest says {s['__label__']}")
         yield Decoded(x, missing, label, s["__key__"])
+
+
+def checked(loader: Iterable[Batch | DataError]) -> Iterator[Batch]:
+    """The loader's batches; a `DataError` from any worker is raised as a ShardError with its message."""
+    for item in loader:
+        if isinstance(item, DataError):
+            raise ShardError(item.message)
+        yield item
 
 
 def collate(samples: list[Decoded], length: int | None = None) -> Batch:
@@ -210,7 +256,7 @@ def collate(samples: list[Decoded], length: int | None = None) -> Batch:
 
 
 def make_loader(
-    shard_dir: str | Path,
+    location: str | Path | Location,
     folds: Iterable[int],
     batch_size: int,
     train: bool,
@@ -220,14 +266,21 @@ def make_loader(
     seed: int = 0,
     bucket: bool = True,
     pin_memory: bool = False,
+    manifest: dict[str, Any] | None = None,
     **stream_options: Any,
 ) -> DataLoader:
-    """A DataLoader over the given folds; `len(loader)` is the exact batch count of this rank per epoch."""
-    manifest = read_manifest(shard_dir)
-    shards = fold_shards(shard_dir, manifest, folds)
+    """A DataLoader over the given folds of a shard location (directory, URL or pipe: template).
+
+    `len(loader)` is the exact batch count of this rank per epoch. Iterate it with `checked` (or
+    `train.distributed.agreed_batches`): it yields a `DataError` where a shard failed.
+    """
+    location = as_location(location)
+    manifest = manifest if manifest is not None else read_manifest(location)
+    folds = list(folds)
+    shards = fold_shards(manifest, folds)
     if not shards:
-        raise ValueError(f"{shard_dir}: no samples in folds {sorted(folds)}")
-    stream = ShardStream(shards, batch_size, train, rank, world_size, seed, bucket, **stream_options)
+        raise ValueError(f"{location}: no samples in folds {sorted(folds)}")
+    stream = ShardStream(location, shards, batch_size, train, rank, world_size, seed, bucket, **stream_options)
     # Its own generator: creating an iterator must not draw from the global RNG (resume would diverge).
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, generator=generator,

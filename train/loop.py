@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -24,10 +25,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.shards import read_manifest, write_atomic, write_json_atomic
+from pipeline.location import RETRIES, STALL_S
+from pipeline.shards import ShardError, read_manifest, write_atomic, write_json_atomic
 from train.augment import AugmentConfig, augment_batch
 from train.batch import Batch
-from train.data import make_loader, train_val_folds
+from train.data import checked, make_loader, train_val_folds
+from train.distributed import agreed_batches, first_error
 from train.model import SignModel, count_parameters, model_config
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,9 @@ class TrainConfig:
     seed: int = 0
     max_steps: int | None = None
     save_every: int = 0  # steps between mid-epoch checkpoints; 0: only at epoch ends
+    shard_check: str = "sha256"  # what every shard read is checked against: its manifest "sha256" (and size), or "size"
+    io_timeout: float = STALL_S  # seconds without a byte before a remote shard read is abandoned
+    io_retries: int = RETRIES  # further attempts at a remote shard read that failed
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -137,8 +143,44 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     write_atomic(path, buf.getvalue())
 
 
+class CheckpointError(ValueError):
+    """A file that is not a usable asl-train checkpoint; the message names it and says why, in one line."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: not an asl-train checkpoint: {reason}")
+
+
+# What every checkpoint holds, and what a resume needs on top.
+CHECKPOINT_KEYS = ("model", "config", "label_map")
+RESUME_KEYS = ("optimizer", "scheduler", "ema", "step", "epoch", "batch_in_epoch", "best_top1", "rng")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """A checkpoint loaded with `weights_only=True` and checked: its model can be built and takes its weights.
+
+    Anything else (an empty, truncated or foreign file, or one holding Python objects, which
+    `weights_only` refuses to unpickle) is a CheckpointError.
+    """
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(path, "no such file") from None
+    except pickle.UnpicklingError as exc:
+        reason = "not a torch file"
+        if "Weights only load failed" in str(exc):
+            reason = "it holds Python objects besides tensors and plain data (refused: unpickling them could run code)"
+        raise CheckpointError(path, reason) from None
+    except Exception as exc:  # torch raises EOFError, RuntimeError, KeyError... for files that are not its own
+        raise CheckpointError(path, f"empty, truncated or not a torch file ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        have = sorted(map(str, ckpt))[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(path, f"expected a dict with {', '.join(CHECKPOINT_KEYS)}; found {have}")
+    try:
+        model_from_checkpoint(ckpt)
+    except Exception as exc:  # a config the model cannot take, weights of other shapes or names
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(path, f"its weights do not fit the model its config describes ({first})") from None
+    return ckpt
 
 
 def build_model(cfg: TrainConfig, n_classes: int) -> SignModel:
@@ -161,7 +203,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> SignMod
 def predict_batches(model: torch.nn.Module, loader: Any, device: torch.device) -> Iterator[tuple[Batch, torch.Tensor]]:
     """(batch on device, logits) for every batch of a loader, in eval mode."""
     model.eval()
-    for batch in loader:
+    for batch in checked(loader):
         batch = batch.to(device, non_blocking=device.type == "cuda")
         with autocast(device):
             logits = model(batch.x, batch.mask)
@@ -171,14 +213,23 @@ def predict_batches(model: torch.nn.Module, loader: Any, device: torch.device) -
 def evaluate(model: torch.nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
     """Validation loss, top-1 and top-5, summed over every rank."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
-    for batch, logits in predict_batches(model, loader, device):
-        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        hit = top5 == batch.labels[:, None]
-        sums += torch.stack([
-            F.cross_entropy(logits, batch.labels, reduction="sum").double(),
-            hit[:, 0].sum().double(), hit.any(dim=1).sum().double(), torch.tensor(len(batch), device=device).double(),
-        ])  # fmt: skip
-    if dist.is_initialized():
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    error = None
+    try:  # ranks may hold different numbers of validation batches: agree once, at the end
+        for batch, logits in predict_batches(model, loader, device):
+            top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            hit = top5 == batch.labels[:, None]
+            sums += torch.stack([
+                F.cross_entropy(logits, batch.labels, reduction="sum").double(), hit[:, 0].sum().double(),
+                hit.any(dim=1).sum().double(), torch.tensor(len(batch), device=device).double(),
+            ])  # fmt: skip
+    except Exception as exc:
+        if world == 1:
+            raise
+        error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ShardError) else str(exc)
+    if (error := first_error(error, device, world)) is not None:
+        raise ShardError(error)
+    if world > 1:
         dist.all_reduce(sums)
     n = max(1.0, sums[3].item())
     return {"val_loss": sums[0].item() / n, "val_top1": sums[1].item() / n, "val_top5": sums[2].item() / n,
@@ -200,21 +251,31 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(Path(resume) / "last.pt")
+        if absent := [k for k in RESUME_KEYS if k not in ckpt]:
+            raise CheckpointError(Path(resume) / "last.pt", f"cannot resume without {', '.join(absent)}")
         cfg = TrainConfig.from_dict({**ckpt["config"], "out": str(resume)})
     device, rank, world = setup_distributed(cfg.device)
     cuda, master, out = device.type == "cuda", rank == 0, Path(cfg.out)
     torch.manual_seed(cfg.seed)
 
-    # data: every rank sees the same number of batches per epoch
-    manifest = read_manifest(cfg.shards)
-    if ckpt is not None and ckpt.get("shards_fingerprint") != manifest["fingerprint"]:
-        raise ValueError(f"{cfg.shards} is not the shard set {resume} was trained on (its manifest differs)")
-    label_map = manifest["label_map"]
-    train_folds, val_folds = train_val_folds(manifest, cfg.val_folds)
-    loader_args = dict(workers=cfg.workers, rank=rank, world_size=world, seed=cfg.seed, bucket=cfg.bucket,
-                       pin_memory=cuda)  # fmt: skip
-    train_loader = make_loader(cfg.shards, train_folds, cfg.batch_size, train=True, **loader_args)
-    val_loader = make_loader(cfg.shards, val_folds, cfg.batch_size, train=False, **loader_args)
+    # data: every rank sees the same number of batches per epoch; a rank that cannot open the
+    # shards stops every rank (one collective), instead of leaving them waiting in the first all-reduce
+    error = None
+    try:
+        manifest = read_manifest(cfg.shards)
+        if ckpt is not None and ckpt.get("shards_fingerprint") != manifest["fingerprint"]:
+            raise ValueError(f"{cfg.shards} is not the shard set {resume} was trained on (its manifest differs)")
+        label_map = manifest["label_map"]
+        train_folds, val_folds = train_val_folds(manifest, cfg.val_folds)
+        loader_args = dict(workers=cfg.workers, rank=rank, world_size=world, seed=cfg.seed, bucket=cfg.bucket,
+                           pin_memory=cuda, manifest=manifest, check=cfg.shard_check, stall_s=cfg.io_timeout,
+                           retries=cfg.io_retries)  # fmt: skip
+        train_loader = make_loader(cfg.shards, train_folds, cfg.batch_size, train=True, **loader_args)
+        val_loader = make_loader(cfg.shards, val_folds, cfg.batch_size, train=False, **loader_args)
+    except (OSError, ValueError) as exc:
+        error = str(exc)
+    if (error := first_error(error, device, world)) is not None:
+        raise ShardError(error)
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
@@ -277,7 +338,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
                    dynamic_ncols=True, leave=False)  # fmt: skip
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * samples, samples: one sync per log
         t0 = time.perf_counter()
-        for i, batch in enumerate(train_loader):
+        for i, batch in enumerate(agreed_batches(train_loader, steps_per_epoch, device, world)):
             if i < skip:  # resuming mid-epoch: the epoch's order is deterministic, so skip what was trained
                 continue
             batch = batch.to(device, non_blocking=cuda)  # (B, T, 118, 6)
