@@ -202,4 +202,3 @@ def _kill(pipe: Pipe) -> None:
         os.killpg(pipe.proc.pid, signal.SIGKILL)
     pipe.stream.close()
     pipe.proc.wait()
-

@@ -26,8 +26,8 @@ def _folds(value: str) -> list[int]:
     "--shards",
     default="shards",
     show_default=True,
-    type=click.Path(path_type=Path),
-    help="Shard directory written by `asl-pipeline build-shards`.",
+    help="Shards written by `asl-pipeline build-shards`: a directory, a file:// or http(s):// URL of one, or a "
+    "pipe: command template whose {} stands for a file name (e.g. 'pipe:aws s3 cp s3://bucket/shards/{} -').",
 )
 @click.option("--val-folds", default="0", show_default=True, help="Validation folds, comma-separated.")
 @click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1))
@@ -71,6 +71,27 @@ def _folds(value: str) -> list[int]:
     type=click.IntRange(min=0),
     help="Also write last.pt every N steps (0: at epoch ends only).",
 )
+@click.option(
+    "--shard-check",
+    default="sha256",
+    show_default=True,
+    type=click.Choice(["sha256", "size"]),
+    help="What every shard read is checked against in the manifest: size and sha256, or size only (cheaper).",
+)
+@click.option(
+    "--io-timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds without a byte before a remote shard read is abandoned.",
+)
+@click.option(
+    "--io-retries",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Further attempts at a remote shard read that failed (cut short, stalled, corrupted), after 1 s, 2 s, ...",
+)
 @click.option("--no-augment", is_flag=True, help="Train on the stored features as they are.")
 @click.option("--no-bucket", is_flag=True, help="Pad every batch to 384 frames instead of length bucketing.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
@@ -82,11 +103,11 @@ def _folds(value: str) -> list[int]:
     help="Continue the run in this directory from its last.pt (its stored options apply).",
 )
 @click.pass_context
-def main(ctx: click.Context, shards: Path, val_folds: str, epochs: int, batch_size: int, lr: float,
+def main(ctx: click.Context, shards: str, val_folds: str, epochs: int, batch_size: int, lr: float,
          weight_decay: float, warmup: float, label_smoothing: float, preset: str, dim: int | None,
          depth: int | None, dropout: float | None, drop_path: float | None, ema: float, device: str, workers: int,
-         out: Path, max_steps: int | None, save_every: int, no_augment: bool, no_bucket: bool, compile_: bool,
-         seed: int, resume: Path | None) -> None:  # fmt: skip
+         out: Path, max_steps: int | None, save_every: int, shard_check: str, io_timeout: float, io_retries: int,
+         no_augment: bool, no_bucket: bool, compile_: bool, seed: int, resume: Path | None) -> None:  # fmt: skip
     """Train a sign classifier on shards (the default command), or run a subcommand.
 
     Multi-GPU: torchrun --nproc_per_node=N $(which asl-train) --shards shards/ ...
@@ -102,15 +123,19 @@ def main(ctx: click.Context, shards: Path, val_folds: str, epochs: int, batch_si
         shards=str(shards), out=str(out), val_folds=_folds(val_folds), epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, warmup=warmup, label_smoothing=label_smoothing, preset=preset, model=overrides,
         augment=not no_augment, ema=ema, compile=compile_, bucket=not no_bucket, device=device, workers=workers,
-        seed=seed, max_steps=max_steps, save_every=save_every,
+        seed=seed, max_steps=max_steps, save_every=save_every, shard_check=shard_check, io_timeout=io_timeout,
+        io_retries=io_retries,
     )  # fmt: skip
+    metrics, error = {}, None
     try:
         metrics = train(cfg, resume=resume).metrics
     except (OSError, ValueError, RuntimeError) as exc:
-        raise click.ClickException(str(exc)) from None
+        error = str(exc)  # raised below: the failed run's frames (DDP among them) must go before the process group
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if error is not None:
+        raise click.ClickException(error)
     if metrics and int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"validation top-1 {metrics['val_top1']:.4f}, top-5 {metrics['val_top5']:.4f} "
                    f"({metrics['val_samples']} samples) after {metrics['step']} steps -> {resume or out}")  # fmt: skip
@@ -121,19 +146,18 @@ def main(ctx: click.Context, shards: Path, val_folds: str, epochs: int, batch_si
 @click.option(
     "--shards",
     default=None,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Shard directory (default: the one the checkpoint was trained on).",
+    help="Shard location: a directory, URL or pipe: template (default: the one the checkpoint was trained on).",
 )
 @click.option("--folds", default=None, help="Folds to evaluate (default: the checkpoint's validation folds).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
-def evaluate_cmd(checkpoint: Path, shards: Path | None, folds: str | None, device: str, workers: int) -> None:
+def evaluate_cmd(checkpoint: Path, shards: str | None, folds: str | None, device: str, workers: int) -> None:
     """Top-1, top-5, the worst signs and the most confused pairs on validation folds."""
     from train.predict import evaluation_report
 
     try:
         r = evaluation_report(checkpoint, shards, _folds(folds) if folds else None, device=device, workers=workers)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"folds {r['folds']}: {r['samples']} samples, top-1 {r['top1']:.4f}, top-5 {r['top5']:.4f}")
     click.echo("worst signs (top-1, samples):")

@@ -166,8 +166,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except FileNotFoundError:
         raise CheckpointError(path, "no such file") from None
     except pickle.UnpicklingError as exc:
-        reason = "not a torch file"
-        if "Weights only load failed" in str(exc):
+        reason = "empty, truncated or not a torch file (UnpicklingError)"
+        if "GLOBAL" in str(exc):  # weights_only met a class or function to import: the file would run code
             reason = "it holds Python objects besides tensors and plain data (refused: unpickling them could run code)"
         raise CheckpointError(path, reason) from None
     except Exception as exc:  # torch raises EOFError, RuntimeError, KeyError... for files that are not its own
