@@ -9,6 +9,13 @@ Measures, against the issue's targets:
 1. loader samples/s: full training epochs of `make_loader(train=True)` over all folds, batch 256, with 0, 1
    and 2 workers (worker start-up included: workers are not persistent; the best of `--epochs` epochs is
    kept); target >= 3,000 samples/s per worker;
+1b. the same per worker (2 workers) by shard source and check: the local directory with the previous
+   reader (a range's samples streamed, nothing checked), with whole shards checked for size, keys and
+   count, and for sha256 too (the default); `http://127.0.0.1` (`python -m http.server` in its own
+   process, read with curl) and `pipe:cat .../{}`; on shards of build-shards' default size (500),
+   rebuilt from the demo data; targets: hashing costs <= 10% (sha256 / size >= 0.9), HTTP and pipe
+   >= 0.8x local and >= 3,000 samples/s per worker. On one machine the server and curl take CPU from
+   the workers, which a real remote server does not;
 2. `train.augment.augment_batch` on CPU batches of 256 (the loader's bucketed batches) against a per-sample
    numpy loop doing the same augmentations (flip with the left/right permutation, temporal resample with
    `np.interp` per point and axis, affine, temporal mask, cutout, motion recomputed with
@@ -25,12 +32,17 @@ Timings are wall-clock on whatever the machine is doing at the time: indicative,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import itertools
 import math
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,16 +54,17 @@ from pipeline.build import BuildOptions, build_shards
 from pipeline.demo import sample_lengths, write_demo_dataset
 from pipeline.features import MAX_LEN, features_from_positions, pad_features
 from pipeline.landmarks import FLIP_PERMUTATION, GROUP_SLICES
-from pipeline.shards import read_manifest
+from pipeline.shards import iter_members, read_manifest
 from train.augment import AugmentConfig, augment_batch
 from train.batch import Batch
-from train.data import ShardStream, make_loader
+from train.data import ShardStream, checked, make_loader
 
 REAL_SEQUENCES = 94_477  # train.csv rows of the real dataset
 TARGET_PER_WORKER = 3_000.0
 TARGET_AUG = 10_000.0
 TARGET_RATIO = 50.0
 TARGET_FRAMES = 1.5
+TARGET_REMOTE = 0.8
 
 
 @dataclass
@@ -64,7 +77,7 @@ class Row:
 
     def line(self) -> str:
         status = "" if self.ok is None else ("PASS" if self.ok else "MISS")
-        return f"{self.name:<58} {self.value:>12,.2f} {self.unit:<16} {self.target:<14} {status}"
+        return f"{self.name:<62} {self.value:>12,.2f} {self.unit:<16} {self.target:<14} {status}"
 
 
 # ---------------------------------------------------------------- data
@@ -106,18 +119,27 @@ class EpochStats:
 
 
 def timed_epoch(
-    shards: Path, folds: list[int], batch_size: int, workers: int, bucket: bool = True, at: int = 0, repeat: int = 1
+    shards: Path | str,
+    folds: list[int],
+    batch_size: int,
+    workers: int,
+    bucket: bool = True,
+    at: int = 0,
+    repeat: int = 1,
+    stream_cls: type[ShardStream] = ShardStream,
+    **stream_options: object,
 ) -> EpochStats:
     """One timed training epoch; `repeat` lists every shard that many times, for an epoch of a realistic size."""
     loader = make_loader(shards, folds, batch_size, train=True, workers=workers, seed=0, bucket=bucket)
     stream = loader.dataset
-    if repeat > 1:
-        stream = ShardStream(stream.shards * repeat, batch_size, train=True, seed=0, bucket=bucket)
+    if repeat > 1 or stream_cls is not ShardStream or stream_options:
+        stream = stream_cls(stream.location, stream.shards * repeat, batch_size, train=True, seed=0, bucket=bucket,
+                            **stream_options)  # fmt: skip
         loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
     stream.set_epoch(at)
     samples = batches = processed = real = 0
     t0 = time.perf_counter()
-    for batch in loader:  # worker start-up included: it is part of every epoch (workers are not persistent)
+    for batch in checked(loader):  # worker start-up included: it is part of every epoch (workers are not persistent)
         samples += len(batch)
         batches += 1
         processed += batch.mask.numel()
@@ -125,6 +147,95 @@ def timed_epoch(
     seconds = time.perf_counter() - t0
     assert batches == len(loader), f"{batches} batches, len(loader) == {len(loader)}"
     return EpochStats(seconds, samples, batches, processed, real)
+
+
+class UncheckedStream(ShardStream):
+    """The reader before shard locations: streams only a range's samples from a local file, checks nothing."""
+
+    def read_samples(self, src):  # noqa: ANN001, ANN201 - the stage's signature
+        for r in src:
+            source = self.location.url(r.name)
+            members = iter_members(source)
+            for key, sample in itertools.islice(members, r.start, r.stop):
+                sample["__key__"], sample["__url__"] = key, source
+                sample["__label__"] = int(sample["cls"])
+                yield sample
+            members.close()
+
+
+@contextlib.contextmanager
+def http_server(directory: Path) -> Iterator[str]:
+    """`python -m http.server` for `directory` on 127.0.0.1, in its own process (as a real server would be)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(directory)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def source_shards(args: argparse.Namespace, shards: Path) -> Path:
+    """The shards of 1b: the demo data rebuilt at build-shards' default shard size (a remote read has a fixed
+    cost per shard, curl's start among it, that the default size amortizes), or the user's own shards."""
+    if args.shards:
+        return shards
+    out = shards.with_name(f"shards-{BuildOptions().shard_size}")
+    build_shards(shards.parent / "data", out, BuildOptions(folds=5), jobs=args.jobs)
+    return out
+
+
+def source_rows(args: argparse.Namespace, shards: Path, folds: list[int]) -> list[Row]:
+    """Per-worker loader rate by shard source and check, as ratios in one run (2 workers, full epochs)."""
+    workers, rows = 2, []
+    shards = source_shards(args, shards)
+    n = read_manifest(shards)["totals"]
+    print(f"shard sources: {shards} ({n['samples']} samples in {n['shards']} shards)")
+
+    def rate(location: Path | str, **options: object) -> float:
+        runs = [timed_epoch(location, folds, args.batch_size, workers, at=e, repeat=args.repeat, **options)
+                for e in range(args.epochs)]  # fmt: skip
+        best = min(runs, key=lambda r: r.seconds)
+        return best.samples / best.seconds / workers
+
+    with http_server(shards) as url:
+        rates = {
+            "unchecked": rate(shards, stream_cls=UncheckedStream),
+            "size": rate(shards, check="size"),
+            "sha256": rate(shards, check="sha256"),
+            "http": rate(url, check="sha256"),
+            "pipe": rate(f"pipe:cat {shards}/{{}}", check="sha256"),
+        }
+    names = {
+        "unchecked": "local, previous reader (no checks)",
+        "size": "local, size + keys + count",
+        "sha256": "local, sha256 + size + keys + count",
+        "http": "http://127.0.0.1, sha256",
+        "pipe": "pipe:cat, sha256",
+    }
+    for key, name in names.items():
+        per = rates[key]
+        rows.append(Row(f"loader/worker, {name}", per, "samples/s/worker", f">= {TARGET_PER_WORKER:,.0f}",
+                        per >= TARGET_PER_WORKER))  # fmt: skip
+    hashing = rates["sha256"] / rates["size"]
+    rows.append(Row("sha256 check / size check (hashing cost)", hashing, "x", ">= 0.90", hashing >= 0.9))
+    rows.append(Row("all checks / previous unchecked reader", rates["sha256"] / rates["unchecked"], "x"))
+    for key in ("http", "pipe"):
+        ratio = rates[key] / rates["sha256"]
+        rows.append(Row(f"{key} / local (both sha256)", ratio, "x", f">= {TARGET_REMOTE}", ratio >= TARGET_REMOTE))
+    return rows
 
 
 # ---------------------------------------------------------------- 2. augmentation
@@ -316,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="processes for building the demo data and shards")
     parser.add_argument("--quick", action="store_true", help="smaller data and fewer repetitions: a smoke test")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--sources-only", action="store_true", help="measure only 1b (shard sources and checks)")
     args = parser.parse_args(argv)
     if args.sequences is None:
         args.sequences = 400 if args.quick else 2000
@@ -341,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run(args, shards, folds)
 
     print()
-    print(f"{'measure':<58} {'value':>12} {'unit':<16} {'target':<14} status")
+    print(f"{'measure':<62} {'value':>12} {'unit':<16} {'target':<14} status")
     print("-" * 110)
     for row in rows:
         print(row.line())
@@ -357,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, shards: Path, folds: list[int]) -> list[Row]:
     bsz = args.batch_size
     rows: list[Row] = []
+
+    if args.sources_only:
+        return source_rows(args, shards, folds)
 
     # 1. loader throughput, one full epoch each
     epochs = {}
@@ -383,6 +498,9 @@ def run(args: argparse.Namespace, shards: Path, folds: list[int]) -> list[Row]:
                     per_worker >= TARGET_PER_WORKER,
                 )
             )
+
+    # 1b. shard sources (local, HTTP, pipe:) and integrity checks
+    rows += source_rows(args, shards, folds)
 
     # 2. batched augmentation against the per-sample loop, batches of B on CPU
     cfg = AugmentConfig()

@@ -16,6 +16,7 @@ check the bytes (`pipeline.shards.read_shard` against the manifest's size and sh
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -182,6 +183,8 @@ def _read_remote(url: str, argv: list[str] | str, max_bytes: int | None, stall_s
 def _drain(pipe: Pipe, url: str, limit: int | None, stall_s: float) -> bytes:
     """Everything the command writes, in chunks; LocationError after `stall_s` s without a byte or past `limit`."""
     fd, chunks, total = pipe.stream.fileno(), [], 0
+    with contextlib.suppress(AttributeError, OSError):  # Linux: 1 MB chunks instead of 64 kB (a third less time)
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _CHUNK)
     while True:
         ready, _, _ = select.select([fd], [], [], stall_s)
         if not ready:

@@ -37,6 +37,7 @@ import itertools
 import math
 import random
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,15 +192,31 @@ class ShardStream(wds.DataPipeline):
         yield from slot_ranges(shards, start, start + per_worker[worker])
 
     def read_samples(self, src: Iterable[Range]) -> Iterator[dict[str, Any]]:
-        """Members of the samples in each range, from its shard read whole and checked against the manifest."""
-        for r in src:
-            entry = self.entries[r.name]
-            data = read_shard(self.location, entry, self.check, self.stall_s, self.retries)
-            source = self.location.url(r.name)
-            for i, (key, sample) in enumerate(shard_samples(data, entry, source)):  # all of them: counts are checked
-                if r.start <= i < r.stop:
-                    sample["__key__"], sample["__url__"], sample["__label__"] = key, source, entry["labels"][i]
-                    yield sample
+        """Members of the samples in each range, from its shard read whole and checked against the manifest.
+
+        The next range's shard is read (and hashed) in a thread while this one's samples are decoded:
+        network waits and hashing overlap the decoding (hashlib and the pipe reads release the GIL).
+        """
+        ranges = list(src)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-read") as pool:
+            reads = [pool.submit(self._shard, r) for r in ranges[:1]]
+            for i, r in enumerate(ranges):
+                data = reads[i].result()
+                if i + 1 < len(ranges):
+                    reads.append(pool.submit(self._shard, ranges[i + 1]))
+                reads[i] = None  # drop the bytes once used
+                yield from self._range_samples(r, data)
+
+    def _shard(self, r: Range) -> bytes:
+        return read_shard(self.location, self.entries[r.name], self.check, self.stall_s, self.retries)
+
+    def _range_samples(self, r: Range, data: bytes) -> Iterator[dict[str, Any]]:
+        """The members of the samples `[r.start, r.stop)` of a shard's bytes (all of them are parsed and counted)."""
+        entry, source = self.entries[r.name], self.location.url(r.name)
+        for i, (key, sample) in enumerate(shard_samples(data, entry, source)):
+            if r.start <= i < r.stop:
+                sample["__key__"], sample["__url__"], sample["__label__"] = key, source, entry["labels"][i]
+                yield sample
 
     def shuffle_stage(self, src: Iterator[Any]) -> Iterator[Any]:
         seed = f"{self.seed}:{self.epoch}:{self.rank}:{self._slot()[0]}"
