@@ -19,22 +19,39 @@ from train.batch import Batch
 from train.data import DataError, checked
 
 
-def first_error(error: str | None, device: torch.device, world: int) -> str | None:
-    """The message of the lowest failing rank, on every rank, or None. A collective when `world > 1`."""
+def first_error(error: str | None, world: int) -> str | None:
+    """The message of the lowest failing rank, on every rank, or None. A collective when `world > 1`.
+
+    It runs on a gloo group of CPU tensors, so that under NCCL the per-step check never waits
+    for the GPU (a CUDA flag read back with `.item()` would sync the device every step).
+    """
     if world == 1:
         return error
-    failed = torch.tensor([error is not None], dtype=torch.int32, device=device)
-    dist.all_reduce(failed)
+    group = _cpu_group()
+    failed = torch.tensor([error is not None], dtype=torch.int32)
+    dist.all_reduce(failed, group=group)
     if not failed.item():
         return None
     messages: list[Any] = [None] * world
-    dist.all_gather_object(messages, error)
+    dist.all_gather_object(messages, error, group=group)
     rank = next(r for r, m in enumerate(messages) if m is not None)
     return f"rank {rank}: {messages[rank]}"
 
 
-def agreed_batches(loader: Iterable[Batch | DataError], steps: int, device: torch.device,
-                   world: int) -> Iterator[Batch]:  # fmt: skip
+_CPU_GROUPS: dict[int, Any] = {}
+
+
+def _cpu_group() -> Any:
+    """The default group when it is gloo, else a gloo group of every rank (made once per process group)."""
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _CPU_GROUPS:  # every rank reaches the first agreement at the same point: a collective call
+        _CPU_GROUPS[key] = dist.new_group(backend="gloo")
+    return _CPU_GROUPS[key]
+
+
+def agreed_batches(loader: Iterable[Batch | DataError], steps: int, world: int) -> Iterator[Batch]:
     """Exactly `steps` batches of the loader on every rank, or a ShardError raised on every rank.
 
     A `DataError`, any exception of the loader (a worker killed, say) and a loader that ends
@@ -58,7 +75,7 @@ def agreed_batches(loader: Iterable[Batch | DataError], steps: int, device: torc
             error = f"the loader ended after {i} of {steps} batches (fewer samples than the manifest)"
         except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks, or they hang
             error = f"{type(exc).__name__}: {exc}"
-        error = first_error(error, device, world)
+        error = first_error(error, world)
         if error is not None:
             raise ShardError(error)
         yield item

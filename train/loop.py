@@ -227,7 +227,7 @@ def evaluate(model: torch.nn.Module, loader: Any, device: torch.device) -> dict[
         if world == 1:
             raise
         error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ShardError) else str(exc)
-    if (error := first_error(error, device, world)) is not None:
+    if (error := first_error(error, world)) is not None:
         raise ShardError(error)
     if world > 1:
         dist.all_reduce(sums)
@@ -274,7 +274,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         val_loader = make_loader(cfg.shards, val_folds, cfg.batch_size, train=False, **loader_args)
     except (OSError, ValueError) as exc:
         error = str(exc)
-    if (error := first_error(error, device, world)) is not None:
+    if (error := first_error(error, world)) is not None:
         raise ShardError(error)
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
@@ -338,7 +338,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
                    dynamic_ncols=True, leave=False)  # fmt: skip
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * samples, samples: one sync per log
         t0 = time.perf_counter()
-        for i, batch in enumerate(agreed_batches(train_loader, steps_per_epoch, device, world)):
+        for i, batch in enumerate(agreed_batches(train_loader, steps_per_epoch, world)):
             if i < skip:  # resuming mid-epoch: the epoch's order is deterministic, so skip what was trained
                 continue
             batch = batch.to(device, non_blocking=cuda)  # (B, T, 118, 6)
