@@ -164,7 +164,8 @@ def _read_remote(url: str, argv: list[str] | str, max_bytes: int | None, stall_s
             pipe = Pipe(argv, mode="rb", shell=shell, bufsize=0, stderr=err, stdin=subprocess.DEVNULL,
                         start_new_session=True)  # fmt: skip
         except OSError as exc:
-            raise LocationError(f"{url}: cannot run it ({exc.strerror or exc})") from None
+            what = "the shell" if shell else argv[0]
+            raise LocationError(f"{url}: cannot run {what} ({exc.strerror or exc})") from None
         try:
             data = _drain(pipe, url, max_bytes, stall_s)
             status = pipe.proc.wait(timeout=stall_s)
