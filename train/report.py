@@ -1,0 +1,142 @@
+"""Where a run's numbers go besides metrics.jsonl (`--report-to`): TensorBoard event files and CSV files.
+
+Every backend takes the same three calls from the training loop (rank 0 only): `log_step` every
+`--log-every` steps (loss, lr, samples/s), `log_epoch` at each epoch end (the metrics.jsonl row),
+`close` at the end. A resumed run first drops what was logged after the checkpoint it starts from,
+so the logs hold each step once, as metrics.jsonl does.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.shards import write_atomic
+
+BACKENDS = ("tensorboard", "csv")
+STEP_COLUMNS = ["step", "epoch", "loss", "lr", "samples_per_s"]
+EPOCH_COLUMNS = ["epoch", "step", "train_loss", "train_samples", "lr", "samples_per_s",
+                 "val_loss", "val_top1", "val_top5", "val_samples"]  # fmt: skip
+
+
+class Reporter(Protocol):
+    def log_step(self, step: int, values: dict[str, float]) -> None: ...
+
+    def log_epoch(self, step: int, metrics: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TensorBoardReporter:
+    """Scalars `train/loss`, `train/lr`, `train/samples_per_s` per logged step, `epoch/<metric>` per epoch."""
+
+    def __init__(self, out: Path, start_step: int) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise RuntimeError("--report-to tensorboard needs the tensorboard package: "
+                               "pip install -e '.[tensorboard]' (or pip install tensorboard)") from None  # fmt: skip
+        self.dir = out / "tensorboard"
+        # purge_step hides the events a killed session logged after the checkpoint this one resumes from
+        self.writer = SummaryWriter(str(self.dir), purge_step=start_step + 1)
+
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        for name in ("loss", "lr", "samples_per_s"):
+            self.writer.add_scalar(f"train/{name}", values[name], step)
+
+    def log_epoch(self, step: int, metrics: dict[str, Any]) -> None:
+        for name, value in metrics.items():
+            if name != "step":
+                self.writer.add_scalar(f"epoch/{name}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class CsvLog:
+    """One CSV file, appended a row at a time and flushed; rows after `start_step` are dropped first."""
+
+    def __init__(self, path: Path, columns: list[str], start_step: int) -> None:
+        self.path, self.columns = path, columns
+        keep_rows(path, columns, start_step)
+        new = not path.exists()
+        self.file = open(path, "a", newline="")  # noqa: SIM115 - open for the whole run, closed by close()
+        self.writer = csv.DictWriter(self.file, columns, restval="", extrasaction="ignore")
+        if new:
+            self.writer.writeheader()
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def keep_rows(path: Path, columns: list[str], start_step: int) -> None:
+    """Rewrite `path` (atomically) with its well-formed rows up to `start_step` only (none for a new run)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = [r for r in rows[1:] if len(r) == len(columns) and _step(r, columns) is not None
+            and _step(r, columns) <= start_step]  # fmt: skip
+    buf = io.StringIO()
+    csv.writer(buf).writerows([columns, *kept])
+    write_atomic(path, buf.getvalue().encode())
+
+
+def _step(row: list[str], columns: list[str]) -> int | None:
+    try:
+        return int(row[columns.index("step")])
+    except ValueError:
+        return None  # a row cut short by a kill
+
+
+class CsvReporter:
+    """`steps.csv` (step, epoch, loss, lr, samples/s) and `epochs.csv` (the metrics.jsonl rows) in the run."""
+
+    def __init__(self, out: Path, start_step: int) -> None:
+        self.steps = CsvLog(out / "steps.csv", STEP_COLUMNS, start_step)
+        self.epochs = CsvLog(out / "epochs.csv", EPOCH_COLUMNS, start_step)
+
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        self.steps.write({"step": step, **values})
+
+    def log_epoch(self, step: int, metrics: dict[str, Any]) -> None:
+        self.epochs.write(metrics)
+
+    def close(self) -> None:
+        self.steps.close()
+        self.epochs.close()
+
+
+class Reporters:
+    """Every chosen backend behind the one interface (no backend: calls do nothing)."""
+
+    def __init__(self, reporters: list[Reporter]) -> None:
+        self.reporters = reporters
+
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        for r in self.reporters:
+            r.log_step(step, values)
+
+    def log_epoch(self, step: int, metrics: dict[str, Any]) -> None:
+        for r in self.reporters:
+            r.log_epoch(step, metrics)
+
+    def close(self) -> None:
+        for r in self.reporters:
+            r.close()
+
+
+def open_reporters(names: list[str], out: Path, start_step: int) -> Reporters:
+    """The backends `names` (a subset of BACKENDS) writing into the run directory `out`."""
+    unknown = sorted(set(names) - set(BACKENDS))
+    if unknown:
+        raise ValueError(f"unknown --report-to {', '.join(unknown)}; choose from none, {', '.join(BACKENDS)}")
+    make = {"tensorboard": TensorBoardReporter, "csv": CsvReporter}
+    return Reporters([make[name](out, start_step) for name in names])
