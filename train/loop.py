@@ -15,6 +15,8 @@ import math
 import os
 import pickle
 import time
+import types
+import typing
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -32,6 +34,7 @@ from train.batch import Batch
 from train.data import checked, make_loader, train_val_folds
 from train.distributed import agreed_batches, first_error
 from train.model import SignModel, count_parameters, model_config
+from train.report import Reporters, open_reporters
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     shards: str = "shards"
     out: str = "runs/default"
-    val_folds: list[int] = field(default_factory=lambda: [0])
+    val_folds: list[int] = field(default_factory=lambda: [0])  # empty: no validation, train on every fold
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
@@ -63,11 +66,58 @@ class TrainConfig:
     shard_check: str = "sha256"  # what every shard read is checked against: its manifest "sha256" (and size), or "size"
     io_timeout: float = STALL_S  # seconds without a byte before a remote shard read is abandoned
     io_retries: int = RETRIES  # further attempts at a remote shard read that failed
+    report_to: list[str] = field(default_factory=list)  # logs besides metrics.jsonl: "tensorboard", "csv"
+    log_every: int = 10  # steps between per-step logs (loss, lr, samples/s)
+    init_from: str | None = None  # a checkpoint whose trained weights a new run starts from
+    new_head: bool = False  # with init_from: a freshly initialized classifier head
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Lenient, for checkpoints: keys this version does not know are ignored, missing ones take defaults."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainConfig:
+        """Strict, for config files (a run's config.json): an unknown key or a value of the wrong type is an error."""
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a readable JSON config ({exc})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object of options, as in a run's config.json")
+        hints = typing.get_type_hints(cls)
+        if unknown := sorted(set(d) - set(hints)):
+            raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
+        if wrong := [k for k, v in d.items() if not _fits(v, hints[k])]:
+            named = {k: hints[k].__name__ if isinstance(hints[k], type) else str(hints[k]) for k in wrong}
+            found = ", ".join(f"{k} ({d[k]!r}, expected {named[k]})" for k in wrong)
+            raise ValueError(f"{path}: wrong type for {found}")
+        return cls(**d)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's type hint (int for float, never bool for a number)."""
+    for t in typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,):
+        t = typing.get_origin(t) or t
+        if isinstance(value, bool) and t is not bool:
+            continue
+        if (t is type(None) and value is None) or (t is float and isinstance(value, int)) or isinstance(value, t):
+            return True
+    return False
+
+
+# What a resumed run may change: where it runs and logs, how far it goes, where it reads the same shards.
+RESUMABLE = ("out", "epochs", "max_steps", "save_every", "report_to", "log_every", "shards", "shard_check",
+             "io_timeout", "io_retries")  # fmt: skip
+
+
+def resume_config(run: str | Path, **changes: Any) -> TrainConfig:
+    """The config to continue `run` with: its last.pt's, with `changes` that alter RESUMABLE fields only."""
+    stored = asdict(TrainConfig.from_dict({**load_checkpoint(Path(run) / "last.pt")["config"], "out": str(run)}))
+    if fixed := sorted(k for k, v in changes.items() if k not in RESUMABLE and v != stored[k]):
+        raise ValueError(f"a resumed run keeps its options; {', '.join(fixed)} cannot change")
+    return TrainConfig(**{**stored, **changes})
 
 
 @dataclass
@@ -196,6 +246,35 @@ def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> SignMod
     return model.eval()
 
 
+# Model options that change neither the weights' shapes nor the evaluated function: a fine-tune may change them.
+REGULARIZATION = ("dropout", "drop_path", "attn_dropout")
+
+
+def load_initial_weights(model: SignModel, path: str | Path, label_map: dict[str, int], new_head: bool) -> None:
+    """Start `model` from another run's trained weights (its EMA weights when present: what evaluate scores).
+
+    The architecture must match (regularization aside), and so must the label map unless `new_head`,
+    which keeps this model's freshly initialized classifier.
+    """
+    ckpt = load_checkpoint(path)
+    source = model_from_checkpoint(ckpt)
+    theirs, ours = asdict(source.cfg), asdict(model.cfg)
+    differ = [f"{k} {theirs[k]} (here {ours[k]})" for k in ours
+              if k not in ("n_classes", *REGULARIZATION) and theirs[k] != ours[k]]  # fmt: skip
+    if differ:
+        preset = TrainConfig.from_dict(ckpt["config"]).preset
+        raise ValueError(f"--init-from {path}: its {preset!r} model differs from this run's in {', '.join(differ)}; "
+                         f"pass --preset {preset} and the overrides it was trained with")  # fmt: skip
+    if ckpt["label_map"] != label_map and not new_head:
+        theirs_n, ours_n = len(ckpt["label_map"]), len(label_map)
+        raise ValueError(f"--init-from {path}: it was trained with another label map ({theirs_n} signs; these "
+                         f"shards have {ours_n}); pass --new-head for a new classifier head")  # fmt: skip
+    weights = source.state_dict()
+    if new_head:
+        weights = {k: v for k, v in weights.items() if not k.startswith("classifier.")}
+    model.load_state_dict(weights, strict=not new_head)
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 
@@ -247,13 +326,20 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
-    """Train (or continue) a run to its last step."""
+    """Train a new run, or with `resume` continue the run in that directory to its (possibly later) last step.
+
+    A resumed run's `cfg` is its stored one, changed in RESUMABLE fields only (see `resume_config`).
+    A larger `epochs` extends a run: from its current step on, the learning rate follows the
+    schedule of a run planned for the new length (warmup and cosine over all its steps).
+    """
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(Path(resume) / "last.pt")
         if absent := [k for k in RESUME_KEYS if k not in ckpt]:
             raise CheckpointError(Path(resume) / "last.pt", f"cannot resume without {', '.join(absent)}")
-        cfg = TrainConfig.from_dict({**ckpt["config"], "out": str(resume)})
+        stored = TrainConfig.from_dict({**ckpt["config"], "out": str(resume)})
+        if changed := [k for k in asdict(cfg) if k not in RESUMABLE and getattr(cfg, k) != getattr(stored, k)]:
+            raise ValueError(f"a resumed run keeps its options; {', '.join(changed)} cannot change")
     device, rank, world = setup_distributed(cfg.device)
     cuda, master, out = device.type == "cuda", rank == 0, Path(cfg.out)
     torch.manual_seed(cfg.seed)
@@ -266,12 +352,14 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         if ckpt is not None and ckpt.get("shards_fingerprint") != manifest["fingerprint"]:
             raise ValueError(f"{cfg.shards} is not the shard set {resume} was trained on (its manifest differs)")
         label_map = manifest["label_map"]
-        train_folds, val_folds = train_val_folds(manifest, cfg.val_folds)
+        train_folds, val_folds = split_folds(manifest, cfg.val_folds, cfg.shards)
         loader_args = dict(workers=cfg.workers, rank=rank, world_size=world, seed=cfg.seed, bucket=cfg.bucket,
                            pin_memory=cuda, manifest=manifest, check=cfg.shard_check, stall_s=cfg.io_timeout,
                            retries=cfg.io_retries)  # fmt: skip
         train_loader = make_loader(cfg.shards, train_folds, cfg.batch_size, train=True, **loader_args)
-        val_loader = make_loader(cfg.shards, val_folds, cfg.batch_size, train=False, **loader_args)
+        val_loader = None  # --val-folds none: no validation
+        if val_folds:
+            val_loader = make_loader(cfg.shards, val_folds, cfg.batch_size, train=False, **loader_args)
     except (OSError, ValueError) as exc:
         error = str(exc)
     if (error := first_error(error, world)) is not None:
@@ -281,9 +369,17 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     warmup = max(1, int(cfg.warmup * total_steps))
+    if ckpt is not None and ckpt["step"] >= total_steps:
+        option, value = ("--max-steps", cfg.max_steps) if total_steps == cfg.max_steps else ("--epochs", cfg.epochs)
+        raise ValueError(
+            f"{resume} has finished: it trained {ckpt['step']} steps ({ckpt['epoch']} epochs), and "
+            f"{option} {value} asks for {total_steps}; resume it with a larger {option} to go on"
+        )
 
     # model, optimizer, schedule, EMA, augmentation
     model = build_model(cfg, len(label_map)).to(device)
+    if cfg.init_from and ckpt is None:  # a resumed run has its own weights
+        load_initial_weights(model, cfg.init_from, label_map, cfg.new_head)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
     ema = torch.optim.swa_utils.AveragedModel(
@@ -293,6 +389,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed * 1000 + rank)  # every rank draws its own augmentations
     step, epoch, skip, best = 0, 0, 0, -1.0
+    carried = torch.zeros(3, dtype=torch.float64, device=device)  # a resumed epoch's sums before the checkpoint
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -302,6 +399,10 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
             ema.n_averaged.fill_(ckpt["ema_n_averaged"])
         step, epoch, skip, best = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_top1"]
         restore_rng(ckpt["rng"], rank, world, generator, device)
+        if master and "epoch_sums" in ckpt:  # summed over every rank: one rank carries them, the reduction adds
+            carried[:2] = torch.tensor(ckpt["epoch_sums"], dtype=torch.float64)
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base_lr * lr_factor(step, total_steps, warmup)  # the next step's rate, stretched or not
     ids = [device.index] if cuda else None
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids) if world > 1 else model
     if cfg.compile:
@@ -309,16 +410,22 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
 
     if ckpt is None and (out / "last.pt").exists():  # checked on every rank, so none waits for a failed one
         raise FileExistsError(f"{out} already holds a run; continue it with --resume {out}, or pick another --out")
+    reporters = Reporters([])
     if master:
         out.mkdir(parents=True, exist_ok=True)
         keep_metrics(out / "metrics.jsonl", epoch)  # drop epochs logged after the checkpoint we resume from
+        reporters = open_reporters(cfg.report_to, out, step)
         write_json_atomic(out / "config.json", asdict(cfg))
-        log.info("model %s: %d parameters; %d steps/epoch, %d steps; train folds %s, val folds %s, device %s x%d",
-                 cfg.preset, count_parameters(model), steps_per_epoch, total_steps, train_folds, val_folds,
+        log.info("model %s: %d parameters; %d steps/epoch, %d steps; train folds %s (%d samples), val folds %s, "
+                 "device %s x%d", cfg.preset, count_parameters(model), steps_per_epoch, total_steps, train_folds,
+                 fold_samples(manifest, train_folds), val_folds or "none (no validation: the result is last.pt)",
                  device, world)  # fmt: skip
 
     def checkpoint(name: str, batch_in_epoch: int) -> None:  # called on every rank: it gathers their RNG states
         rng = gathered_rng(generator, device, world)
+        epoch_sums = sums[:2].clone() if batch_in_epoch else torch.zeros(2, dtype=torch.float64, device=device)
+        if batch_in_epoch and world > 1:
+            dist.all_reduce(epoch_sums)
         if not master:
             return
         save_checkpoint(out / name, {
@@ -326,18 +433,22 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
             "ema": ema.module.state_dict() if ema is not None else None,
             "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_top1": best, "rng": rng,
+            "epoch_sums": epoch_sums.tolist(),
             "config": asdict(cfg), "label_map": label_map, "shards_fingerprint": manifest["fingerprint"],
         })  # fmt: skip
 
     metrics: dict[str, Any] = {}
     consumed = 0
+    epochs = math.ceil(total_steps / steps_per_epoch)
     while step < total_steps:
         train_loader.dataset.set_epoch(epoch)
         net.train()
-        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch}", disable=not master or None,
+        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{epochs}", disable=not master or None,
                    dynamic_ncols=True, leave=False)  # fmt: skip
-        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * samples, samples: one sync per log
-        t0 = time.perf_counter()
+        sums = carried.clone()  # loss * samples, samples of the epoch, samples of this session (for the rate)
+        carried.zero_()
+        window = torch.zeros_like(sums)  # the same since the last per-step log: one sync per log
+        t0 = t_log = time.perf_counter()
         for i, batch in enumerate(agreed_batches(train_loader, steps_per_epoch, world)):
             if i < skip:  # resuming mid-epoch: the epoch's order is deterministic, so skip what was trained
                 continue
@@ -350,17 +461,26 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]  # the rate of this step
             optimizer.step()
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
             step += 1
             consumed += 1
-            sums += torch.stack([loss.detach().double() * len(batch), sums.new_tensor(len(batch))])
+            n = sums.new_tensor(len(batch))
+            seen = torch.stack([loss.detach().double() * n, n, n])
+            sums += seen
+            window += seen
             bar.update()
-            if step % 10 == 0 or step == total_steps:
-                rate = sums[1].item() * world / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", sps=f"{rate:.0f}")
+            if step % cfg.log_every == 0 or i + 1 == steps_per_epoch or step == total_steps:
+                now = time.perf_counter()  # rank 0's loss; samples/s of all ranks
+                values = {"epoch": epoch + 1, "loss": (window[0] / window[1]).item(), "lr": lr,
+                          "samples_per_s": window[1].item() * world / (now - t_log)}  # fmt: skip
+                reporters.log_step(step, values)
+                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{values['samples_per_s']:.0f}")
+                window.zero_()
+                t_log = now
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint("last.pt", i + 1)
             if step >= total_steps:
@@ -372,21 +492,44 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         skip = 0
         epoch += 1
         metrics = {"epoch": epoch, "step": step, "train_loss": sums[0].item() / max(1.0, sums[1].item()),
-                   "lr": scheduler.get_last_lr()[0], "samples_per_s": round(sums[1].item() / seconds, 1),
-                   **evaluate(ema.module if ema is not None else model, val_loader, device)}  # fmt: skip
-        improved = metrics["val_top1"] > best  # the same on every rank: the metrics are reduced
-        best = max(best, metrics["val_top1"])
+                   "train_samples": int(sums[1].item()), "lr": scheduler.get_last_lr()[0],
+                   "samples_per_s": round(sums[2].item() / seconds, 1)}  # fmt: skip
+        if val_loader is not None:
+            metrics.update(evaluate(ema.module if ema is not None else model, val_loader, device))
+        improved = val_loader is not None and metrics["val_top1"] > best  # the same on every rank (reduced)
+        best = max(best, metrics.get("val_top1", best))
         if master:  # the epoch's line goes first: a kill before last.pt is written repeats the epoch
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            log.info("epoch %d step %d: train loss %.3f, val loss %.3f, top-1 %.3f, top-5 %.3f", epoch, step,
-                     metrics["train_loss"], metrics["val_loss"], metrics["val_top1"], metrics["val_top5"])  # fmt: skip
+            reporters.log_epoch(step, metrics)
+            log.info("epoch %d step %d: train loss %.3f%s", epoch, step, metrics["train_loss"],
+                     ", val loss {val_loss:.3f}, top-1 {val_top1:.3f}, top-5 {val_top5:.3f}".format(**metrics)
+                     if val_loader is not None else "")  # fmt: skip
         if improved:
             checkpoint("best.pt", 0)
         checkpoint("last.pt", 0)
     if master:
+        reporters.close()
         plot_curves(out)
     return TrainResult(metrics, model, consumed)
+
+
+def split_folds(manifest: dict[str, Any], val_folds: list[int], shards: str) -> tuple[list[int], list[int]]:
+    """(training folds, validation folds), refusing folds the manifest lacks and a split that leaves none to train."""
+    known = [f["fold"] for f in manifest["folds"]]
+    if unknown := sorted(set(val_folds) - set(known)):
+        raise ValueError(f"--val-folds {','.join(map(str, unknown))}: not in the manifest of {shards}, "
+                         f"which has folds {','.join(map(str, known))}")  # fmt: skip
+    train_folds, val = train_val_folds(manifest, val_folds)
+    if not train_folds:
+        raise ValueError(f"--val-folds {','.join(map(str, val))} leaves no fold of {shards} to train on "
+                         f"(it has folds {','.join(map(str, known))})")  # fmt: skip
+    return train_folds, val
+
+
+def fold_samples(manifest: dict[str, Any], folds: list[int]) -> int:
+    """Samples in the given folds, by the manifest."""
+    return sum(f["samples"] for f in manifest["folds"] if f["fold"] in folds)
 
 
 def keep_metrics(path: Path, epochs: int) -> None:
@@ -405,6 +548,19 @@ def _epoch_of(line: str) -> int | None:
         return None  # a line cut short by a kill
 
 
+def read_metrics(run: str | Path) -> list[dict[str, Any]]:
+    """The epochs' rows of run/metrics.jsonl, in order (none when it does not exist yet)."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if _epoch_of(line) is not None]
+
+
+def best_epoch(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row of the first epoch with the highest validation top-1: the epoch best.pt holds (None: no validation)."""
+    return max((r for r in rows if "val_top1" in r), key=lambda r: r["val_top1"], default=None)
+
+
 def plot_curves(run: Path) -> Path | None:
     """Write run/curves.png from metrics.jsonl when matplotlib is installed."""
     try:
@@ -414,19 +570,44 @@ def plot_curves(run: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines if _epoch_of(line) is not None]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [r["epoch"] for r in rows]
-    a.plot(epochs, [r["train_loss"] for r in rows], label="train")
-    a.plot(epochs, [r["val_loss"] for r in rows], label="val")
-    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend()
-    b.plot(epochs, [r["val_top1"] for r in rows], label="top-1")
-    b.plot(epochs, [r["val_top5"] for r in rows], label="top-5")
-    b.set_xlabel("epoch"), b.set_ylabel("validation accuracy"), b.legend()
-    fig.tight_layout()
+    rows = read_metrics(run)
+    if not rows:
+        return None
+    cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+    folds = ",".join(map(str, cfg.get("val_folds", []))) or "none"
+    fig = curves_figure(rows, f"{run.resolve().name}  (preset {cfg.get('preset', '?')}, val folds {folds})")
     tmp = run / "curves.png.tmp"
     fig.savefig(tmp, format="png")
     plt.close(fig)
     os.replace(tmp, run / "curves.png")
     return run / "curves.png"
+
+
+def curves_figure(rows: list[dict[str, Any]], title: str) -> Any:
+    """Loss and validation accuracy against whole epochs, the best epoch marked (a matplotlib Figure)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    best = best_epoch(rows)
+    fig, axes = plt.subplots(1, 2 if best else 1, figsize=(11 if best else 6, 4.5), squeeze=False)
+    loss = axes[0][0]
+    epochs = [r["epoch"] for r in rows]
+    loss.plot(epochs, [r["train_loss"] for r in rows], marker=".", label="train")
+    loss.set_ylabel("loss")
+    if best:
+        acc = axes[0][1]
+        loss.plot(epochs, [r["val_loss"] for r in rows], marker=".", label="validation")
+        acc.plot(epochs, [r["val_top1"] for r in rows], marker=".", label="top-1")
+        acc.plot(epochs, [r["val_top5"] for r in rows], marker=".", label="top-5")
+        acc.plot([best["epoch"]], [best["val_top1"]], "r*", markersize=14,
+                 label=f"best: epoch {best['epoch']}, top-1 {best['val_top1']:.4f}")  # fmt: skip
+        acc.set_ylabel("validation accuracy")
+        for ax in axes[0]:
+            ax.axvline(best["epoch"], color="red", linestyle=":", linewidth=1)
+    for ax in axes[0]:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
+    fig.suptitle(title if best else f"{title}: no validation, the result is last.pt")
+    fig.tight_layout()
+    return fig
