@@ -51,34 +51,50 @@ def predict_files(checkpoint: str | Path, files: list[str | Path], k: int = 5, d
 
 
 def evaluation_report(checkpoint: str | Path, shards: str | Path | None = None, folds: list[int] | None = None,
-                      device: str = "auto", batch_size: int = 128, workers: int = 2) -> dict[str, Any]:  # fmt: skip
-    """Top-1/top-5 on validation folds, per-sign accuracy and the most confused pairs."""
+                      device: str = "auto", batch_size: int | None = None,
+                      workers: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Top-1/top-5 on validation folds, per-sign accuracy and the most confused pairs, as plain JSON-able data.
+
+    The defaults (the run's shards, validation folds, batch size, bucketing and workers, and its EMA
+    weights when it has them) form the same batches of the same weights as the run's validation,
+    so best.pt scores the best epoch's top-1 exactly (on one process and the same device type).
+    """
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(ckpt["config"])
     shards = shards or cfg.shards
     folds = folds if folds is not None else cfg.val_folds
+    if not folds:
+        raise ValueError(f"{checkpoint} was trained on every fold (--val-folds none), so it has no validation folds; "
+                         "pass --folds to choose folds (they were seen in training)")  # fmt: skip
     if read_manifest(shards)["label_map"] != ckpt["label_map"]:
         raise ValueError(f"{shards}: its label map is not the one {checkpoint} was trained with")
     model = model_from_checkpoint(ckpt).to(dev)
     names = {v: s for s, v in ckpt["label_map"].items()}
-    loader = make_loader(shards, folds, batch_size, train=False, workers=workers)
+    loader = make_loader(shards, folds, batch_size or cfg.batch_size, train=False,
+                         workers=cfg.workers if workers is None else workers, bucket=cfg.bucket)  # fmt: skip
     labels, top5 = [], []
     for batch, logits in predict_batches(model, loader, dev):
         labels.append(batch.labels.cpu())
         top5.append(logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu())
     y, t5 = torch.cat(labels).numpy(), torch.cat(top5).numpy()
     pred = t5[:, 0]
-    per_sign = {}
+    per_sign = []
     for label in np.unique(y):
         sel = y == label
-        per_sign[names[int(label)]] = (float((pred[sel] == label).mean()), int(sel.sum()))
+        per_sign.append({"sign": names[int(label)], "top1": float((pred[sel] == label).mean()),
+                         "samples": int(sel.sum())})  # fmt: skip
     confused = Counter((names[int(a)], names[int(b)]) for a, b in zip(y, pred, strict=True) if a != b)
     return {
+        "checkpoint": str(checkpoint),
+        "epoch": ckpt.get("epoch"),
+        "step": ckpt.get("step"),
+        "weights": "EMA" if ckpt.get("ema") else "raw",
+        "shards": str(shards),
+        "folds": list(folds),
         "samples": int(len(y)),
-        "folds": folds,
         "top1": float((pred == y).mean()),
         "top5": float((t5 == y[:, None]).any(axis=1).mean()),
-        "worst_signs": sorted(per_sign.items(), key=lambda kv: (kv[1][0], kv[0]))[:10],
-        "confused_pairs": confused.most_common(10),
+        "worst_signs": sorted(per_sign, key=lambda w: (w["top1"], w["sign"]))[:10],
+        "confused_pairs": [{"true": a, "predicted": b, "count": n} for (a, b), n in confused.most_common(10)],
     }
