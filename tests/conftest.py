@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# The checkout's ../shared (the project's read-only reference data); ASL_SHARED points elsewhere.
+SHARED = Path(os.environ.get("ASL_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 SAMPLE_ROOT = SHARED / "gislr-sample" / "train_landmark_files"
 BAD_ROOT = SHARED / "gislr-bad"
 
@@ -24,10 +26,27 @@ SAMPLE_FRAMES = {
 GOOD_SAMPLE = "22343/239181.parquet"
 
 
+SKIP_REASON = "shared test data not found"
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"shared test data not found at {path} (the checkout's ../shared directory is missing)")
+        pytest.skip(f"{SKIP_REASON} at {path} (the checkout's ../shared directory is missing)")
     return path
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # the outermost wrapper: its line comes after the short summary
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> Generator[None, None, None]:
+    """One line saying how many tests skipped for want of ../shared, and what to do about it."""
+    result = yield
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if SKIP_REASON in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(
+            f"{len(skipped)} tests on real Kaggle files skipped: {SHARED} is missing "
+            "(put the project's shared/ directory beside the checkout, or set ASL_SHARED; see README, Tests)",
+            yellow=True,
+        )
+    return result
 
 
 @pytest.fixture

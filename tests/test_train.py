@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -59,7 +60,7 @@ def test_smoke_run_writes_metrics_config_and_checkpoints(shards: Path, smoke_run
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[-1]["step"] == 2 * _steps_per_epoch(shards, 32)
     assert all(r["val_samples"] == fold0 and 0 <= r["val_top1"] <= r["val_top5"] <= 1 for r in rows)
-    assert f"({fold0} samples) after {rows[-1]['step']} steps" in output
+    assert [r["train_samples"] for r in rows] == [sum(f["samples"] for f in manifest["folds"] if f["fold"] != 0)] * 2
     assert json.loads((out / "config.json").read_text())["preset"] == "tiny"
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(out / name, weights_only=True)
@@ -69,6 +70,34 @@ def test_smoke_run_writes_metrics_config_and_checkpoints(shards: Path, smoke_run
     if importlib.util.find_spec("matplotlib"):  # a dev extra; the curves are optional for users
         assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("*.tmp"))
+
+
+def test_run_ends_with_the_best_epoch_and_its_files(smoke_run: tuple[Path, str]) -> None:
+    out, output = smoke_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best = max(rows, key=lambda r: r["val_top1"])  # the first of equal maxima: best.pt is replaced on a rise only
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == best["epoch"]
+    curves = f"  curves       {out / 'curves.png'}" if importlib.util.find_spec("matplotlib") else "  curves       not"
+    *_, head, best_line, last_line, curves_line = output.strip().splitlines()
+    assert head.startswith(f"best epoch {best['epoch']} of 2: validation top-1 {best['val_top1']:.4f}, top-5 "
+                           f"{best['val_top5']:.4f} on {best['val_samples']} samples")  # fmt: skip
+    assert best_line == f"  best.pt      {out / 'best.pt'}  (epoch {best['epoch']}, step {best['step']})"
+    assert last_line == f"  last.pt      {out / 'last.pt'}  (epoch 2, step {rows[-1]['step']})"
+    assert curves_line.startswith(curves)
+
+
+def test_evaluate_best_pt_scores_the_printed_best_epoch_exactly(smoke_run: tuple[Path, str]) -> None:
+    """The run has EMA on: the printed top-1 and evaluate's must both come from the EMA weights, on the same batches."""
+    out, _ = smoke_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best = max(rows, key=lambda r: r["val_top1"])
+    result = CliRunner().invoke(train_cli, ["evaluate", "--checkpoint", str(out / "best.pt"), "--device", "cpu",
+                                            "--format", "json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["weights"] == "EMA" and report["epoch"] == best["epoch"]
+    assert (report["samples"], report["top1"], report["top5"]) == (best["val_samples"], best["val_top1"],
+                                                                   best["val_top5"])  # fmt: skip
 
 
 def test_evaluate_cli_reports_the_validation_metrics(shards: Path, smoke_run: tuple[Path, str]) -> None:
@@ -134,8 +163,10 @@ def _wait_for_mid_epoch_checkpoint(proc: subprocess.Popen, path: Path, min_step:
 
 
 def test_resume_after_sigkill_continues_the_same_schedule(shards: Path, tmp_path: Path) -> None:
+    report_to = "tensorboard,csv" if importlib.util.find_spec("tensorboard") else "csv"
     args = ["--shards", str(shards), "--preset", "tiny", "--epochs", "2", "--batch-size", "4", "--workers", "0",
-            "--save-every", "1", "--device", "cpu", "--seed", "3"]  # fmt: skip
+            "--save-every", "1", "--device", "cpu", "--seed", "3", "--report-to", report_to,
+            "--log-every", "1"]  # fmt: skip
     reference = tmp_path / "reference"
     subprocess.run([BIN / "asl-train", *args, "--out", str(reference)], check=True, capture_output=True)
 
@@ -163,7 +194,28 @@ def test_resume_after_sigkill_continues_the_same_schedule(shards: Path, tmp_path
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     ref_rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows] == [1, 2]
-    assert [r["val_loss"] for r in rows] == [r["val_loss"] for r in ref_rows]
+    # a resumed epoch's training loss and sample count include what it trained before the kill
+    kept = ("train_loss", "train_samples", "val_loss")
+    assert [[r[k] for k in kept] for r in rows] == [[r[k] for k in kept] for r in ref_rows]
+    # the logs too: what the killed session logged after its checkpoint is dropped, so each step appears once
+    steps = [_logged(p) for p in (run / "steps.csv", reference / "steps.csv")]
+    assert steps[0] == steps[1] and [s[0] for s in steps[0]] == [str(s) for s in range(1, done["step"] + 1)]
+    assert _logged(run / "epochs.csv") == _logged(reference / "epochs.csv")
+    if "tensorboard" in report_to:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = [EventAccumulator(str(r / "tensorboard")) for r in (run, reference)]
+        for e in events:
+            e.Reload()
+        killed, whole = ([(x.step, x.value) for x in e.Scalars("train/loss")] for e in events)
+        assert len(list((run / "tensorboard").glob("events.*"))) == 2 and killed == whole
+
+
+def _logged(path: Path) -> list[tuple[str, ...]]:
+    """The rows of a CSV log without its timing column (samples/s)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [tuple(v for k, v in r.items() if k != "samples_per_s") for r in rows]
 
 
 def test_resume_refuses_other_shards(shards: Path, tmp_path: Path) -> None:
