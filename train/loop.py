@@ -34,7 +34,7 @@ from train.batch import Batch
 from train.data import checked, make_loader, train_val_folds
 from train.distributed import agreed_batches, first_error
 from train.model import SignModel, count_parameters, model_config
-from train.report import Reporters, open_reporters
+from train.report import Reporters, check_backends, open_reporters
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,9 @@ def _fits(value: Any, hint: Any) -> bool:
     return False
 
 
-# What a resumed run may change: where it runs and logs, how far it goes, where it reads the same shards.
-RESUMABLE = ("out", "epochs", "max_steps", "save_every", "report_to", "log_every", "shards", "shard_check",
-             "io_timeout", "io_retries")  # fmt: skip
+# What a resumed run may change: how far it goes, what it logs, where it reads its shards (fingerprint checked).
+RESUMABLE = ("epochs", "max_steps", "save_every", "report_to", "log_every", "shards", "shard_check", "io_timeout",
+             "io_retries")  # fmt: skip
 
 
 def resume_config(run: str | Path, **changes: Any) -> TrainConfig:
@@ -332,6 +332,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     A larger `epochs` extends a run: from its current step on, the learning rate follows the
     schedule of a run planned for the new length (warmup and cosine over all its steps).
     """
+    check_backends(cfg.report_to)  # on every rank, before any collective
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(Path(resume) / "last.pt")

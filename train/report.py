@@ -9,6 +9,7 @@ so the logs hold each step once, as metrics.jsonl does.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 from pipeline.shards import write_atomic
 
 BACKENDS = ("tensorboard", "csv")
+TENSORBOARD_MISSING = "--report-to tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'"
 STEP_COLUMNS = ["step", "epoch", "loss", "lr", "samples_per_s"]
 EPOCH_COLUMNS = ["epoch", "step", "train_loss", "train_samples", "lr", "samples_per_s",
                  "val_loss", "val_top1", "val_top5", "val_samples"]  # fmt: skip
@@ -36,8 +38,7 @@ class TensorBoardReporter:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise RuntimeError("--report-to tensorboard needs the tensorboard package: "
-                               "pip install -e '.[tensorboard]' (or pip install tensorboard)") from None  # fmt: skip
+            raise RuntimeError(TENSORBOARD_MISSING) from None
         self.dir = out / "tensorboard"
         # purge_step hides the events a killed session logged after the checkpoint this one resumes from
         self.writer = SummaryWriter(str(self.dir), purge_step=start_step + 1)
@@ -133,10 +134,16 @@ class Reporters:
             r.close()
 
 
+def check_backends(names: list[str]) -> None:
+    """Refuse unknown backends, and TensorBoard when its package is not installed."""
+    if unknown := sorted(set(names) - set(BACKENDS)):
+        raise ValueError(f"unknown --report-to {', '.join(unknown)}; choose from none, {', '.join(BACKENDS)}")
+    if "tensorboard" in names and importlib.util.find_spec("tensorboard") is None:
+        raise RuntimeError(TENSORBOARD_MISSING)
+
+
 def open_reporters(names: list[str], out: Path, start_step: int) -> Reporters:
     """The backends `names` (a subset of BACKENDS) writing into the run directory `out`."""
-    unknown = sorted(set(names) - set(BACKENDS))
-    if unknown:
-        raise ValueError(f"unknown --report-to {', '.join(unknown)}; choose from none, {', '.join(BACKENDS)}")
+    check_backends(names)
     make = {"tensorboard": TensorBoardReporter, "csv": CsvReporter}
     return Reporters([make[name](out, start_step) for name in names])
