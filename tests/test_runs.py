@@ -208,8 +208,8 @@ def test_resume_extends_a_finished_run_on_the_stretched_schedule(logged: tuple[P
     assert code == 1 and line == (f"Error: {run} has finished: it trained {2 * per_epoch} steps (2 epochs), "
                                   f"and --epochs 2 asks for {2 * per_epoch}; resume it with a larger --epochs "
                                   "to go on")  # fmt: skip
-    code, line = _fail("--resume", str(run), "--lr", "0.1", "--epochs", "3")
-    assert code == 2 and "--lr cannot be given" in line
+    code, line = _fail("--resume", str(run), "--lr", "0.1", "--out", str(tmp_path / "elsewhere"), "--epochs", "3")
+    assert code == 2 and "--lr, --out cannot change" in line
     assert (run / "last.pt").read_bytes() == before and _rows(run) == _rows(out)
 
     _train("--resume", str(run), "--epochs", "3")

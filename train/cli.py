@@ -238,9 +238,9 @@ def _train_config(ctx: click.Context, options: dict[str, Any]) -> Any:
         if fixed := [p.opts[0] for p in given if (f := FIELD_OF.get(p.name, p.name)) not in RESUMABLE
                      and changes[f] != stored[f]]:  # fmt: skip
             raise click.UsageError(f"--resume continues {resume} with its stored options, so {', '.join(fixed)} "
-                                   f"cannot be given; to change them, start a new run from its weights with "
+                                   f"cannot change; to change them, start a new run from its weights with "
                                    f"--init-from {resume / 'last.pt'}")  # fmt: skip
-        return resume_config(resume, **changes)
+        return TrainConfig(**{**stored, **changes})
     if config:
         base = asdict(TrainConfig.from_json(config))
         if "model" in changes:
