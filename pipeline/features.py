@@ -98,7 +98,6 @@ def features_from_positions(pos: Any, lengths: Any, out_len: int | None = None, 
     if isinstance(pos, np.ndarray):
         lengths, t = np.asarray(lengths).reshape(-1, 1), np.arange(n + 2)
         base = np.arange(flat.shape[0] // frames)[:, None] * frames
-        out = np.empty(pos.shape[:-3] + (n, points, 3 * c), dtype=pos.dtype)
         index = (np.minimum(t, lengths - 1) + base).reshape(-1)
     else:
         import torch
@@ -107,24 +106,25 @@ def features_from_positions(pos: Any, lengths: Any, out_len: int | None = None, 
             lengths = torch.full((), lengths, dtype=torch.int64)
         lengths, t = torch.as_tensor(lengths, device=pos.device).reshape(-1, 1), torch.arange(n + 2, device=pos.device)
         base = torch.arange(flat.shape[0] // frames, device=pos.device)[:, None] * frames
-        out = pos.new_empty(pos.shape[:-3] + (n, points, 3 * c))
         index = (torch.minimum(t, lengths - 1) + base).reshape(-1)
     # frames 0..n+1 with padding by the rule (past each length: the last real frame); one gather
     ext = flat[index].reshape(pos.shape[:-3] + (n + 2, points, c))
     cur = ext[..., :n, :, :]
-    out[..., :c] = cur
-    out[..., c : 2 * c] = ext[..., 1 : n + 1, :, :] - cur  # zero (or NaN -> 0) on padding: frames repeat
-    out[..., 2 * c :] = ext[..., 2:, :, :] - cur
-    if isinstance(out, np.ndarray):
+    if isinstance(pos, np.ndarray):
+        out = np.empty(pos.shape[:-3] + (n, points, 3 * c), dtype=pos.dtype)
+        out[..., :c] = cur
+        out[..., c : 2 * c] = ext[..., 1 : n + 1, :, :] - cur  # zero (or NaN -> 0) on padding: frames repeat
+        out[..., 2 * c :] = ext[..., 2:, :, :] - cur
         out[..., max_len - 1 :, :, c : 2 * c] = 0.0  # t+1 reaches max_len
         out[..., max_len - 2 :, :, 2 * c :] = 0.0  # t+2 reaches max_len
         return np.nan_to_num(out, copy=False, nan=0.0)
-    # The same two rules as conditions on the frame index: a slice from a fixed frame would make an
-    # exported graph guard on its length (slice empty or not) and so pin the lengths it accepts.
+    # The same, without writes into slices (an exported graph pays for each with transposes and a
+    # scatter) and with the two rules past max_len as conditions on the frame index (a slice from a
+    # fixed frame would make an exported graph guard on its length, and so pin the lengths it accepts).
     frame = t[:n, None, None]  # (n, 1, 1)
-    out[..., c : 2 * c].masked_fill_(frame + 1 >= max_len, 0.0)
-    out[..., 2 * c :].masked_fill_(frame + 2 >= max_len, 0.0)
-    return out.nan_to_num_(nan=0.0)
+    dx = (ext[..., 1 : n + 1, :, :] - cur).where(frame + 1 < max_len, 0.0)
+    dx2 = (ext[..., 2:, :, :] - cur).where(frame + 2 < max_len, 0.0)
+    return torch.cat([cur, dx, dx2], dim=-1).nan_to_num_(nan=0.0)
 
 
 def compact_features(xyz: Any, max_len: int = MAX_LEN) -> tuple[Any, Any]:
