@@ -228,7 +228,8 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: Path | None, onnx_model: Pa
     "--opset",
     default=None,
     type=click.IntRange(min=18),
-    help="ONNX opset version (default: the exporter's, 20 with torch 2.13).",
+    help="ONNX opset version (default: the exporter's, 20 with torch 2.13; 18 to 22 pass the parity check, 23 "
+    "does not: onnxruntime 1.32's Attention kernel refuses the model's key-padding mask).",
 )
 @click.option(
     "--ema/--no-ema",

@@ -16,6 +16,7 @@ onnx, onnxscript and onnxruntime come with the `export` extra and are imported o
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.features import FEATURES_VERSION, compact_features
@@ -52,16 +54,47 @@ class LandmarkClassifier(nn.Module):
     """Raw landmarks of one sequence (T, 543, 3), NaN where missing -> logits (n_signs,).
 
     The pipeline's `compact_features` on the tensor, then the network on the real frames (no padding).
+    With `fast_convs`, the network's Conv1d layers run as the equivalent Conv2d (`Conv1dAs2d`).
     """
 
-    def __init__(self, model: SignModel) -> None:
+    def __init__(self, model: SignModel, fast_convs: bool = False) -> None:
         super().__init__()
-        self.model = model
+        self.model = with_conv2d(model) if fast_convs else model
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         x, _ = compact_features(inputs, self.model.cfg.max_len)  # (L, 118, 6), L = min(T, 384)
         mask = torch.ones(x.shape[:1], dtype=torch.bool, device=x.device)  # (L,) every frame is real
         return self.model(x[None], mask[None])[0]  # (n_signs,)
+
+
+class Conv1dAs2d(nn.Module):
+    """A Conv1d computed as a Conv2d over a (B, C, 1, T) view, with the same weights.
+
+    The same arithmetic; it exists because onnxruntime's CPU kernels for a 1-D depthwise convolution are
+    several times slower than its 2-D ones (about 106 against 15 us for 384 channels, kernel 17, 20 frames).
+    """
+
+    def __init__(self, conv: nn.Conv1d) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"only zero padding given as a number is supported, not {conv}")
+        self.weight = conv.weight  # (C_out, C_in / groups, K), shared: no copy
+        self.bias = conv.bias
+        self.stride, self.padding, self.dilation = (1, *conv.stride), (0, *conv.padding), (1, *conv.dilation)
+        self.groups = conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x.unsqueeze(-2), self.weight.unsqueeze(-2), self.bias, self.stride, self.padding, self.dilation,
+                     self.groups)  # fmt: skip
+        return y.squeeze(-2)  # (B, C_out, T')
+
+
+def with_conv2d(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose Conv1d layers are `Conv1dAs2d` sharing their weights."""
+    model = copy.copy(model)  # shallow: parameters are shared, the module tree below is replaced
+    model._modules = {name: Conv1dAs2d(m) if isinstance(m, nn.Conv1d) else with_conv2d(m)
+                      for name, m in model._modules.items()}  # fmt: skip
+    return model
 
 
 @dataclass
@@ -128,7 +161,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int | None = Non
         "step": ckpt.get("step"),
         "epoch": ckpt.get("epoch"),
     }
-    data, opset_used = onnx_bytes(LandmarkClassifier(model).eval(), metadata, opset)
+    data, opset_used = onnx_bytes(LandmarkClassifier(model, fast_convs=True).eval(), metadata, opset)
     session = onnx_session(data)
     parity = parity_rows(session, model, label_map, checks)
     bad = [r for r in parity if not r.ok]
@@ -237,7 +270,11 @@ def parity_rows(session: Any, model: SignModel, label_map: dict[str, int],
     rows = []
     for name, xyz in sequences:
         p_torch = softmax(torch_logits(model, xyz))
-        p_onnx = softmax(session.run([OUTPUT_NAME], {INPUT_NAME: xyz})[0])
+        try:
+            p_onnx = softmax(session.run([OUTPUT_NAME], {INPUT_NAME: xyz})[0])
+        except Exception as exc:  # onnxruntime's own error classes share no useful base
+            raise ExportError(f"onnxruntime cannot run the exported model on '{name}' ({len(xyz)} frames): "
+                              f"{str(exc).splitlines()[0][:300]}; nothing was written") from None  # fmt: skip
         rows.append(ParityRow(name, len(xyz), names[int(p_torch.argmax())], names[int(p_onnx.argmax())],
                               float(np.abs(p_torch - p_onnx).max())))  # fmt: skip
     return rows
@@ -251,7 +288,7 @@ def onnx_session(model: bytes | str | Path, threads: int = 0) -> Any:
     ort = require("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3  # errors only
+    options.log_severity_level = 4  # fatal only: errors reach the caller as exceptions, said once
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
