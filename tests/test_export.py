@@ -243,6 +243,26 @@ def test_failed_parity_writes_nothing(checkpoint: Path, tmp_path: Path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_onnxruntime_failure_is_one_line_and_writes_nothing(checkpoint: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # As `--opset 23` does with onnxruntime 1.32 (its Attention kernel refuses the model's key mask); faked here,
+    # so the test does not depend on a runtime version.
+    import train.export as export
+
+    class Failing:
+        def run(self, names, feeds):
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : kernel refused\nmore detail")
+
+    monkeypatch.setattr(export, "onnx_bytes", lambda module, metadata, opset=None: (b"graph", 23))
+    monkeypatch.setattr(export, "onnx_session", lambda data, threads=0: Failing())
+    out = tmp_path / "model.onnx"
+    result = CliRunner().invoke(train_cli, ["export", "--checkpoint", str(checkpoint), "--out", str(out)])
+    assert result.exit_code == 1
+    assert result.output == ("Error: onnxruntime cannot run the exported model on 'demo 23 frames' (23 frames): "
+                             "[ONNXRuntimeError] : 1 : FAIL : kernel refused; nothing was written\n")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
 def _shifted(fn):
     def shifted(model, xyz):
         logits = fn(model, xyz).copy()
