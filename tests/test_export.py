@@ -197,9 +197,15 @@ def test_left_hand_missing_everywhere(exported: tuple[Path, object], ema_model) 
     assert_same_prediction(softmax(OnnxClassifier(exported[0]).logits(xyz)), pytorch_probs(ema_model, xyz))
 
 
-def test_torch_module_is_the_pipeline_route(ema_model) -> None:
-    # The module that is exported, run eagerly: equal to the numpy pipeline route to float32 rounding.
-    module = LandmarkClassifier(ema_model).eval()
+@pytest.mark.parametrize("fast_convs", [False, True])
+def test_torch_module_is_the_pipeline_route(ema_model, fast_convs: bool) -> None:
+    # The module that is exported, run eagerly: equal to the numpy pipeline route to float32 rounding,
+    # with the network's Conv1d layers as they are or as the Conv2d the export uses.
+    module = LandmarkClassifier(ema_model, fast_convs=fast_convs).eval()
+    kinds = [type(m).__name__ for m in module.modules()]
+    # the tiny preset's depthwise conv and its ECA conv
+    assert (kinds.count("Conv1dAs2d"), kinds.count("Conv1d")) == ((2, 0) if fast_convs else (0, 2))
+    assert sum(isinstance(m, torch.nn.Conv1d) for m in ema_model.modules()) == 2  # the original is untouched
     for name in ("T1", "T385", "face_missing"):
         xyz = CASES[name]()
         with torch.no_grad():
