@@ -37,6 +37,7 @@ from train.export import (  # noqa: E402  (after the extra's skip)
     INPUT_NAME,
     OUTPUT_NAME,
     PROB_TOLERANCE,
+    ExportError,
     LandmarkClassifier,
     OnnxClassifier,
     export_onnx,
@@ -175,14 +176,18 @@ def test_onnx_equals_pytorch_on_edge_cases(exported: tuple[Path, object], ema_mo
     assert_same_prediction(p_onnx, padded_probs(ema_model, xyz))
 
 
-def test_exported_features_equal_the_pipeline() -> None:
+def test_exported_features_equal_the_pipeline(tmp_path: Path) -> None:
     # The preprocessing alone through the same export: its output is the features, compared element-wise,
     # which a classifier's probabilities (pooled over frames) could hide.
     class Features(torch.nn.Module):
         def forward(self, inputs: torch.Tensor) -> torch.Tensor:
             return compact_features(inputs)[0]
 
-    session = onnx_session(onnx_bytes(Features(), {})[0])
+    data, _ = onnx_bytes(Features(), {})
+    session = onnx_session(data)
+    (tmp_path / "features.onnx").write_bytes(data)
+    with pytest.raises(ExportError, match=r"features\.onnx: no label_map in its metadata \(not written by"):
+        OnnxClassifier(tmp_path / "features.onnx")  # a valid ONNX file, but not a sign classifier of ours
     for name in ["T1", "T2", "T7", "T383", "T384", "T385", "late_shift_500", *EDGE_CASES[7:]]:
         xyz = CASES[name]()
         (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: xyz})

@@ -253,7 +253,7 @@ def builtin_sequences() -> Iterator[tuple[str, np.ndarray]]:
 
 def torch_logits(model: SignModel, xyz: np.ndarray) -> np.ndarray:
     """(n_signs,) logits of the PyTorch model on the pipeline's numpy preprocessing of one sequence."""
-    x, _ = compact_features(xyz)  # (L, 118, 6)
+    x, _ = compact_features(xyz, model.cfg.max_len)  # (L, 118, 6)
     with torch.no_grad():
         return model(torch.from_numpy(x)[None], torch.ones(1, len(x), dtype=torch.bool))[0].numpy()
 
