@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -452,10 +453,14 @@ def test_core_install_does_not_need_the_export_extra(tmp_path: Path) -> None:
         "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output\n"
         f"r = CliRunner().invoke(main, ['predict', '--model', {str(tmp_path / 'm.onnx')!r}, 'x.parquet'])\n"
         "print(r.exit_code, r.output.strip())\n"
+        f"r = CliRunner().invoke(main, ['export', '--checkpoint', {str(tmp_path / 'c.pt')!r}, '--out', 'o.onnx'])\n"
+        "print(r.exit_code, r.output.strip())\n"
     )
     (tmp_path / "m.onnx").write_bytes(b"")
+    (tmp_path / "c.pt").write_bytes(b"")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          cwd=Path(__file__).parents[1])  # fmt: skip
-    assert proc.stdout.strip() == (
-        "1 Error: onnxruntime is not installed; it comes with the export extra: pip install -e '.[export]'"
-    )
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})  # fmt: skip
+    hint = "it comes with the export extra: pip install -e '.[export]'"
+    assert proc.stdout.splitlines() == [f"1 Error: onnxruntime is not installed; {hint}",
+                                        f"1 Error: onnxscript is not installed; {hint}"]  # fmt: skip
+    assert not (tmp_path / "o.onnx").exists()

@@ -143,6 +143,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int | None = Non
     lengths and the edge cases: T = 1, 2, past 384, a hand or the face missing throughout) and on
     `check_files`; nothing is written when it fails.
     """
+    for module in ("onnxscript", "onnx", "onnxruntime"):  # fail before any work when the extra is missing
+        require(module)
     out = Path(out)
     checks = [(str(p), read_landmarks(p)) for p in check_files] + list(builtin_sequences())  # bad files fail first
     ckpt = load_checkpoint(checkpoint)
@@ -186,8 +188,6 @@ def onnx_bytes(module: nn.Module, metadata: dict[str, Any], opset: int | None = 
     `torch.export` with a dynamic frame axis first, so that any specialization on the length fails
     here instead of freezing the graph to the example's length; then the torch.export-based ONNX exporter.
     """
-    require("onnxscript")
-    require("onnx")
     example = torch.from_numpy(next(s for _, s in builtin_sequences()))
     # Dim.DYNAMIC fails the export if the length gets specialized. torch.export itself proves the graph
     # for T >= 2 (it never treats a size of 1 as general); T = 1 is in every parity check instead.
