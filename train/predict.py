@@ -154,6 +154,8 @@ def csv_header(k: int) -> str:
 
 def format_prediction(p: Prediction, fmt: str, k: int) -> str:
     """One line for a prediction: `text` (path: sign probability, ...), `json` (one object) or `csv` (k columns)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "json":
         return json.dumps(p.as_dict())
     if fmt == "csv":
