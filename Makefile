@@ -16,11 +16,12 @@ DEMO_EPOCHS ?= 20
 setup: $(VENV)/.installed
 
 # The CPU torch wheel goes in first so that installing the project never pulls a CUDA build.
+# The export extra (onnx, onnxscript, onnxruntime) is installed so that the tests cover `asl-train export`.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,tensorboard]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,export,tensorboard]"
 	touch $@
 
 # The main job: demo data -> shards -> a small model trained on CPU -> evaluation -> prediction.

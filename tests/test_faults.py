@@ -334,6 +334,11 @@ def test_a_bad_checkpoint_is_one_line(shards: Path, tmp_path: Path, case: str) -
         load_checkpoint(path)
     result = run(train_cli, "evaluate", "--checkpoint", path, "--shards", shards, "--workers", "0")
     assert_one_line_error(result, str(path), "not an asl-train checkpoint", phrase)
+    for args in (
+        ("predict", "--checkpoint", path, tmp_path / "none.parquet"),
+        ("export", "--checkpoint", path, "--out", tmp_path / "m.onnx"),
+    ):
+        assert_one_line_error(run(train_cli, *args), str(path), "not an asl-train checkpoint", phrase)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     shutil.copyfile(path, run_dir / "last.pt")

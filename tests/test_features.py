@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -424,3 +427,43 @@ def test_features_from_positions_default_out_len_is_input_length():
     out = features_from_positions(pos, len(pos))
     assert out.shape == (12, 118, 6)
     np.testing.assert_array_equal(out, preprocess(xyz)[0][:12])
+
+
+# ---------------------------------------------------------------- on torch tensors (the exported graph)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_compact_features_on_torch_equal_numpy(name):
+    xyz = CASES[name]()
+    feats, missing = compact_features(xyz)
+    t_feats, t_missing = compact_features(torch.from_numpy(xyz))
+    assert isinstance(t_feats, torch.Tensor) and t_feats.dtype == torch.float32 and t_missing.dtype == torch.bool
+    assert t_feats.numpy().tobytes() == feats.tobytes()  # bit for bit, so the exported graph computes the same
+    np.testing.assert_array_equal(t_missing.numpy(), missing)
+    pos = normalized_positions(torch.from_numpy(xyz))
+    assert pos.dtype == torch.float32
+    assert pos.numpy().tobytes() == normalized_positions(xyz).tobytes()
+
+
+def test_compact_features_on_torch_real_files(sample_file):
+    xyz = read_landmarks(sample_file[0])
+    assert compact_features(torch.from_numpy(xyz))[0].numpy().tobytes() == compact_features(xyz)[0].tobytes()
+
+
+def test_features_from_positions_torch_int_length():
+    # One sequence with a plain int length, the form the exported graph uses (a symbolic int there).
+    pos = normalized_positions(CASES["T500"]())[:MAX_LEN]
+    out = features_from_positions(torch.from_numpy(pos), MAX_LEN)
+    np.testing.assert_array_equal(out.numpy(), features_from_positions(pos, MAX_LEN))
+    assert not out[MAX_LEN - 2 :, :, 4:].any() and out[MAX_LEN - 3, :, 4:].any()  # dx2 zero where t+2 reaches 384
+
+
+def test_numpy_features_do_not_import_torch():
+    # The pipeline's workers compute features without torch: the torch branches import it lazily.
+    code = (
+        "import sys, numpy as np\n"
+        "from pipeline.features import compact_features\n"
+        "compact_features(np.zeros((3, 543, 3), np.float32))\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

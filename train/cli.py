@@ -334,22 +334,123 @@ def evaluate_cmd(checkpoint: Path, shards: str | None, folds: str | None, device
 
 
 @main.command("predict")
-@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--top", "k", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-def predict_cmd(checkpoint: Path, files: tuple[Path, ...], k: int, device: str) -> None:
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "--checkpoint",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A training checkpoint (.pt): predict with PyTorch.",
+)
+@click.option(
+    "--model",
+    "onnx_model",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A file written by `asl-train export` (.onnx): predict with onnxruntime (the export extra).",
+)
+@click.option("--top", "k", default=5, show_default=True, type=click.IntRange(min=1), help="Signs per file.")
+@click.option(
+    "--format",
+    "fmt",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json", "csv"]),
+    help="text: 'path: sign p, ...'; json: one object a line {path, top: [[sign, p], ...], error}; "
+    "csv: a header, then path, sign_i, probability_i ..., error.",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help="For --checkpoint (an exported model runs on the CPU).",
+)
+def predict_cmd(inputs: tuple[str, ...], checkpoint: Path | None, onnx_model: Path | None, k: int, fmt: str,
+                device: str) -> None:  # fmt: skip
     """Top-k signs with probabilities for raw Kaggle landmark parquet files.
 
-    Exit status 1 when any file could not be read (the others are still predicted).
+    INPUTS are parquet files, directories (every *.parquet under them, recursively, sorted) or
+    @LIST, a text file of paths one a line (relative to the current directory; # starts a comment).
+    Give exactly one of --checkpoint or --model. Exit status 1 when any file could not be read
+    (the others are still predicted); with --format text its error goes to stderr.
     """
-    from train.predict import predict_files
+    from train.export import ExportError
+    from train.predict import (
+        CheckpointScorer,
+        OnnxScorer,
+        csv_header,
+        expand_inputs,
+        format_prediction,
+        iter_predictions,
+    )
 
+    if (checkpoint is None) == (onnx_model is None):
+        raise click.UsageError("give exactly one of --checkpoint or --model")
+    try:
+        files = expand_inputs(inputs)
+        scorer = OnnxScorer(onnx_model) if onnx_model else CheckpointScorer(checkpoint, device)
+    except (ValueError, ExportError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if fmt == "csv":
+        click.echo(csv_header(k))
     failed = 0
-    for p in predict_files(checkpoint, list(files), k=k, device=device):
-        if p.error:
-            failed += 1
-            click.echo(f"{p.path}: ERROR {p.error}", err=True)
-        else:
-            click.echo(f"{p.path}: " + ", ".join(f"{s} {q:.3f}" for s, q in p.top))
+    for p in iter_predictions(scorer, files, k=k):
+        failed += p.error is not None
+        click.echo(format_prediction(p, fmt, k), err=fmt == "text" and p.error is not None)
     sys.exit(1 if failed else 0)
+
+
+@main.command("export")
+@click.option(
+    "--checkpoint",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The training checkpoint to export (e.g. runs/NAME/best.pt).",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The ONNX file to write (e.g. model.onnx); its metadata goes beside it with .json (model.json).",
+)
+@click.option(
+    "--opset",
+    default=None,
+    type=click.IntRange(min=18),
+    help="ONNX opset version (default: the exporter's, 20 with torch 2.13; 18 to 22 pass the parity check, 23 "
+    "does not: onnxruntime 1.32's Attention kernel refuses the model's key-padding mask).",
+)
+@click.option(
+    "--ema/--no-ema",
+    default=True,
+    show_default=True,
+    help="Export the checkpoint's EMA weights when it has them, or its raw trained weights.",
+)
+@click.option(
+    "--check",
+    "check_files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A parquet file to add to the parity check (repeat the option for more).",
+)
+def export_cmd(checkpoint: Path, out: Path, opset: int | None, ema: bool, check_files: tuple[Path, ...]) -> None:
+    """Write a deployable ONNX model that takes one sequence's raw landmarks.
+
+    Input `inputs`: float32 (T, 543, 3), NaN where undetected, any T >= 1; output `outputs`:
+    float32 (n_signs,) logits; the label map is in the file's metadata and in the .json beside it.
+    The preprocessing is inside the graph. Before anything is written, onnxruntime must agree with
+    the PyTorch model (same top-1, probabilities within 1e-4) on built-in sequences (demo signing,
+    T = 1, 2, 450, a hand or the face missing throughout) and on the --check files.
+    """
+    from pipeline.read import LandmarkFileError
+    from train.export import ExportError, export_onnx
+
+    try:
+        r = export_onnx(checkpoint, out, opset=opset, use_ema=ema, check_files=check_files)
+    except (ExportError, LandmarkFileError, OSError, ValueError) as exc:  # ValueError: CheckpointError
+        raise click.ClickException(str(exc)) from None
+    worst = max(row.max_prob_diff for row in r.parity)
+    click.echo(f"parity: {len(r.parity)} sequences ({min(row.frames for row in r.parity)}.."
+               f"{max(row.frames for row in r.parity)} frames), top-1 equal, largest probability difference "
+               f"{worst:.1e}")  # fmt: skip
+    click.echo(f"wrote {r.path} ({r.size / 1e6:.2f} MB, opset {r.opset}, {r.weights} weights) and {r.metadata_path}")

@@ -1,11 +1,15 @@
-"""Inference with a trained checkpoint: raw parquet files -> top-k signs, and a validation report."""
+"""Inference: raw parquet files -> top-k signs (with a checkpoint or an exported ONNX file), and a validation report."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -16,6 +20,9 @@ from pipeline.shards import read_manifest
 from train.data import Decoded, collate, make_loader
 from train.loop import TrainConfig, load_checkpoint, model_from_checkpoint, predict_batches, resolve_device
 
+LIST_PREFIX = "@"  # `@paths.txt` on the command line: the parquet paths listed in paths.txt
+FORMATS = ("text", "json", "csv")
+
 
 @dataclass
 class Prediction:
@@ -23,31 +30,146 @@ class Prediction:
     top: list[tuple[str, float]]  # (sign, probability), best first
     error: str | None = None
 
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form: {"path", "top": [[sign, probability], ...], "error"}."""
+        return {"path": self.path, "top": [[s, q] for s, q in self.top], "error": self.error}
 
-def predict_files(checkpoint: str | Path, files: list[str | Path], k: int = 5, device: str = "auto",
+
+class Scorer(Protocol):
+    """Anything that turns raw sequences into sign probabilities."""
+
+    label_map: dict[str, int]
+
+    def probabilities(self, sequences: list[np.ndarray]) -> np.ndarray:
+        """(T_i, 543, 3) raw landmarks of each sequence -> (N, n_signs) probabilities."""
+        ...
+
+
+class CheckpointScorer:
+    """A training checkpoint's model in PyTorch, on the pipeline's numpy preprocessing, a batch at a time."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "auto", use_ema: bool = True) -> None:
+        self.device = resolve_device(device)
+        ckpt = load_checkpoint(checkpoint)
+        self.model = model_from_checkpoint(ckpt, use_ema=use_ema).to(self.device)
+        self.label_map: dict[str, int] = ckpt["label_map"]
+
+    def probabilities(self, sequences: list[np.ndarray]) -> np.ndarray:
+        samples = []
+        for xyz in sequences:
+            compact, missing = compact_features(xyz)
+            samples.append(Decoded(compact, pack_missing(missing), 0, ""))
+        _, logits = next(predict_batches(self.model, [collate(samples)], self.device))
+        return torch.softmax(logits, dim=-1).cpu().numpy()
+
+
+class OnnxScorer:
+    """A file written by `asl-train export`, run by onnxruntime one sequence at a time (its input is one sequence)."""
+
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        from train.export import OnnxClassifier
+
+        self.model = OnnxClassifier(path, threads)
+        self.label_map = self.model.label_map
+
+    def probabilities(self, sequences: list[np.ndarray]) -> np.ndarray:
+        from train.export import softmax
+
+        return np.stack([softmax(self.model.logits(xyz)) for xyz in sequences])
+
+
+def expand_inputs(args: Iterable[str | Path]) -> list[Path]:
+    """The parquet files named on a command line, in order.
+
+    A directory stands for every `*.parquet` under it (recursively, sorted); `@LIST` for the paths
+    listed in the file LIST, one a line (blank lines and lines starting with `#` skipped; relative paths
+    are relative to the current directory, as on the command line; a listed directory expands too).
+    Any other argument is a file, kept as given (a missing one is reported by the prediction).
+    """
+    files: list[Path] = []
+    for arg in args:
+        text = str(arg)
+        listed = text.startswith(LIST_PREFIX)
+        for path in _list_lines(Path(text[len(LIST_PREFIX) :])) if listed else [Path(text)]:
+            files.extend(_files_at(path))
+    return files
+
+
+def _list_lines(path: Path) -> list[Path]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the list of files ({exc.strerror or exc})") from None
+    return [Path(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _files_at(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return [path]
+    found = sorted(path.rglob("*.parquet"))
+    if not found:
+        raise ValueError(f"{path}: no *.parquet files under this directory")
+    return found
+
+
+def iter_predictions(scorer: Scorer, files: Sequence[str | Path], k: int = 5,
+                     batch_size: int = 64) -> Iterator[Prediction]:  # fmt: skip
+    """Top-k signs for each file in order, read and scored `batch_size` files at a time (memory stays flat).
+
+    A file that cannot be read gets its reason in `error` and no signs; the others are still predicted.
+    """
+    names = {v: s for s, v in scorer.label_map.items()}
+    for start in range(0, len(files), batch_size):
+        chunk = [str(f) for f in files[start : start + batch_size]]
+        results: dict[int, Prediction] = {}
+        good: list[tuple[int, np.ndarray]] = []
+        for i, path in enumerate(chunk):
+            try:
+                good.append((i, read_landmarks(path)))
+            except LandmarkFileError as exc:
+                results[i] = Prediction(path, [], exc.reason)
+        if good:
+            probs = scorer.probabilities([xyz for _, xyz in good])  # (N, n_signs)
+            for (i, _), p in zip(good, probs, strict=True):
+                best = np.argsort(-p, kind="stable")[:k]
+                results[i] = Prediction(chunk[i], [(names[int(j)], float(p[j])) for j in best])
+        yield from (results[i] for i in range(len(chunk)))
+
+
+def predict_files(checkpoint: str | Path | Scorer, files: list[str | Path], k: int = 5, device: str = "auto",
                   batch_size: int = 64) -> list[Prediction]:  # fmt: skip
-    """Top-k signs for raw Kaggle parquet files, through the pipeline's reader and preprocessing."""
-    dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt).to(dev)
-    names = {v: s for s, v in ckpt["label_map"].items()}
-    results: dict[int, Prediction] = {}
-    samples: list[tuple[int, Decoded]] = []
-    for i, path in enumerate(files):
-        try:
-            compact, missing = compact_features(read_landmarks(path))
-        except LandmarkFileError as exc:
-            results[i] = Prediction(str(path), [], exc.reason)
-            continue
-        samples.append((i, Decoded(compact, pack_missing(missing), 0, str(path))))
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        _, logits = next(predict_batches(model, [collate([s for _, s in chunk])], dev))
-        for (i, s), row in zip(chunk, logits.cpu(), strict=True):
-            probs = torch.softmax(row, dim=-1)
-            p, idx = probs.topk(min(k, len(names)))
-            results[i] = Prediction(s.key, [(names[int(j)], float(q)) for q, j in zip(p, idx, strict=True)])
-    return [results[i] for i in range(len(files))]
+    """Top-k signs for raw Kaggle parquet files, through the pipeline's reader and preprocessing.
+
+    `checkpoint`: a training checkpoint's path, or any `Scorer` (e.g. `OnnxScorer` for an exported file).
+    """
+    scorer = checkpoint if hasattr(checkpoint, "probabilities") else CheckpointScorer(checkpoint, device)
+    return list(iter_predictions(scorer, files, k=k, batch_size=batch_size))
+
+
+def csv_header(k: int) -> str:
+    """The CSV header line: path, then sign_i and probability_i for i = 1..k, then error."""
+    ranks = [f"{name}_{i}" for i in range(1, k + 1) for name in ("sign", "probability")]
+    return _csv_line(["path", *ranks, "error"])
+
+
+def format_prediction(p: Prediction, fmt: str, k: int) -> str:
+    """One line for a prediction: `text` (path: sign probability, ...), `json` (one object) or `csv` (k columns)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "json":
+        return json.dumps(p.as_dict())
+    if fmt == "csv":
+        cells = [c for sign, q in p.top for c in (sign, repr(q))]
+        return _csv_line([p.path, *cells, *[""] * (2 * k - len(cells)), p.error or ""])
+    if p.error:
+        return f"{p.path}: ERROR {p.error}"
+    return f"{p.path}: " + ", ".join(f"{s} {q:.3f}" for s, q in p.top)
+
+
+def _csv_line(cells: list[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow(cells)
+    return buf.getvalue()
 
 
 def evaluation_report(checkpoint: str | Path, shards: str | Path | None = None, folds: list[int] | None = None,

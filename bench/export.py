@@ -1,0 +1,126 @@
+"""Latency of the exported ONNX model against eager PyTorch predict, per sequence on one CPU thread, in one run.
+
+    python bench/export.py                          # an untrained default-preset model (250 signs)
+    python bench/export.py --checkpoint runs/X/best.pt --sequences 500
+
+Sequences are demo signing (`pipeline.demo.generate_sequence`) with lengths drawn from the real length
+distribution (`sample_lengths`), kept to 3..384 frames. Each sequence runs through every method in turn
+(interleaved, so machine noise hits all alike), after a warm-up; times are wall-clock per sequence:
+
+- `onnxruntime`: the exported file on the raw (T, 543, 3) landmarks, preprocessing in the graph;
+- `pytorch predict`: what `asl-train predict --checkpoint` does per sequence: the pipeline's numpy
+  preprocessing, the collate, the eager model;
+- `pytorch module`: the exported module (`LandmarkClassifier`) run eagerly: preprocessing in torch.
+
+Targets (issue 10): onnxruntime median <= 10 ms a sequence, >= 3x faster than eager PyTorch predict, file <= 10 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.demo import generate_sequence, sample_lengths
+from train.export import LandmarkClassifier, export_onnx, onnx_session
+from train.loop import TrainConfig, build_model, save_checkpoint
+from train.predict import CheckpointScorer
+
+TARGET_MS = 10.0
+TARGET_SPEEDUP = 3.0
+TARGET_MB = 10.0
+
+
+def untrained_checkpoint(path: Path, preset: str, signs: int) -> Path:
+    """A checkpoint of a freshly initialized model: timing does not depend on the weights."""
+    cfg = TrainConfig(preset=preset)
+    torch.manual_seed(0)
+    model = build_model(cfg, signs)
+    label_map = {f"sign_{i:03d}": i for i in range(signs)}
+    save_checkpoint(path, {"model": model.state_dict(), "ema": None, "config": cfg.__dict__, "label_map": label_map,
+                           "step": 0, "epoch": 0})  # fmt: skip
+    return path
+
+
+def sequences(n: int, seed: int) -> list[np.ndarray]:
+    lengths = np.clip(sample_lengths(np.random.default_rng(seed), n), 3, 384)
+    return [generate_sequence(seed, i, i % 25, i % 10, int(t))[1] for i, t in enumerate(lengths)]
+
+
+def latencies(methods: dict[str, Callable[[np.ndarray], object]], seqs: list[np.ndarray], warmup: int) -> dict:
+    """Seconds per sequence for each method, the methods interleaved sequence by sequence."""
+    for xyz in seqs[:warmup]:
+        for fn in methods.values():
+            fn(xyz)
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for xyz in seqs:
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn(xyz)
+            times[name].append(time.perf_counter() - start)
+    return {name: np.array(t) for name, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="default: an untrained model of --preset")
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--signs", type=int, default=250)
+    ap.add_argument("--sequences", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-export-"))
+    ckpt = args.checkpoint or untrained_checkpoint(tmp / "untrained.pt", args.preset, args.signs)
+    start = time.perf_counter()
+    result = export_onnx(ckpt, tmp / "model.onnx")
+    export_s = time.perf_counter() - start
+    session = onnx_session(result.path, threads=1)
+    scorer = CheckpointScorer(ckpt, device="cpu")
+    module = LandmarkClassifier(scorer.model).eval()
+
+    def run_module(xyz: np.ndarray) -> torch.Tensor:
+        with torch.no_grad():
+            return module(torch.from_numpy(xyz))
+
+    methods = {
+        "onnxruntime": lambda xyz: session.run(["outputs"], {"inputs": xyz}),
+        "pytorch predict": lambda xyz: scorer.probabilities([xyz]),
+        "pytorch module": run_module,
+    }
+    seqs = sequences(args.sequences, args.seed)
+    times = latencies(methods, seqs, args.warmup)
+    frames = np.array([len(s) for s in seqs])
+
+    params = sum(p.numel() for p in scorer.model.parameters())
+    source = ckpt if args.checkpoint else f"untrained preset {args.preset!r}"
+    print(f"{source}: {params / 1e6:.2f} M parameters, {len(scorer.label_map)} signs; "
+          f"export + parity check {export_s:.1f} s")  # fmt: skip
+    print(f"{len(seqs)} sequences, {frames.min()}..{frames.max()} frames (median {np.median(frames):.0f}, "
+          f"mean {frames.mean():.1f}), one thread, {args.warmup} warm-up")  # fmt: skip
+    base = np.median(times["onnxruntime"])
+    print(f"{'method':<18} {'median ms':>10} {'p95 ms':>8} {'mean ms':>8} {'median vs onnxruntime':>22}")
+    for name, t in times.items():
+        med = np.median(t)
+        print(f"{name:<18} {med * 1e3:>10.2f} {np.percentile(t, 95) * 1e3:>8.2f} {t.mean() * 1e3:>8.2f} "
+              f"{med / base:>21.2f}x")  # fmt: skip
+    mb = result.size / 1e6
+    speedup = np.median(times["pytorch predict"]) / base
+    print(f"file size {mb:.2f} MB (opset {result.opset})")
+    for label, ok, value in (
+        (f"onnxruntime median <= {TARGET_MS:g} ms", base * 1e3 <= TARGET_MS, f"{base * 1e3:.2f} ms"),
+        (f">= {TARGET_SPEEDUP:g}x faster than eager PyTorch predict", speedup >= TARGET_SPEEDUP, f"{speedup:.2f}x"),
+        (f"file <= {TARGET_MB:g} MB", mb <= TARGET_MB, f"{mb:.2f} MB"),
+    ):
+        print(f"target: {label} -> {value} {'PASS' if ok else 'MISS'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""Deployable models: a checkpoint as one ONNX file that takes the raw landmarks of one sequence.
+
+The graph holds the whole route after the reader, from the same code the pipeline and the trainer
+run: `pipeline.features.compact_features` (landmark selection, normalization with NaN-aware
+statistics over the whole sequence, truncation at 384, dx/dx2, NaN -> 0) applied to a torch tensor,
+then the network. Contract of the file:
+
+- input `inputs`: float32 `(T, 543, 3)`, NaN for undetected points, any `T >= 1`;
+- output `outputs`: float32 `(n_signs,)` logits;
+- `metadata_props` hold the label map (`label_map`, JSON `{sign: index}`) and how the file was made;
+  the same, with the file's sha256, is written beside it as JSON (`model.onnx` -> `model.json`).
+
+onnx, onnxscript and onnxruntime come with the `export` extra and are imported only when needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.features import FEATURES_VERSION, compact_features
+from pipeline.landmarks import N_RAW, TYPE_OFFSETS, TYPE_SIZES
+from pipeline.read import read_landmarks
+from pipeline.shards import write_atomic
+from train.loop import load_checkpoint, model_from_checkpoint
+from train.model import SignModel
+
+INPUT_NAME = "inputs"
+OUTPUT_NAME = "outputs"
+FRAMES_AXIS = "frames"  # name of the dynamic first axis of `inputs` in the ONNX file
+PROB_TOLERANCE = 1e-4  # largest difference of probabilities the parity check accepts
+EXTRA_HINT = "pip install -e '.[export]'"
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported, or the exported file disagrees with the PyTorch model."""
+
+
+class LandmarkClassifier(nn.Module):
+    """Raw landmarks of one sequence (T, 543, 3), NaN where missing -> logits (n_signs,).
+
+    The pipeline's `compact_features` on the tensor, then the network on the real frames (no padding).
+    With `fast_convs`, the network's Conv1d layers run as the equivalent Conv2d (`Conv1dAs2d`).
+    """
+
+    def __init__(self, model: SignModel, fast_convs: bool = False) -> None:
+        super().__init__()
+        self.model = with_conv2d(model) if fast_convs else model
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        x, _ = compact_features(inputs, self.model.cfg.max_len)  # (L, 118, 6), L = min(T, 384)
+        mask = torch.ones(x.shape[:1], dtype=torch.bool, device=x.device)  # (L,) every frame is real
+        return self.model(x[None], mask[None])[0]  # (n_signs,)
+
+
+class Conv1dAs2d(nn.Module):
+    """A Conv1d computed as a Conv2d over a (B, C, 1, T) view, with the same weights.
+
+    The same arithmetic; it exists because onnxruntime's CPU kernels for a 1-D depthwise convolution are
+    several times slower than its 2-D ones (about 106 against 15 us for 384 channels, kernel 17, 20 frames).
+    """
+
+    def __init__(self, conv: nn.Conv1d) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"only zero padding given as a number is supported, not {conv}")
+        self.weight = conv.weight  # (C_out, C_in / groups, K), shared: no copy
+        self.bias = conv.bias
+        self.stride, self.padding, self.dilation = (1, *conv.stride), (0, *conv.padding), (1, *conv.dilation)
+        self.groups = conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x.unsqueeze(-2), self.weight.unsqueeze(-2), self.bias, self.stride, self.padding, self.dilation,
+                     self.groups)  # fmt: skip
+        return y.squeeze(-2)  # (B, C_out, T')
+
+
+def with_conv2d(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose Conv1d layers are `Conv1dAs2d` sharing their weights."""
+    model = copy.copy(model)  # shallow: parameters are shared, the module tree below is replaced
+    model._modules = {name: Conv1dAs2d(m) if isinstance(m, nn.Conv1d) else with_conv2d(m)
+                      for name, m in model._modules.items()}  # fmt: skip
+    return model
+
+
+@dataclass
+class ParityRow:
+    """One sequence of the parity check: onnxruntime against the PyTorch model on the pipeline's features."""
+
+    name: str
+    frames: int
+    top1_torch: str
+    top1_onnx: str
+    max_prob_diff: float
+
+    @property
+    def ok(self) -> bool:
+        return self.top1_torch == self.top1_onnx and self.max_prob_diff <= PROB_TOLERANCE
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    metadata_path: Path
+    size: int  # bytes of the ONNX file
+    opset: int
+    weights: str  # "ema" or "model"
+    parity: list[ParityRow] = field(default_factory=list)
+
+
+def require(module: str) -> Any:
+    """Import one of the `export` extra's packages, or fail with the command that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ExportError(f"{module} is not installed; it comes with the export extra: {EXTRA_HINT}") from None
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, opset: int | None = None, use_ema: bool = True,
+                check_files: Sequence[str | Path] = ()) -> ExportResult:  # fmt: skip
+    """Write `out` (.onnx) and its metadata JSON from a checkpoint, after a parity check passes.
+
+    The check runs the serialized model with onnxruntime on built-in sequences (demo signing of several
+    lengths and the edge cases: T = 1, 2, past 384, a hand or the face missing throughout) and on
+    `check_files`; nothing is written when it fails.
+    """
+    for module in ("onnxscript", "onnx", "onnxruntime"):  # fail before any work when the extra is missing
+        require(module)
+    out = Path(out)
+    checks = [(str(p), read_landmarks(p)) for p in check_files] + list(builtin_sequences())  # bad files fail first
+    ckpt = load_checkpoint(checkpoint)
+    weights = "ema" if use_ema and ckpt.get("ema") else "model"
+    model = model_from_checkpoint(ckpt, use_ema=use_ema)
+    label_map: dict[str, int] = ckpt["label_map"]
+    metadata = {
+        "label_map": label_map,
+        "input": f"{INPUT_NAME}: float32 ({FRAMES_AXIS}, {N_RAW}, 3) raw landmarks, NaN where undetected, "
+        f"{FRAMES_AXIS} >= 1",
+        "output": f"{OUTPUT_NAME}: float32 ({len(label_map)},) logits, indexed by label_map",
+        "features_version": FEATURES_VERSION,
+        "max_len": model.cfg.max_len,
+        "preset": ckpt["config"].get("preset"),
+        "weights": weights,
+        "step": ckpt.get("step"),
+        "epoch": ckpt.get("epoch"),
+    }
+    data, opset_used = onnx_bytes(LandmarkClassifier(model, fast_convs=True).eval(), metadata, opset)
+    session = onnx_session(data)
+    parity = parity_rows(session, model, label_map, checks)
+    bad = [r for r in parity if not r.ok]
+    if bad:
+        worst = max(bad, key=lambda r: r.max_prob_diff)
+        raise ExportError(
+            f"parity check failed on {len(bad)} of {len(parity)} sequences, e.g. {worst.name} ({worst.frames} frames): "
+            f"top-1 {worst.top1_onnx!r} (onnxruntime) vs {worst.top1_torch!r} (PyTorch), largest probability "
+            f"difference {worst.max_prob_diff:.2e} (tolerance {PROB_TOLERANCE:g}); nothing was written"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, data)
+    meta_path = out.with_suffix(".json")
+    sidecar = {"model": out.name, "sha256": hashlib.sha256(data).hexdigest(), "opset": opset_used, **metadata}
+    write_atomic(meta_path, (json.dumps(sidecar, indent=2) + "\n").encode())
+    return ExportResult(out, meta_path, len(data), opset_used, weights, parity)
+
+
+def onnx_bytes(module: nn.Module, metadata: dict[str, Any], opset: int | None = None) -> tuple[bytes, int]:
+    """The serialized ONNX model of `module` with `metadata` in metadata_props, and its opset.
+
+    `torch.export` with a dynamic frame axis first, so that any specialization on the length fails
+    here instead of freezing the graph to the example's length; then the torch.export-based ONNX exporter.
+    """
+    example = torch.from_numpy(next(s for _, s in builtin_sequences()))
+    # Dim.DYNAMIC fails the export if the length gets specialized. torch.export itself proves the graph
+    # for T >= 2 (it never treats a size of 1 as general); T = 1 is in every parity check instead.
+    with _quiet_exporter():
+        dims = {INPUT_NAME: {0: torch.export.Dim.DYNAMIC}}
+        program = torch.export.export(module, (example,), dynamic_shapes=dims)
+        frames = next(iter(program.range_constraints.values()))
+        if frames.lower > 2 or frames.upper < sys.maxsize:  # unbounded above: int_oo
+            raise ExportError(f"the exported graph accepts only {frames.lower}..{frames.upper} frames, not any T >= 1")
+        onnx_program = torch.onnx.export(program, (), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                         opset_version=opset, external_data=False, verbose=False)  # fmt: skip
+    proto = onnx_program.model_proto
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = FRAMES_AXIS
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    opset_used = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return proto.SerializeToString(), opset_used
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporters' progress lines, their notes on absent torchvision operators and torch's
+    internal deprecation warnings: none of them is about this model, and real errors still raise."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]  # the optimizer logs each rewrite
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(None), warnings.catch_warnings():  # "[torch.onnx] ..." goes to stdout
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+# ---------------------------------------------------------------------------- parity
+
+
+def builtin_sequences() -> Iterator[tuple[str, np.ndarray]]:
+    """(name, (T, 543, 3) float32) demo signing of several lengths and the edge cases of the preprocessing."""
+    from pipeline.demo import generate_sequence
+
+    def demo(index: int, frames: int) -> np.ndarray:
+        return generate_sequence(0, index, index % 5, index % 3, frames)[1]
+
+    for i, frames in enumerate((23, 57, 140, 384)):
+        yield f"demo {frames} frames", demo(i, frames)
+    yield "T = 1", demo(10, 1)
+    yield "T = 2", demo(11, 2)
+    yield "T = 450 (truncated at 384)", demo(12, 450)
+    for hand in ("left_hand", "right_hand"):
+        xyz = demo(13, 40)
+        xyz[:, TYPE_OFFSETS[hand] : TYPE_OFFSETS[hand] + TYPE_SIZES[hand]] = np.nan
+        yield f"{hand} missing in every frame", xyz
+    xyz = demo(14, 30)
+    xyz[:, : TYPE_SIZES["face"]] = np.nan  # the reference landmark too: origin 0.5
+    yield "face missing in every frame", xyz
+
+
+def torch_logits(model: SignModel, xyz: np.ndarray) -> np.ndarray:
+    """(n_signs,) logits of the PyTorch model on the pipeline's numpy preprocessing of one sequence."""
+    x, _ = compact_features(xyz, model.cfg.max_len)  # (L, 118, 6)
+    with torch.no_grad():
+        return model(torch.from_numpy(x)[None], torch.ones(1, len(x), dtype=torch.bool))[0].numpy()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def parity_rows(session: Any, model: SignModel, label_map: dict[str, int],
+                sequences: Sequence[tuple[str, np.ndarray]]) -> list[ParityRow]:  # fmt: skip
+    """Compare onnxruntime's probabilities with the PyTorch model's on every sequence."""
+    names = {v: s for s, v in label_map.items()}
+    rows = []
+    for name, xyz in sequences:
+        p_torch = softmax(torch_logits(model, xyz))
+        try:
+            p_onnx = softmax(session.run([OUTPUT_NAME], {INPUT_NAME: xyz})[0])
+        except Exception as exc:  # onnxruntime's own error classes share no useful base
+            raise ExportError(f"onnxruntime cannot run the exported model on '{name}' ({len(xyz)} frames): "
+                              f"{str(exc).splitlines()[0][:300]}; nothing was written") from None  # fmt: skip
+        rows.append(ParityRow(name, len(xyz), names[int(p_torch.argmax())], names[int(p_onnx.argmax())],
+                              float(np.abs(p_torch - p_onnx).max())))  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------- running an exported file
+
+
+def onnx_session(model: bytes | str | Path, threads: int = 0) -> Any:
+    """An onnxruntime CPU session (`threads` intra-op threads; 0: onnxruntime's default)."""
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 4  # fatal only: errors reach the caller as exceptions, said once
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+class OnnxClassifier:
+    """An exported file ready to run: `logits(xyz)` for one (T, 543, 3) sequence, and its label map."""
+
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        require("onnxruntime")
+        try:
+            self.session = onnx_session(path, threads)
+        except Exception as exc:  # onnxruntime's own classes (NoSuchFile, InvalidProtobuf, ...) share no base
+            raise ExportError(f"{path}: not a model onnxruntime can load ({exc})") from None
+        self.label_map = label_map_of(self.session, path)
+
+    def logits(self, xyz: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.asarray(xyz, dtype=np.float32)})[0]
+
+
+def label_map_of(session: Any, path: str | Path = "model") -> dict[str, int]:
+    """The label map stored in an exported file's metadata_props."""
+    raw = session.get_modelmeta().custom_metadata_map.get("label_map")
+    if raw is None:
+        raise ExportError(f"{path}: no label_map in its metadata (not written by `asl-train export`)")
+    return json.loads(raw)
