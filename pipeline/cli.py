@@ -40,7 +40,11 @@ def main(verbose: bool) -> None:
 @click.option("--jobs", "-j", default=0, show_default="all cores", type=int, help="Parallel worker processes.")
 @click.option("--shard-size", default=500, show_default=True, type=click.IntRange(min=1), help="Samples per shard.")
 @click.option(
-    "--folds", default=5, show_default=True, type=click.IntRange(min=1), help="Folds, grouped by participant."
+    "--folds",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Folds, grouped by participant; at least 2 (1 is refused with what to do instead).",
 )
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option(
@@ -51,17 +55,27 @@ def main(verbose: bool) -> None:
     help="compact: real frames only (L,118,6); padded: (384,118,6) + mask.npy.",
 )
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Use only the first N rows of train.csv.")
+@click.option(
+    "--max-file-mb",
+    default=build_mod.MAX_FILE_MB,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Reject landmark files larger than this (MiB; the real ones are under 10).",
+)
 @click.option("--force", is_flag=True, help="Delete shards built with other options or inputs and rebuild.")
 def build_shards_cmd(data_dir: Path, out: Path, jobs: int, shard_size: int, folds: int, dtype: str, layout: str,
-                     limit: int | None, force: bool) -> None:  # fmt: skip
+                     limit: int | None, max_file_mb: int, force: bool) -> None:  # fmt: skip
     """Preprocess every sequence into (L, 118, 6) features and write fold-tagged tar shards.
 
     Resumable: a rerun builds only missing or incomplete shards; an identical rerun does
-    nothing. Exit status: 0 all inputs written, 3 finished but some inputs were rejected
-    (listed in OUT/rejects.jsonl and the manifest), 1 nothing built (bad train.csv or
-    options that clash with existing shards).
+    nothing. A bad landmark file is rejected with its reason and the rest still built.
+    Exit status: 0 all inputs written, 3 finished but some inputs were rejected (listed in
+    OUT/rejects.jsonl and the manifest), 1 stopped with one line: a bad train.csv or label
+    map, options that clash with existing shards, another build writing to OUT, or OUT not
+    writable or full.
     """
-    opts = build_mod.BuildOptions(shard_size=shard_size, folds=folds, dtype=dtype, layout=layout, limit=limit)
+    opts = build_mod.BuildOptions(shard_size=shard_size, folds=folds, dtype=dtype, layout=layout, limit=limit,
+                                  max_file_mb=max_file_mb)  # fmt: skip
     jobs = jobs if jobs > 0 else (os.cpu_count() or 1)
     start = time.perf_counter()
     with tqdm(unit="file", desc="build-shards", dynamic_ncols=True, disable=None) as bar:
