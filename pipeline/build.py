@@ -407,13 +407,21 @@ def build_shards(
         raise BuildError(f"{out}: cannot write the output ({where}{exc.strerror or exc})") from None
 
 
+def folds_problem(folds: int) -> str | None:
+    """Why `folds` cannot be built, with what to do instead; None for 2 or more."""
+    if folds >= 2:
+        return None
+    what = "puts every participant in one fold and leaves" if folds == 1 else "leaves"
+    return (
+        f"--folds {folds} {what} none for validation: build with --folds 2 or more (default 5) and choose "
+        "at training time which folds validate (asl-train --val-folds; --val-folds none trains on every fold)"
+    )
+
+
 def _check_options(opts: BuildOptions) -> None:
-    if opts.folds == 1:
-        raise BuildError(
-            "--folds 1 puts every participant in one fold and leaves none for validation: build with "
-            "--folds 2 or more (default 5) and choose at training time which folds validate "
-            "(asl-train --val-folds; --val-folds none trains on every fold)"
-        )
+    problem = folds_problem(opts.folds)
+    if problem:
+        raise BuildError(problem)
     if opts.dtype not in DTYPES or opts.layout not in LAYOUTS or min(opts.shard_size, opts.folds, opts.max_file_mb) < 1:
         raise BuildError(f"invalid options {opts}")
 

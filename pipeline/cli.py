@@ -23,6 +23,14 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
 
 
+def _valid_folds(folds: int) -> int:
+    """`--folds`, or a usage error saying what to do instead."""
+    problem = build_mod.folds_problem(folds)
+    if problem:
+        raise click.BadParameter(problem)
+    return folds
+
+
 @main.command("build-shards")
 @click.option(
     "--data-dir",
@@ -43,8 +51,9 @@ def main(verbose: bool) -> None:
     "--folds",
     default=5,
     show_default=True,
-    type=click.IntRange(min=1),
-    help="Folds, grouped by participant; at least 2 (1 is refused with what to do instead).",
+    type=int,
+    callback=lambda ctx, param, value: _valid_folds(value),
+    help="Folds, grouped by participant; 2 or more (the trainer chooses which validate, or none).",
 )
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option(

@@ -466,10 +466,15 @@ def test_unusable_train_csv_or_label_map_stops_with_one_line(tmp_path: Path, dat
 def test_one_fold_is_refused_with_what_to_do_instead(tmp_path: Path, data: Path):
     out = tmp_path / "out"
     result = build(data, out, "--folds", "1")
-    check_exit(result, 1)
-    assert result.output.count("\n") == 1
-    assert "--folds 1 puts every participant in one fold and leaves none for validation" in result.output
-    assert "--folds 2 or more" in result.output and "--val-folds none" in result.output
+    check_exit(result, 2)  # a usage error, before any work
+    assert result.output.endswith(
+        "Error: Invalid value for '--folds': --folds 1 puts every participant in one fold and leaves none for "
+        "validation: build with --folds 2 or more (default 5) and choose at training time which folds validate "
+        "(asl-train --val-folds; --val-folds none trains on every fold)\n"
+    ), result.output
+    assert not out.exists()
+    with pytest.raises(build_mod.BuildError, match="--folds 0 leaves none for validation"):
+        build_mod.build_shards(data, out, build_mod.BuildOptions(folds=0))
     assert not out.exists()
 
 
