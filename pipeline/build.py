@@ -37,7 +37,7 @@ from joblib import Parallel, delayed
 
 from pipeline.features import FEATURES_VERSION, MAX_LEN, N_CHANNELS, REFERENCE_FALLBACK, compact_features
 from pipeline.landmarks import POINT_LANDMARKS, REFERENCE_LANDMARK
-from pipeline.read import MAX_FILE_MB, MB, InputFileError, file_problem, read_file, read_landmarks
+from pipeline.read import MAX_FILE_MB, MB, InputFileError, clip, file_problem, quote, read_file, read_landmarks
 from pipeline.shards import (
     DTYPES,
     FORMAT_VERSION,
@@ -166,17 +166,17 @@ def _row_problem(
     if empty:
         return f"empty {', '.join(empty)}"
     if sign not in label_map:
-        return f"unknown sign {sign!r} (not in {LABEL_MAP})"
+        return f"unknown sign {quote(sign)} (not in {LABEL_MAP})"
     if not _ASCII_DIGITS.fullmatch(sequence):
-        return f"sequence_id {sequence!r} is not a non-negative integer in ASCII digits"
+        return f"sequence_id {quote(sequence)} is not a non-negative integer in ASCII digits"
     if len(sequence) > 1 and sequence[0] == "0":
-        return f"sequence_id {sequence!r} has leading zeros (would be a second name for {sequence.lstrip('0') or '0'})"
+        return f"sequence_id {quote(sequence)} has leading zeros (a second name for {sequence.lstrip('0') or '0'})"
     if len(sequence) > MAX_ID_DIGITS:
         return f"sequence_id of {len(sequence)} digits is longer than {MAX_ID_DIGITS} (a tar member name's limit)"
     if sequence in seen:
         return f"duplicate sequence_id (first at train.csv line {seen[sequence]})"
     if _escapes(path):
-        return f"path {path!r} escapes the data directory"
+        return f"path {quote(path)} escapes the data directory"
     return None
 
 
@@ -209,6 +209,8 @@ def _csv_records(path: Path, raw: bytes, limit: int | None) -> tuple[list[str], 
     reader = csv.reader(io.StringIO(_text(path, raw), newline=""), strict=True)
     records: list[tuple[int, list[str]]] = []
     line = 1
+    # csv's default 128 kB field limit would stop the build over one row's overlong field: judge that row instead
+    field_limit = csv.field_size_limit(INDEX_MAX_BYTES)
     try:
         for fields in reader:
             if fields:
@@ -219,12 +221,14 @@ def _csv_records(path: Path, raw: bytes, limit: int | None) -> tuple[list[str], 
     except csv.Error as exc:
         hint = " (an unterminated quote?)" if "end of data" in str(exc) else ""
         raise BuildError(f"{path}: malformed CSV in the row starting at line {line}: {exc}{hint}") from None
+    finally:
+        csv.field_size_limit(field_limit)
     if not records:
         raise BuildError(f"{path}: empty (expected the header {','.join(CSV_COLUMNS)} and one row per sequence)")
     (_, header), records = records[0], records[1:]
     absent = [c for c in CSV_COLUMNS if c not in header]
     if absent:
-        raise BuildError(f"{path}: missing column(s) {', '.join(absent)} (has: {', '.join(header)})")
+        raise BuildError(f"{path}: missing column(s) {', '.join(absent)} (has: {clip(', '.join(header))})")
     repeated = sorted({c for c in CSV_COLUMNS if header.count(c) > 1})
     if repeated:
         raise BuildError(f"{path}: column {repeated[0]!r} appears more than once in the header")
@@ -526,7 +530,9 @@ def _sample_members(row: Row, fold: int, opts: BuildOptions) -> tuple[list[tuple
 def _reason(exc: Exception) -> str:
     """The reject reason for an exception raised by one input: its own reason, or its type and message."""
     reason = getattr(exc, "reason", None)
-    return reason if isinstance(reason, str) else f"could not be processed ({type(exc).__name__}: {exc})"
+    return (
+        reason if isinstance(reason, str) else f"could not be processed ({type(exc).__name__}: {clip(str(exc), 300)})"
+    )
 
 
 def _config(opts: BuildOptions, index: Index) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from pipeline import build as build_mod
 from pipeline.features import MAX_LEN
+from pipeline.read import clip
 from pipeline.shards import manifest_stats, read_manifest, verify_shards
 
 
@@ -113,7 +114,7 @@ def build_shards_cmd(data_dir: Path, out: Path, jobs: int, shard_size: int, fold
     )
     if result.rejects:
         for r in result.rejects[:10]:
-            click.echo(f"  rejected {r['path']}: {r['reason']}", err=True)
+            click.echo(f"  rejected {clip(r['path'], 200)}: {r['reason']}", err=True)
         if len(result.rejects) > 10:
             click.echo(f"  ... {len(result.rejects) - 10} more in {out / 'rejects.jsonl'}", err=True)
     sys.exit(result.exit_code)

@@ -31,6 +31,12 @@ _KINDS = {
 # Real landmark files are under 10 MB; the limit keeps a huge or endless input from exhausting memory.
 MAX_FILE_MB = 64
 MB = 1 << 20  # the unit of --max-file-mb
+# The limit also bounds what a file decodes to, since a small file can declare a huge table: its rows
+# at the 24 bytes of the Kaggle files' float64 x, y, z, and its needed columns uncompressed, each at most
+# DECODED_FACTOR x the limit (real files: 0.9x and 1.0x their own size).
+BYTES_PER_ROW = 24
+DECODED_FACTOR = 2
+_NEEDED = ("frame", "type", "landmark_index", "x", "y", "z")
 
 
 class InputFileError(ValueError):
@@ -113,7 +119,7 @@ def read_landmarks(path: str | Path, coords: str = "xyz", max_bytes: int = MAX_F
             raise
         raise LandmarkFileError(path, exc.reason) from None
     except pa.ArrowException as exc:  # pyarrow's answer to data the checks above did not foresee
-        raise LandmarkFileError(path, f"not a readable landmark file ({exc})") from None
+        raise LandmarkFileError(path, f"not a readable landmark file ({clip(str(exc), 200)})") from None
 
 
 def _landmarks(path: str | Path, coords: str, max_bytes: int) -> np.ndarray:
@@ -176,11 +182,15 @@ def _read_table(path: str | Path, coords: str, max_bytes: int) -> tuple[pq.Parqu
         schema = pf.schema_arrow
         for name, (kind, ok) in _KINDS.items():
             if name not in schema.names:
-                raise LandmarkFileError(path, f"missing column '{name}' (columns: {', '.join(schema.names)})")
+                raise LandmarkFileError(path, f"missing column '{name}' (columns: {clip(', '.join(schema.names))})")
             if schema.names.count(name) > 1:
                 raise LandmarkFileError(path, f"column '{name}' appears more than once")
-            if not ok(schema.field(name).type):
-                raise LandmarkFileError(path, f"column '{name}' is {schema.field(name).type}, expected {kind}")
+            kind_found = schema.field(name).type
+            if not ok(kind_found):
+                raise LandmarkFileError(path, f"column '{name}' is {clip(str(kind_found))}, expected {kind}")
+        problem = _decoded_size_problem(pf.metadata, max_bytes)
+        if problem:
+            raise LandmarkFileError(path, problem)
         table = pf.read(columns=["frame", "type", "landmark_index", *coords], use_threads=False)
         for name in ("frame", "type", "landmark_index"):
             if table.column(name).null_count:
@@ -189,7 +199,28 @@ def _read_table(path: str | Path, coords: str, max_bytes: int) -> tuple[pq.Parqu
     except LandmarkFileError:
         raise
     except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: e.g. undecodable names in the metadata
-        raise LandmarkFileError(path, f"not a readable parquet file ({exc})") from None
+        raise LandmarkFileError(path, f"not a readable parquet file ({clip(str(exc), 200)})") from None
+
+
+def _decoded_size_problem(metadata: pq.FileMetaData, max_bytes: int) -> str | None:
+    """Why the file, small as it is, would decode to more than `max_bytes` allows (from its metadata), or None."""
+    rows, bound = metadata.num_rows, DECODED_FACTOR * max_bytes
+    if rows * BYTES_PER_ROW > bound:
+        return (
+            f"{rows} rows ({rows // N_RAW} frames) decode to more than the {max_bytes / MB:g} MB limit allows "
+            f"(--max-file-mb; at most {bound // BYTES_PER_ROW // N_RAW} frames)"
+        )
+    unpacked = 0
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        unpacked += sum(c.total_uncompressed_size for c in map(group.column, range(group.num_columns))
+                        if c.path_in_schema in _NEEDED)  # fmt: skip
+    if unpacked > bound:
+        return (
+            f"columns decompress to {unpacked / MB:.1f} MB, more than the {max_bytes / MB:g} MB limit allows "
+            f"(--max-file-mb; at most {DECODED_FACTOR}x)"
+        )
+    return None
 
 
 def _check_types(path: str | Path, column: pa.ChunkedArray, frames: int) -> None:
@@ -200,7 +231,7 @@ def _check_types(path: str | Path, column: pa.ChunkedArray, frames: int) -> None
     names = column.dictionary.to_pylist()
     unknown = sorted(set(names) - set(TYPES), key=str)
     if unknown:
-        raise LandmarkFileError(path, f"unknown landmark type {unknown[0]!r} (expected {', '.join(TYPES)})")
+        raise LandmarkFileError(path, f"unknown landmark type {quote(unknown[0])} (expected {', '.join(TYPES)})")
     codes = column.indices.to_numpy(zero_copy_only=False).reshape(frames, N_RAW)
     if names != list(TYPES):  # dictionary in another order: translate to our codes
         codes = np.array([TYPES.index(name) for name in names])[codes]
@@ -220,3 +251,13 @@ def _check_frames(path: str | Path, frame: np.ndarray, frames: int) -> None:
     first = blocks[:, 0].astype(np.int64)
     if frames > 1 and (np.diff(first) <= 0).any():
         raise LandmarkFileError(path, "frame numbers are not strictly increasing")
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """`text` cut to `limit` characters: a reason quoting an input's content stays one short line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def quote(value: object, limit: int = 80) -> str:
+    """`repr(value)`, clipped."""
+    return clip(repr(value), limit)

@@ -34,7 +34,7 @@ from pipeline import shards as shards_mod
 from pipeline.build import LOCK, MAX_ID_DIGITS, output_lock
 from pipeline.cli import main
 from pipeline.features import compact_features
-from pipeline.read import read_landmarks
+from pipeline.read import clip, read_landmarks
 from pipeline.shards import iter_members, iter_samples, verify_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,6 +197,10 @@ def _same_file_via_symlink(data: Path) -> str:
     return f"{BAD}/alias.parquet"
 
 
+def _path_of_200_kb(data: Path) -> str:
+    return "a/" * 100_000 + "x.parquet"
+
+
 def _float16_inf_in_z(data: Path) -> str:
     """float16 coordinates (accepted) with one inf in z, which the features never decode (float16 statistics)."""
     table = pq.read_table(data / SHORT)
@@ -222,6 +226,7 @@ FILE_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
     "same-file-other-spelling": (_same_path_spelled_otherwise, "same file as train.csv line 4 (sequence_id 239181)"),
     "same-file-via-symlink": (_same_file_via_symlink, "same file as train.csv line 4 (sequence_id 239181)"),
     "float16-with-inf": (_float16_inf_in_z, "infinite coordinate values"),
+    "path-of-200-kb": (_path_of_200_kb, "cannot stat (File name too long)"),
 }
 
 
@@ -237,7 +242,7 @@ def test_bad_landmark_file_is_rejected_and_the_rest_lands(tmp_path: Path, data: 
     check_exit(result, 3)
     (reject,) = rejects_of(out)
     assert (reject["sequence_id"], reject["path"]) == ("5000", path) and phrase in reject["reason"], reject
-    assert f"rejected {path}: {reject['reason']}" in result.output
+    assert f"rejected {clip(path, 200)}: {reject['reason']}" in result.output
     assert landed(out) == good_ids()
 
 
@@ -260,6 +265,7 @@ ROW_CASES: dict[str, tuple[str, str]] = {
         f"sequence_id of {MAX_ID_DIGITS + 1} digits is longer than {MAX_ID_DIGITS}",
     ),
     "unknown-sign": (f"{BAD}/x.parquet,22343,5000,not_a_sign", "unknown sign 'not_a_sign'"),
+    "sign-of-200-kb": (f"{BAD}/x.parquet,22343,5000,{'x' * 200_000}", f"unknown sign '{'x' * 76}... (not in"),
     "duplicate-id": (f"{BAD}/x.parquet,22343,239181,hello", "duplicate sequence_id (first at train.csv line 4)"),
     "absolute-path": ("/etc/passwd,22343,5000,hello", "path '/etc/passwd' escapes the data directory"),
     "climbing-path": (
@@ -279,6 +285,7 @@ def test_bad_train_csv_row_is_rejected_and_the_rest_lands(tmp_path: Path, data: 
     check_exit(result, 3)
     (reject,) = rejects_of(out)
     assert reject["reason"].startswith(f"train.csv line 5: {phrase}"), reject
+    assert len(reject["reason"]) < 200, "a reason quoting the row is clipped"
     assert f"rejected {reject['path']}: {reject['reason']}" in result.output
     assert landed(out) == good_ids()
 
@@ -314,6 +321,20 @@ def test_longest_allowed_id_and_links_inside_the_data_dir_are_accepted(tmp_path:
     out = tmp_path / "out"
     check_exit(build(tmp_path / "data-link", out), 0)
     assert landed(out) == sorted([*good_ids(), longest])
+
+
+def test_train_csv_as_a_spreadsheet_saves_it_is_accepted(tmp_path: Path, data: Path):
+    """A byte order mark, CRLF line ends, quoted fields, extra columns in another order, blank lines: all fine."""
+    with open(SAMPLE / "train.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    lines = ["note,sign,sequence_id,participant_id,path"] + [
+        f'"a, note",{r["sign"]},{r["sequence_id"]},"{r["participant_id"]}",{r["path"]}' for r in rows
+    ]
+    (data / "train.csv").unlink()
+    (data / "train.csv").write_bytes(b"\xef\xbb\xbf" + ("\r\n".join(lines) + "\r\n\r\n").encode())
+    out = tmp_path / "out"
+    check_exit(build(data, out), 0)
+    assert landed(out) == good_ids()
 
 
 def test_raising_max_file_mb_rebuilds_only_the_rejected_files_shard(tmp_path: Path, data: Path):

@@ -426,3 +426,45 @@ def test_file_growing_while_read_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fstat", stale_fstat)
     with pytest.raises(InputFileError, match="file grew while being read"):
         read_file(path, 1000)
+
+
+def small_file_of_a_huge_table(tmp_path: Path, frames: int, type_name: str = "face") -> Path:
+    """A parquet file of `frames` constant frames: compressed, it stays small whatever it decodes to."""
+    n = frames * ROWS
+    table = pa.table({
+        "frame": pa.array(np.repeat(np.arange(frames, dtype=np.int16), ROWS)),
+        "row_id": pa.array(["0-face-0"] * n),
+        "type": pa.DictionaryArray.from_arrays(np.zeros(n, dtype=np.int32), [type_name]),
+        "landmark_index": pa.array(np.zeros(n, dtype=np.int16)),
+        **{c: pa.array(np.zeros(n)) for c in "xyz"},
+    })  # fmt: skip
+    path = tmp_path / "bomb.parquet"
+    pq.write_table(table, path, compression="zstd")
+    return path
+
+
+def test_small_file_declaring_too_many_rows_is_refused_before_decoding(tmp_path):
+    path = small_file_of_a_huge_table(tmp_path, frames=200)  # 108,600 rows: 2.6 MB at 24 bytes a row
+    assert path.stat().st_size < MB // 4
+    err = reject_with(path, MB)
+    assert (
+        err.reason
+        == "108600 rows (200 frames) decode to more than the 1 MB limit allows (--max-file-mb; at most 160 frames)"
+    )
+    with pytest.raises(LandmarkFileError, match="frame block 0: rows not in the order"):  # a larger limit admits it
+        read_landmarks(path, max_bytes=2 * MB)
+
+
+def test_small_file_decompressing_past_the_limit_is_refused(tmp_path):
+    path = small_file_of_a_huge_table(tmp_path, frames=1, type_name="f" * (3 * MB))  # one 3 MB string
+    assert path.stat().st_size < MB // 4
+    err = reject_with(path, MB)
+    assert err.reason.startswith("columns decompress to 3.0 MB, more than the 1 MB limit allows")
+
+
+def test_reason_quoting_the_file_is_clipped(good_table, write_parquet):
+    long_type = "hand" * 1000
+    types = good_table.column("type").to_pylist()
+    types[5] = long_type
+    err = reject(write_parquet(with_column(good_table, "type", pa.array(types))), "unknown landmark type 'handhand")
+    assert len(err.reason) < 200
