@@ -114,10 +114,6 @@ def read_landmarks(path: str | Path, coords: str = "xyz", max_bytes: int = MAX_F
         raise ValueError(f"coords must be letters of 'xyz', got {coords!r}")
     try:
         return _landmarks(path, coords, max_bytes)
-    except InputFileError as exc:
-        if isinstance(exc, LandmarkFileError):
-            raise
-        raise LandmarkFileError(path, exc.reason) from None
     except pa.ArrowException as exc:  # pyarrow's answer to data the checks above did not foresee
         raise LandmarkFileError(path, f"not a readable landmark file ({clip(str(exc), 200)})") from None
 
@@ -173,7 +169,10 @@ def _read_table(path: str | Path, coords: str, max_bytes: int) -> tuple[pq.Parqu
     """The needed columns, after checking the schema; unreadable files become LandmarkFileError."""
     # One read of the whole file, then decoding in this thread: cheaper than pyarrow's own
     # file access and thread pool when many reader processes share the cores.
-    buffer = pa.BufferReader(read_file(path, max_bytes))
+    try:
+        buffer = pa.BufferReader(read_file(path, max_bytes))
+    except InputFileError as exc:
+        raise LandmarkFileError(path, exc.reason) from None
     try:
         try:
             pf = pq.ParquetFile(buffer, read_dictionary=["type"])
@@ -210,11 +209,9 @@ def _decoded_size_problem(metadata: pq.FileMetaData, max_bytes: int) -> str | No
             f"{rows} rows ({rows // N_RAW} frames) decode to more than the {max_bytes / MB:g} MB limit allows "
             f"(--max-file-mb; at most {bound // BYTES_PER_ROW // N_RAW} frames)"
         )
-    unpacked = 0
-    for g in range(metadata.num_row_groups):
-        group = metadata.row_group(g)
-        unpacked += sum(c.total_uncompressed_size for c in map(group.column, range(group.num_columns))
-                        if c.path_in_schema in _NEEDED)  # fmt: skip
+    chunks = (group.column(i) for group in map(metadata.row_group, range(metadata.num_row_groups))
+              for i in range(group.num_columns))  # fmt: skip
+    unpacked = sum(c.total_uncompressed_size for c in chunks if c.path_in_schema in _NEEDED)
     if unpacked > bound:
         return (
             f"columns decompress to {unpacked / MB:.1f} MB, more than the {max_bytes / MB:g} MB limit allows "
