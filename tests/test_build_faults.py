@@ -312,15 +312,19 @@ def test_float16_coordinates_are_read_exactly_and_built(tmp_path: Path, data: Pa
 
 
 def test_longest_allowed_id_and_links_inside_the_data_dir_are_accepted(tmp_path: Path, data: Path):
-    """An id of MAX_ID_DIGITS digits fits a tar name; links inside the data dir, and the dir itself a link, are fine."""
+    """An id of MAX_ID_DIGITS digits fits a tar name; links inside the data dir, and the dir itself a link, are fine.
+
+    A hard link is a file of its own (bench/build.py lists hard links to build more rows than files).
+    """
     longest = "9" * MAX_ID_DIGITS
     shutil.copyfile(data / SHORT, data / BAD / "real.parquet")
     os.symlink("real.parquet", data / BAD / "inside.parquet")  # to a file inside that no other row names
+    os.link(data / SHORT, data / BAD / "hard.parquet")
     os.symlink(data, tmp_path / "data-link")
-    append_rows(data, row(f"{BAD}/inside.parquet", longest))
+    append_rows(data, row(f"{BAD}/inside.parquet", longest), row(f"{BAD}/hard.parquet", "5001"))
     out = tmp_path / "out"
     check_exit(build(tmp_path / "data-link", out), 0)
-    assert landed(out) == sorted([*good_ids(), longest])
+    assert landed(out) == sorted([*good_ids(), longest, "5001"])
 
 
 def test_train_csv_as_a_spreadsheet_saves_it_is_accepted(tmp_path: Path, data: Path):
