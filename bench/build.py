@@ -11,12 +11,18 @@ Measures, on the same demo files (generated once, or `--data-dir` to reuse a Kag
 Then bytes on disk per sample against `L x 118 x 6 x 2` (float16 compact), and the peak RSS of the build
 (`getrusage(RUSAGE_CHILDREN).ru_maxrss` of a wrapper process around each build: the largest single process
 of the build tree, joblib's loky workers included) at N files and at `--scale` x N rows: a train.csv
-listing the same N parquet files `--scale` times under distinct sequence_ids, so no extra files need
-generating. Every file is read once before timing, so all measurements see a warm page cache.
+listing `--scale` hard links to each of the N parquet files under distinct sequence_ids, so no extra
+data needs generating. Every file is read once before timing, so all measurements see a warm page cache.
+
+(d) with `--compare-code DIR` (another checkout, e.g. `git worktree add /tmp/base main`): one
+`build_shards` call of each checkout's own `pipeline` (fresh output, each in its own process, timed around
+the call), alternating with this one `--rounds` times, so that the cost of a code change (the input
+checks of issue 9, say) is a ratio of medians measured in one run.
 
     python bench/build.py                      # 2,000 sequences, --jobs 1 and 2
     python bench/build.py --quick              # 300-sequence smoke run
     python bench/build.py --data-dir demo/data --jobs-list 1,2,4
+    python bench/build.py --compare-code /tmp/base --rounds 5
 
 Numbers depend on the machine and on whatever else runs on it: read them as ratios measured in one run.
 """
@@ -29,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,10 +78,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--signs", type=int, default=25)
     ap.add_argument("--participants", type=int, default=10)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument(
+        "--compare-code",
+        type=Path,
+        help="another checkout of this project: time its build-shards against this one's, alternating",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the --compare-code builds (default 3)")
+    ap.add_argument(
+        "--compare-jobs",
+        default="1,2",
+        help="comma-separated --jobs values for the --compare-code builds (default 1,2)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.sequences = 300
     args.jobs = [int(j) for j in args.jobs_list.split(",") if j.strip()]
+    args.compare_jobs = [int(j) for j in args.compare_jobs.split(",") if j.strip()]
+    if args.compare_code and not (args.compare_code / "pipeline" / "cli.py").exists():
+        ap.error(f"--compare-code {args.compare_code}: no pipeline/cli.py there")
     return args
 
 
@@ -100,10 +121,10 @@ def ensure_data(args: argparse.Namespace, work: Path) -> Path:
 
 
 def scaled_data(data: Path, rows: list[dict[str, str]], scale: int, out: Path) -> Path:
-    """A data dir whose train.csv lists each parquet file `scale` times under distinct sequence ids.
+    """A data dir whose train.csv lists `scale` names of each parquet file under distinct sequence ids.
 
-    The files are hard links (copies where links fail): the build's path check refuses symlinks that
-    resolve outside the data directory.
+    The names are hard links (copies where links fail): the build refuses a file named twice in
+    train.csv and symlinks that resolve outside the data directory, while hard links are distinct files.
     """
     if out.exists():
         shutil.rmtree(out)
@@ -111,20 +132,20 @@ def scaled_data(data: Path, rows: list[dict[str, str]], scale: int, out: Path) -
     for name in ("sign_to_prediction_index_map.json",):
         if (data / name).exists():
             shutil.copyfile(data / name, out / name)
-    for r in rows:
-        dst = out / r["path"]
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(data / r["path"], dst)
-        except OSError:
-            shutil.copyfile(data / r["path"], dst)
     offset = 10 ** max(len(r["sequence_id"]) for r in rows)
     with open(out / "train.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "participant_id", "sequence_id", "sign"], extrasaction="ignore")
         writer.writeheader()
         for k in range(scale):
             for r in rows:
-                writer.writerow({**r, "sequence_id": str(int(r["sequence_id"]) + k * offset)})
+                path = r["path"].removesuffix(".parquet") + f"-{k}.parquet"
+                dst = out / path
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(data / r["path"], dst)
+                except OSError:
+                    shutil.copyfile(data / r["path"], dst)
+                writer.writerow({**r, "path": path, "sequence_id": str(int(r["sequence_id"]) + k * offset)})
     return out
 
 
@@ -165,6 +186,54 @@ def run_build(data: Path, out: Path, jobs: int, shard_size: int) -> dict:
     result["seconds"] = float(match.group(2)) if match else result["wall"]
     result["manifest"] = json.loads((out / "manifest.json").read_text())
     return result
+
+
+# Times `build_shards` of the checkout in sys.argv[1] (its own API, in its own process; imports excluded).
+_TIMED_BUILD = (
+    "import sys, time\n"
+    "sys.path.insert(0, sys.argv[1])\n"
+    "from pipeline.build import BuildOptions, build_shards\n"
+    "data, out, jobs, shard_size = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])\n"
+    "t = time.perf_counter()\n"
+    "build_shards(data, out, BuildOptions(shard_size=shard_size), jobs=jobs, force=True)\n"
+    "print(time.perf_counter() - t)\n"
+)
+
+
+def timed_build(code: Path, data: Path, out: Path, jobs: int, shard_size: int) -> float:
+    """Seconds of one fresh build_shards call of the checkout `code` into `out`."""
+    if out.exists():
+        shutil.rmtree(out)
+    argv = [sys.executable, "-c", _TIMED_BUILD, str(code), str(data), str(out), str(jobs), str(shard_size)]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=code)
+    if proc.returncode:
+        raise SystemExit(f"build_shards of {code} failed:\n{proc.stderr[-4000:]}")
+    return float(proc.stdout.split()[-1])
+
+
+def compare_code(data: Path, work: Path, args: argparse.Namespace) -> dict[int, dict[str, list[float]]]:
+    """Build seconds of this checkout and of `--compare-code`, alternating the order each round, per --jobs."""
+    times: dict[int, dict[str, list[float]]] = {}
+    for jobs in args.compare_jobs:
+        times[jobs] = {"this": [], "other": []}
+        for r in range(args.rounds):
+            for who in ("this", "other") if r % 2 == 0 else ("other", "this"):
+                code = ROOT if who == "this" else args.compare_code.resolve()
+                times[jobs][who].append(timed_build(code, data, work / f"compare-{who}", jobs, args.shard_size))
+    for who in ("this", "other"):
+        shutil.rmtree(work / f"compare-{who}", ignore_errors=True)
+    return times
+
+
+def plan_seconds(data: Path) -> tuple[int, float]:
+    """Rows and seconds of this checkout's plan stage (train.csv and label map gates, then the file system gate)."""
+    from pipeline.build import read_index, resolve_sources
+    from pipeline.read import MAX_FILE_MB, MB
+
+    start = time.perf_counter()
+    index = read_index(data)
+    resolve_sources(index.rows, data, MAX_FILE_MB * MB)
+    return len(index.rows), time.perf_counter() - start
 
 
 def verdict(ok: bool) -> str:
@@ -227,6 +296,18 @@ def main(argv: list[str] | None = None) -> int:
             line(f"(c) build-shards --jobs {jobs} (wall {b['wall']:.1f}s)", b["seconds"], n / b["seconds"], rss)
         line(f"    build-shards --jobs {ref_jobs}, {big_samples} rows (x{args.scale})", big["seconds"],
              big_samples / big["seconds"], f"{big_rss:.0f} MB")  # fmt: skip
+        rows_planned, t_plan = plan_seconds(scaled)
+        print(f"    plan stage (train.csv, label map and file checks), {rows_planned} rows, 1 process: "
+              f"{t_plan:.2f}s = {t_plan / rows_planned * 1e6:.1f} us a row")  # fmt: skip
+        if args.compare_code:
+            compared = compare_code(data, work, args)
+            for jobs, t in compared.items():
+                this, other = statistics.median(t["this"]), statistics.median(t["other"])
+                line(f"(d) --compare-code, --jobs {jobs} (median of {args.rounds})", other, n / other)
+                line(f"    this checkout, --jobs {jobs} (median of {args.rounds})", this, n / this)
+                ratios = sorted(a / b for a, b in zip(t["this"], t["other"], strict=True))
+                print(f"    this / --compare-code build time, --jobs {jobs}: {this / other:.3f} (medians); "
+                      f"per round {', '.join(f'{x:.3f}' for x in ratios)}")  # fmt: skip
         print(f"shards identical across --jobs {','.join(map(str, builds))}: {identical}")
         print(f"bytes on disk: {totals['bytes'] / samples / 1e3:.1f} kB a sample vs L*118*6*2 = "
               f"{ideal / samples / 1e3:.1f} kB ({(bytes_ratio - 1) * 100:+.1f}%)")  # fmt: skip

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from pipeline import build as build_mod
 from pipeline.features import MAX_LEN
+from pipeline.read import clip
 from pipeline.shards import manifest_stats, read_manifest, verify_shards
 
 
@@ -21,6 +22,14 @@ from pipeline.shards import manifest_stats, read_manifest, verify_shards
 def main(verbose: bool) -> None:
     """Offline stage for the Kaggle asl-signs landmarks: parquet files -> WebDataset shards."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
+
+
+def _valid_folds(folds: int) -> int:
+    """`--folds`, or a usage error saying what to do instead."""
+    problem = build_mod.folds_problem(folds)
+    if problem:
+        raise click.BadParameter(problem)
+    return folds
 
 
 @main.command("build-shards")
@@ -40,7 +49,12 @@ def main(verbose: bool) -> None:
 @click.option("--jobs", "-j", default=0, show_default="all cores", type=int, help="Parallel worker processes.")
 @click.option("--shard-size", default=500, show_default=True, type=click.IntRange(min=1), help="Samples per shard.")
 @click.option(
-    "--folds", default=5, show_default=True, type=click.IntRange(min=1), help="Folds, grouped by participant."
+    "--folds",
+    default=5,
+    show_default=True,
+    type=int,
+    callback=lambda ctx, param, value: _valid_folds(value),
+    help="Folds, grouped by participant; 2 or more (the trainer chooses which validate, or none).",
 )
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option(
@@ -51,17 +65,27 @@ def main(verbose: bool) -> None:
     help="compact: real frames only (L,118,6); padded: (384,118,6) + mask.npy.",
 )
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Use only the first N rows of train.csv.")
+@click.option(
+    "--max-file-mb",
+    default=build_mod.MAX_FILE_MB,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Reject landmark files larger than this (MiB; the real ones are under 10).",
+)
 @click.option("--force", is_flag=True, help="Delete shards built with other options or inputs and rebuild.")
 def build_shards_cmd(data_dir: Path, out: Path, jobs: int, shard_size: int, folds: int, dtype: str, layout: str,
-                     limit: int | None, force: bool) -> None:  # fmt: skip
+                     limit: int | None, max_file_mb: int, force: bool) -> None:  # fmt: skip
     """Preprocess every sequence into (L, 118, 6) features and write fold-tagged tar shards.
 
     Resumable: a rerun builds only missing or incomplete shards; an identical rerun does
-    nothing. Exit status: 0 all inputs written, 3 finished but some inputs were rejected
-    (listed in OUT/rejects.jsonl and the manifest), 1 nothing built (bad train.csv or
-    options that clash with existing shards).
+    nothing. A bad landmark file is rejected with its reason and the rest still built.
+    Exit status: 0 all inputs written, 3 finished but some inputs were rejected (listed in
+    OUT/rejects.jsonl and the manifest), 1 stopped with one line: a bad train.csv or label
+    map, options that clash with existing shards, another build writing to OUT, or OUT not
+    writable or full.
     """
-    opts = build_mod.BuildOptions(shard_size=shard_size, folds=folds, dtype=dtype, layout=layout, limit=limit)
+    opts = build_mod.BuildOptions(shard_size=shard_size, folds=folds, dtype=dtype, layout=layout, limit=limit,
+                                  max_file_mb=max_file_mb)  # fmt: skip
     jobs = jobs if jobs > 0 else (os.cpu_count() or 1)
     start = time.perf_counter()
     with tqdm(unit="file", desc="build-shards", dynamic_ncols=True, disable=None) as bar:
@@ -90,7 +114,7 @@ def build_shards_cmd(data_dir: Path, out: Path, jobs: int, shard_size: int, fold
     )
     if result.rejects:
         for r in result.rejects[:10]:
-            click.echo(f"  rejected {r['path']}: {r['reason']}", err=True)
+            click.echo(f"  rejected {clip(r['path'], 200)}: {r['reason']}", err=True)
         if len(result.rejects) > 10:
             click.echo(f"  ... {len(result.rejects) - 10} more in {out / 'rejects.jsonl'}", err=True)
     sys.exit(result.exit_code)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.read import LandmarkFileError, read_landmarks
+from pipeline.read import MB, InputFileError, LandmarkFileError, read_file, read_landmarks
 
 ROWS = 543
 
@@ -141,6 +143,29 @@ def test_dictionary_encoded_type_accepted(good_table, write_parquet):
     path = write_parquet(table)
     assert pa.types.is_dictionary(pq.read_schema(path).field("type").type)
     np.testing.assert_array_equal(read_landmarks(path), base)
+
+
+@pytest.mark.parametrize("coords", ["xy", "xyz"])
+def test_float16_coordinates_read_exactly(good_table, write_parquet, coords):
+    """float16 widens to float32 without loss: the array is the file's values, bit for bit (NaN where NaN)."""
+    table = good_table
+    for c in "xyz":
+        table = with_column(table, c, table.column(c).cast(pa.float16()))
+    got = read_landmarks(write_parquet(table), coords=coords)
+    want = np.stack([table.column(c).to_numpy().astype(np.float32) for c in coords], axis=-1)
+    assert got.tobytes() == want.reshape(-1, ROWS, len(coords)).tobytes()
+    assert np.isnan(got).any() and not np.isnan(got[:, 489:522]).any()  # the hands' NaN kept, pose never NaN
+
+
+@pytest.mark.parametrize("coords", ["xy", "xyz"])
+def test_float16_inf_rejected_whether_decoded_or_not(good_table, write_parquet, coords):
+    # parquet float16 statistics come back from pyarrow as raw bytes: the reader must not trust them as numbers
+    z = good_table.column("z").to_numpy().astype(np.float16)
+    z[3 * ROWS + 2] = -np.inf
+    path = write_parquet(with_column(good_table, "z", pa.array(z)))
+    with pytest.raises(LandmarkFileError) as info:
+        read_landmarks(path, coords=coords)
+    assert info.value.reason == "infinite coordinate values"
 
 
 def test_path_given_as_str(good_parquet):
@@ -318,3 +343,128 @@ def test_bad_file_without_row_id(bad_dir):
 
 def test_bad_file_with_wrong_types_and_order(bad_dir):
     reject(bad_dir / "webcam_wrong_types_and_order.parquet", "unknown landmark type 'right-hand'")
+
+
+def test_column_given_twice(good_table, write_parquet):
+    table = pa.Table.from_arrays([*good_table.columns, good_table.column("x")], names=[*good_table.column_names, "x"])
+    reject(write_parquet(table), "column 'x' appears more than once")
+
+
+# ---------------------------------------------------------------- the input gate: regular files of bounded size
+
+
+def test_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "pipe.parquet"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def unblock() -> None:  # if the reader wrongly blocks, a writer arrives after 10 s: the test fails, never hangs
+        if not done.wait(10):
+            os.close(os.open(fifo, os.O_WRONLY))
+
+    guard = threading.Thread(target=unblock, daemon=True)
+    guard.start()
+    try:
+        reject(fifo, "not a regular file (a FIFO)")
+    finally:
+        done.set()
+        guard.join()
+
+
+@pytest.mark.parametrize(("path", "kind"), [("/dev/zero", "a character device"), ("/dev/null", "a character device")])
+def test_device_is_refused_without_reading_it(path, kind):
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not present")
+    reject(Path(path), f"not a regular file ({kind})")
+
+
+def test_directory_is_refused(tmp_path):
+    (tmp_path / "dir.parquet").mkdir()
+    reject(tmp_path / "dir.parquet", "not a regular file (a directory)")
+
+
+def test_file_over_the_size_limit_is_refused_before_reading(good_parquet, tmp_path):
+    size = good_parquet.stat().st_size
+    assert read_landmarks(good_parquet, max_bytes=size).shape[0] == 30  # exactly at the limit: read
+    err = reject_with(good_parquet, size - 1)
+    assert err.reason == f"file of {size / MB:.1f} MB is over the {(size - 1) / MB:g} MB limit (--max-file-mb)"
+    sparse = tmp_path / "huge.parquet"
+    with open(sparse, "wb") as f:
+        f.truncate(65 * MB)  # 65 MiB on paper, nothing on disk: refused from its size, never read
+    with pytest.raises(LandmarkFileError, match="over the 64 MB limit"):
+        read_landmarks(sparse)
+
+
+def reject_with(path: Path, max_bytes: int) -> LandmarkFileError:
+    with pytest.raises(LandmarkFileError) as info:
+        read_landmarks(path, max_bytes=max_bytes)
+    return info.value
+
+
+def test_read_file_returns_the_bytes_and_names_the_file(tmp_path):
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"x" * 1000)
+    assert read_file(path, 1000) == b"x" * 1000
+    with pytest.raises(InputFileError) as info:
+        read_file(path, 999)
+    assert str(info.value).startswith(f"{path}: file of 0.0 MB is over the ")
+    with pytest.raises(InputFileError, match="file not found"):
+        read_file(tmp_path / "absent", 1000)
+
+
+def test_file_growing_while_read_is_refused(tmp_path, monkeypatch):
+    """What is read must be what was checked: a file longer than its stat said (still being written) is refused."""
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"x" * 1000)
+    real_fstat = os.fstat
+
+    def stale_fstat(fd: int) -> os.stat_result:
+        st = list(real_fstat(fd))
+        st[6] = 400  # st_size, as when stat ran before the writer appended
+        return os.stat_result(st)
+
+    monkeypatch.setattr(os, "fstat", stale_fstat)
+    with pytest.raises(InputFileError, match="file grew while being read"):
+        read_file(path, 1000)
+
+
+def small_file_of_a_huge_table(tmp_path: Path, frames: int, type_name: str = "face") -> Path:
+    """A parquet file of `frames` constant frames: compressed, it stays small whatever it decodes to."""
+    n = frames * ROWS
+    table = pa.table({
+        "frame": pa.array(np.repeat(np.arange(frames, dtype=np.int16), ROWS)),
+        "row_id": pa.array(["0-face-0"] * n),
+        "type": pa.DictionaryArray.from_arrays(np.zeros(n, dtype=np.int32), [type_name]),
+        "landmark_index": pa.array(np.zeros(n, dtype=np.int16)),
+        **{c: pa.array(np.zeros(n)) for c in "xyz"},
+    })  # fmt: skip
+    path = tmp_path / "bomb.parquet"
+    pq.write_table(table, path, compression="zstd")
+    return path
+
+
+def test_small_file_declaring_too_many_rows_is_refused_before_decoding(tmp_path):
+    path = small_file_of_a_huge_table(tmp_path, frames=200)  # 108,600 rows: 2.6 MB at 24 bytes a row
+    assert path.stat().st_size < MB // 4
+    err = reject_with(path, MB)
+    assert (
+        err.reason
+        == "108600 rows (200 frames) decode to more than the 1 MB limit allows (--max-file-mb; at most 160 frames)"
+    )
+    with pytest.raises(LandmarkFileError, match="frame block 0: rows not in the order"):  # a larger limit admits it
+        read_landmarks(path, max_bytes=2 * MB)
+
+
+def test_small_file_decompressing_past_the_limit_is_refused(tmp_path):
+    path = small_file_of_a_huge_table(tmp_path, frames=1, type_name="f" * (3 * MB))  # one 3 MB string
+    assert path.stat().st_size < MB // 4
+    err = reject_with(path, MB)
+    assert err.reason.startswith("columns decompress to 3.0 MB, more than the 1 MB limit allows")
+
+
+def test_reason_quoting_the_file_is_clipped(good_table, write_parquet):
+    long_type = "hand" * 1000
+    types = good_table.column("type").to_pylist()
+    types[5] = long_type
+    err = reject(write_parquet(with_column(good_table, "type", pa.array(types))), "unknown landmark type 'handhand")
+    assert len(err.reason) < 200
