@@ -492,7 +492,7 @@ def build_one_shard(task: ShardTask, out: Path, opts: BuildOptions) -> dict[str,
             lengths.append(length)
         size, sha = writer.close()
     except BaseException:
-        _abort(writer)
+        writer.abort()
         raise
     sidecar = {
         "name": task.name, "fold": task.fold, "inputs": task.inputs, "samples": len(ids), "bytes": size,
@@ -501,15 +501,6 @@ def build_one_shard(task: ShardTask, out: Path, opts: BuildOptions) -> dict[str,
     }  # fmt: skip
     write_json_atomic(_sidecar_path(out, task), sidecar)
     return sidecar
-
-
-def _abort(writer: ShardWriter) -> None:
-    """Remove the partial shard, also when closing it fails again (a full disk fails the flush inside close)."""
-    try:
-        with contextlib.suppress(OSError):
-            writer.abort()
-    finally:
-        writer.tmp.unlink(missing_ok=True)
 
 
 def _sample_members(row: Row, fold: int, opts: BuildOptions) -> tuple[list[tuple[str, bytes]], int, int]:

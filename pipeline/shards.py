@@ -200,8 +200,12 @@ class ShardWriter:
         return size, self._hash.hexdigest()
 
     def abort(self) -> None:
-        self._file.close()
-        self.tmp.unlink(missing_ok=True)
+        """Remove the partial shard; also when closing fails (on a full disk the flush inside close does)."""
+        try:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 def ustar_header(name: str, size: int) -> bytes:

@@ -270,3 +270,16 @@ def test_ddp_ranks_stop_together_on_a_corrupt_shard(shards: Path, tmp_path: Path
     assert name in errors[0] and "sha256 differs" in errors[0]
     for noise in ("train/loop.py", "ProcessGroupGloo", "terminate called"):  # no worker traceback, no abort
         assert noise not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_ddp_ranks_stop_together_when_rank0_cannot_write_the_run(shards: Path, tmp_path: Path) -> None:
+    """Only rank 0 writes; when it cannot (here --out lies under a file), every rank stops with its message."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(BIN / "asl-train"), *train_args(str(shards), blocker / "run", "--workers", "0")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert proc.returncode != 0 and len(errors) == 2 and errors[0] == errors[1], proc.stderr[-3000:]
+    assert errors[0].startswith(f"Error: rank 0: {blocker / 'run'}: cannot write the run directory")

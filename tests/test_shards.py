@@ -113,6 +113,21 @@ def test_writer_abort_leaves_no_file(tmp_path: Path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_writer_abort_removes_the_temporary_when_closing_fails(tmp_path: Path):
+    """On a full disk the buffered flush inside close() fails again: the partial shard must still go."""
+    writer = ShardWriter(tmp_path / "s.tar")
+    writer.write(good_members("42"))
+    real_close = writer._file.close
+
+    def failing_close() -> None:
+        real_close()
+        raise OSError(28, "No space left on device")
+
+    writer._file.close = failing_close
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_writer_abort_keeps_an_existing_shard(tmp_path: Path):
     path = tmp_path / "s.tar"
     write_shard(path)

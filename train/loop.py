@@ -411,12 +411,18 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
 
     if ckpt is None and (out / "last.pt").exists():  # checked on every rank, so none waits for a failed one
         raise FileExistsError(f"{out} already holds a run; continue it with --resume {out}, or pick another --out")
-    reporters = Reporters([])
+    reporters, error = Reporters([]), None
     if master:
-        out.mkdir(parents=True, exist_ok=True)
-        keep_metrics(out / "metrics.jsonl", epoch)  # drop epochs logged after the checkpoint we resume from
-        reporters = open_reporters(cfg.report_to, out, step)
-        write_json_atomic(out / "config.json", asdict(cfg))
+        try:  # a failure here (read-only or full --out) must stop the other ranks too, not leave them waiting
+            out.mkdir(parents=True, exist_ok=True)
+            keep_metrics(out / "metrics.jsonl", epoch)  # drop epochs logged after the checkpoint we resume from
+            reporters = open_reporters(cfg.report_to, out, step)
+            write_json_atomic(out / "config.json", asdict(cfg))
+        except OSError as exc:
+            error = f"{out}: cannot write the run directory ({exc.strerror or exc})"
+    if (error := first_error(error, world)) is not None:
+        raise OSError(error)
+    if master:
         log.info("model %s: %d parameters; %d steps/epoch, %d steps; train folds %s (%d samples), val folds %s, "
                  "device %s x%d", cfg.preset, count_parameters(model), steps_per_epoch, total_steps, train_folds,
                  fold_samples(manifest, train_folds), val_folds or "none (no validation: the result is last.pt)",
@@ -427,16 +433,21 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         epoch_sums = sums[:2].clone() if batch_in_epoch else torch.zeros(2, dtype=torch.float64, device=device)
         if batch_in_epoch and world > 1:
             dist.all_reduce(epoch_sums)
-        if not master:
-            return
-        save_checkpoint(out / name, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "ema": ema.module.state_dict() if ema is not None else None,
-            "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
-            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_top1": best, "rng": rng,
-            "epoch_sums": epoch_sums.tolist(),
-            "config": asdict(cfg), "label_map": label_map, "shards_fingerprint": manifest["fingerprint"],
-        })  # fmt: skip
+        error = None
+        if master:
+            try:
+                save_checkpoint(out / name, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+                    "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
+                    "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_top1": best, "rng": rng,
+                    "epoch_sums": epoch_sums.tolist(),
+                    "config": asdict(cfg), "label_map": label_map, "shards_fingerprint": manifest["fingerprint"],
+                })  # fmt: skip
+            except OSError as exc:  # a full disk: every rank stops with this message (the last good file stays)
+                error = f"{out / name}: cannot write the checkpoint ({exc.strerror or exc})"
+        if (error := first_error(error, world)) is not None:
+            raise OSError(error)
 
     metrics: dict[str, Any] = {}
     consumed = 0
