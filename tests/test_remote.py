@@ -198,10 +198,15 @@ def test_corrupt_shard_over_http_stops_training_naming_it(shards: Path, tmp_path
         assert verified.exit_code == 1 and name in verified.output and reason in verified.output
 
 
-def test_size_only_check_still_catches_a_truncated_shard(shards: Path, tmp_path: Path) -> None:
+def test_local_shards_are_checked_by_size_unless_sha256_is_asked(shards: Path, tmp_path: Path) -> None:
+    """auto: a local directory's shards are checked for size, keys, count and labels, not hashed."""
     copy, name = _corrupt(shards, tmp_path, "truncated")
-    result = invoke(train_cli, train_args(str(copy), tmp_path / "run", "--shard-check", "size"))
+    result = invoke(train_cli, train_args(str(copy), tmp_path / "run"))
     assert result.exit_code == 1 and name in result.output and "bytes, manifest says" in result.output
+    copy, name = _corrupt(shards, tmp_path / "flipped", "flipped")
+    assert invoke(train_cli, train_args(str(copy), tmp_path / "run2")).exit_code == 0  # same size: not hashed
+    result = invoke(train_cli, train_args(str(copy), tmp_path / "run3", "--shard-check", "sha256"))
+    assert result.exit_code == 1 and name in result.output and "sha256 differs" in result.output
 
 
 def test_a_cut_connection_is_retried_and_the_epoch_is_whole(shards: Path, local_run: Path, tmp_path: Path) -> None:
@@ -262,7 +267,8 @@ def test_ddp_ranks_stop_together_on_a_corrupt_shard(shards: Path, tmp_path: Path
     copy, name = _corrupt(shards, tmp_path, "flipped")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(BIN / "asl-train"), *train_args(str(copy), tmp_path / "run", "--workers", "0")]  # fmt: skip
+           str(BIN / "asl-train"), *train_args(str(copy), tmp_path / "run", "--workers", "0",
+                                               "--shard-check", "sha256")]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]

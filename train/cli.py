@@ -120,10 +120,11 @@ def _report_to(ctx: click.Context, param: click.Parameter, value: str) -> list[s
 )
 @click.option(
     "--shard-check",
-    default="sha256",
+    default="auto",
     show_default=True,
-    type=click.Choice(["sha256", "size"]),
-    help="What every shard read is checked against in the manifest: size and sha256, or size only (cheaper).",
+    type=click.Choice(["auto", "sha256", "size"]),
+    help="What every shard read is checked against in the manifest, besides its keys, count and labels: sha256 and "
+    "size, or size only; auto: sha256 for a remote location (http, pipe:), size for a local directory.",
 )
 @click.option(
     "--io-timeout",

@@ -126,7 +126,8 @@ class ShardStream(wds.DataPipeline):
     """An iterable of `Batch` for one rank; the DataLoader's workers split it further.
 
     `shards` are manifest entries (name, samples, bytes, sha256, sequence_ids, labels) of shards
-    at `location`; `check` is "sha256" (size and digest of every shard read) or "size".
+    at `location`; `check` is "sha256" (size and digest of every shard read), "size", or "auto"
+    (sha256 for a remote location, size for a local directory).
     """
 
     def __init__(
@@ -141,7 +142,7 @@ class ShardStream(wds.DataPipeline):
         bucket: bool = True,
         shuffle_buffer: int = 2000,
         bucket_batches: int = 32,
-        check: str = "sha256",
+        check: str = "auto",
         stall_s: float = STALL_S,
         retries: int = RETRIES,
     ) -> None:

@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = 0
     max_steps: int | None = None
     save_every: int = 0  # steps between mid-epoch checkpoints; 0: only at epoch ends
-    shard_check: str = "sha256"  # what every shard read is checked against: its manifest "sha256" (and size), or "size"
+    shard_check: str = "auto"  # "sha256" (and size), "size", or auto: sha256 for a remote location, else size
     io_timeout: float = STALL_S  # seconds without a byte before a remote shard read is abandoned
     io_retries: int = RETRIES  # further attempts at a remote shard read that failed
     report_to: list[str] = field(default_factory=list)  # logs besides metrics.jsonl: "tensorboard", "csv"
