@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,export,tensorboard]"
 	touch $@
 
-# The main job: demo data -> shards -> a small model trained on CPU -> evaluation -> prediction.
+# The main job: demo data -> shards -> a small model trained on CPU -> evaluation -> prediction -> ONNX export.
 demo: setup
 	test -f $(DEMO)/data/train.csv || $(BIN)/asl-pipeline demo-data $(DEMO)/data \
 		--sequences $(DEMO_SEQUENCES) --signs $(DEMO_SIGNS)
@@ -36,6 +36,9 @@ demo: setup
 		--lr 3e-3 --out $(DEMO)/runs/small
 	$(BIN)/asl-train evaluate --checkpoint $(DEMO)/runs/small/best.pt
 	$(BIN)/asl-train predict --checkpoint $(DEMO)/runs/small/best.pt \
+		$$(ls $(DEMO)/data/train_landmark_files/*/*.parquet | head -n 3)
+	$(BIN)/asl-train export --checkpoint $(DEMO)/runs/small/best.pt --out $(DEMO)/model.onnx
+	$(BIN)/asl-train predict --model $(DEMO)/model.onnx --format json \
 		$$(ls $(DEMO)/data/train_landmark_files/*/*.parquet | head -n 3)
 
 test: setup
