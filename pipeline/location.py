@@ -16,14 +16,15 @@ check the bytes (`pipeline.shards.read_shard` against the manifest's size and sh
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import re
 import select
 import signal
-import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from webdataset.gopen import Pipe
+
+from pipeline.read import InputFileError, read_file
 
 log = logging.getLogger(__name__)
 
@@ -139,21 +142,18 @@ class Location:
 
 
 def _read_local(path: str, max_bytes: int | None) -> bytes:
-    """A regular file's bytes; a FIFO, device or directory is refused instead of read (it could block or never end)."""
+    """A regular file's bytes, through the pipeline's one input gate (`pipeline.read.read_file`): a FIFO,
+    device or directory is refused, never opened blocking or read without end."""
     try:
-        with open(path, "rb", buffering=0) as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise LocationError(f"{path}: not a regular file")
-            if max_bytes is not None and st.st_size > max_bytes:
-                raise LocationError(f"{path}: {st.st_size} bytes, more than the {max_bytes} expected")
-            return f.read()
-    except LocationError:
-        raise
-    except FileNotFoundError:
-        raise LocationError(f"{path}: missing (no such file)") from None
+        size = os.stat(path).st_size
     except OSError as exc:
-        raise LocationError(f"{path}: {exc.strerror or exc}") from None
+        raise LocationError(f"{path}: {'file not found' if exc.errno == errno.ENOENT else exc.strerror}") from None
+    if max_bytes is not None and size > max_bytes:
+        raise LocationError(f"{path}: {size} bytes, more than the {max_bytes} expected")
+    try:
+        return read_file(path, sys.maxsize)
+    except InputFileError as exc:
+        raise LocationError(str(exc)) from None
 
 
 def _read_remote(url: str, argv: list[str] | str, max_bytes: int | None, stall_s: float) -> bytes:

@@ -812,7 +812,7 @@ def test_verify_reads_the_manifest_once(shard_copy: Path, monkeypatch):
 def test_verify_catches_deleted_shard(shard_copy: Path):
     victim = sorted(shard_copy.glob("*.tar"))[-1]
     victim.unlink()
-    _verify_fails(shard_copy, victim.name, "missing")
+    _verify_fails(shard_copy, victim.name, "file not found")
 
 
 def test_verify_catches_extra_shard(shard_copy: Path):

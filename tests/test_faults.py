@@ -364,3 +364,19 @@ def test_the_good_checkpoint_of_these_tests_loads() -> None:
         assert set(load_checkpoint(path)) == {"model", "config", "label_map"}
     finally:
         path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- special files in a shard directory
+
+
+@pytest.mark.parametrize("which", ["manifest", "shard"])
+def test_a_fifo_or_device_in_place_of_a_file_is_refused_not_read(copy: Path, tmp_path: Path, which: str) -> None:
+    """Opening a FIFO for reading blocks until a writer comes, and /dev/zero never ends: both are refused."""
+    name = MANIFEST if which == "manifest" else first_training_shard(copy)[0]
+    (copy / name).unlink()
+    os.mkfifo(copy / name)
+    assert_one_line_error(bounded(lambda: run(pipeline_cli, "verify", copy)), name, "not a regular file (a FIFO)")
+    (copy / name).unlink()
+    (copy / name).symlink_to("/dev/zero")
+    phrase = "not a regular file (a character device)"
+    assert_one_line_error(bounded(lambda: run(train_cli, *train_args(copy, tmp_path / "run"))), name, phrase)
