@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -201,6 +202,7 @@ def main(ctx: click.Context, **options: Any) -> None:
         error = str(exc)  # raised below: the failed run's frames (DDP among them) must go before the process group
     finally:
         if dist.is_initialized():
+            gc.collect()  # a failed run's objects in reference cycles (DDP's reducer among them) go first
             dist.destroy_process_group()
     if error is not None:
         raise click.ClickException(error)
