@@ -45,8 +45,11 @@ from pipeline.shards import (
     MANIFEST,
     MEMBER_TYPES,
     REJECTS,
+    SHARD_STEM,
+    USTAR_NAME_BYTES,
     ShardWriter,
     encode_sample,
+    shard_name,
     ustar_header,
     write_atomic,
     write_json_atomic,
@@ -60,9 +63,9 @@ PLAN = "plan.json"
 LOCK = "build.lock"  # held (flock) by the running build, with its pid inside
 EXIT_REJECTS = 3  # build finished, but some inputs were rejected
 # Files a build writes into --out; --force deletes these and nothing else.
-_OWNED = re.compile(r"(fold\d+-\d{6}\.(tar|json)|manifest\.json|plan\.json|rejects\.jsonl)(\.tmp)?")
-# A sample's tar members are "<sequence_id>.<type>" and a ustar name holds 100 bytes (pipeline.shards.ustar_header).
-MAX_ID_DIGITS = 100 - 1 - max(len(t) for t in MEMBER_TYPES)
+_OWNED = re.compile(rf"({SHARD_STEM}\.(tar|json)|manifest\.json|plan\.json|rejects\.jsonl)(\.tmp)?")
+# A sample's tar members are "<sequence_id>.<type>", in the writer's ustar name field.
+MAX_ID_DIGITS = USTAR_NAME_BYTES - 1 - max(len(t) for t in MEMBER_TYPES)
 INDEX_MAX_BYTES = 1 << 30  # train.csv and the label map (the real ones: 5.6 MB and 3 kB)
 _ASCII_DIGITS = re.compile(r"[0-9]+")
 
@@ -362,9 +365,7 @@ def plan_shards(rows: list[Row], fold_of: dict[str, int], opts: BuildOptions) ->
         members = [r for r in rows if fold_of[r.participant_id] == fold]
         members.sort(key=lambda r: hashlib.sha1(r.sequence_id.encode()).digest())
         for i in range(0, len(members), opts.shard_size):
-            tasks.append(
-                ShardTask(f"fold{fold}-{i // opts.shard_size:06d}.tar", fold, members[i : i + opts.shard_size])
-            )
+            tasks.append(ShardTask(shard_name(fold, i // opts.shard_size), fold, members[i : i + opts.shard_size]))
     return tasks
 
 

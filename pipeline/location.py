@@ -184,7 +184,7 @@ def _read_remote(url: str, argv: list[str] | str, max_bytes: int | None, stall_s
 def _drain(pipe: Pipe, url: str, limit: int | None, stall_s: float) -> bytes:
     """Everything the command writes, in chunks; LocationError after `stall_s` s without a byte or past `limit`."""
     fd, chunks, total = pipe.stream.fileno(), [], 0
-    with contextlib.suppress(AttributeError, OSError):  # Linux: 1 MB chunks instead of 64 kB (a third less time)
+    with contextlib.suppress(AttributeError, OSError):  # Linux: 1 MB chunks instead of 64 kB: fewer reads and selects
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _CHUNK)
     while True:
         ready, _, _ = select.select([fd], [], [], stall_s)

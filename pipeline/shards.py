@@ -208,11 +208,14 @@ class ShardWriter:
             self.tmp.unlink(missing_ok=True)
 
 
+USTAR_NAME_BYTES = 100  # the name field of a ustar header; the writer never uses the prefix field
+
+
 def ustar_header(name: str, size: int) -> bytes:
-    """The 512-byte ustar header of a regular file `name` (at most 100 bytes) of `size` bytes."""
+    """The 512-byte ustar header of a regular file `name` (at most USTAR_NAME_BYTES) of `size` bytes."""
     raw = name.encode()
-    if len(raw) > 100:
-        raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
+    if len(raw) > USTAR_NAME_BYTES:
+        raise ValueError(f"tar member name longer than {USTAR_NAME_BYTES} bytes: {name!r}")
     header = b"".join([
         raw.ljust(100, b"\0"), b"0000644\0", b"0000000\0", b"0000000\0", b"%011o\0" % size, b"00000000000\0",
         b" " * 8, b"0", b"\0" * 100, b"ustar\x0000", b"\0" * 64, b"0000000\0" * 2, b"\0" * 155,
@@ -466,8 +469,16 @@ def as_location(location: str | Path | Location) -> Location:
     return location if isinstance(location, Location) else Location.parse(location)
 
 
-# What build-shards names its shards; a manifest naming anything else is refused before any read.
-SHARD_NAME = re.compile(r"fold(\d+)-\d{6,}\.tar")
+# How shards are named (their fold first); a manifest naming anything else is refused before any read.
+SHARD_STEM = r"fold(\d+)-\d{6,}"
+SHARD_NAME = re.compile(SHARD_STEM + r"\.tar")
+
+
+def shard_name(fold: int, index: int) -> str:
+    """The name of shard `index` (from 0) of fold `fold`: `fold0-000000.tar`."""
+    return f"fold{fold}-{index:06d}.tar"
+
+
 _ENTRY_LISTS = ("sequence_ids", "labels", "lengths")
 
 

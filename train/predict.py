@@ -189,11 +189,12 @@ def evaluation_report(checkpoint: str | Path, shards: str | Path | None = None, 
     if not folds:
         raise ValueError(f"{checkpoint} was trained on every fold (--val-folds none), so it has no validation folds; "
                          "pass --folds to choose folds (they were seen in training)")  # fmt: skip
-    if read_manifest(shards)["label_map"] != ckpt["label_map"]:
+    manifest = read_manifest(shards)  # once: from a URL, every read is a fetch
+    if manifest["label_map"] != ckpt["label_map"]:
         raise ValueError(f"{shards}: its label map is not the one {checkpoint} was trained with")
     model = model_from_checkpoint(ckpt).to(dev)
     names = {v: s for s, v in ckpt["label_map"].items()}
-    loader = make_loader(shards, folds, batch_size or cfg.batch_size, train=False,
+    loader = make_loader(shards, folds, batch_size or cfg.batch_size, train=False, manifest=manifest,
                          workers=cfg.workers if workers is None else workers, bucket=cfg.bucket)  # fmt: skip
     labels, top5 = [], []
     for batch, logits in predict_batches(model, loader, dev):
