@@ -273,13 +273,15 @@ class CachedShards:
 
 def _check_usable(root: Path) -> None:
     """CacheError unless `root` is (or can be made) a writable directory."""
-    if root.exists() and not root.is_dir():
-        raise CacheError(f"{root}: the cache directory is a file, not a directory")
     try:
+        if root.exists() and not root.is_dir():
+            raise CacheError(f"{root}: the cache directory is a file, not a directory")
         root.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=root, prefix=".probe-")
         os.close(fd)
         os.unlink(probe)
+    except CacheError:
+        raise
     except OSError as exc:
         raise CacheError(f"{root}: cannot write the cache directory ({exc.strerror or exc})") from None
 
