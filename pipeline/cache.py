@@ -11,12 +11,16 @@ Layout: `ROOT/<key>/<shard name>` with `ROOT/<key>/location.json` saying which l
 the entry directory holds; `key = sha256("<location>|<fingerprint>")[:16]`, so two locations, or two
 builds at one location, never share an entry.
 
-Every read re-checks the cached file against the manifest (size always, sha256 when asked); a file
-that fails is dropped and fetched again, with one warning. A fetch streams into a temporary file
-beside the entry (`.<name>.<pid>.tmp`), is checked for size and sha256, then renamed: a process
-killed mid-fill leaves only the temporary, which the next fill of that shard (or the next `open`)
-removes. Past `limit_bytes`, the least recently read entries are evicted, never one being read,
-being filled or pinned (`pin`) by any process.
+Every read re-checks the cached file against the manifest: size always; sha256 when asked, and also
+whenever the file's mtime differs from the one stamped when it was stored (`.<name>.ok`), so a file
+written to after it was stored is hashed even under a size-only check. A file that fails is dropped
+and fetched again, with one warning.
+
+A fetch streams into a temporary file beside the entry (`.<name>.<pid>.tmp`), is checked for size
+and sha256, then renamed: a process killed mid-fill leaves only the temporary, which the next fill
+of that shard (or the next `open`) removes. Past `limit_bytes`, the least recently read entries (by
+access time, set on every read) are evicted, never one being read, filled or pinned (`pin`) by any
+process.
 
 Locks are `flock`s, released by the kernel when a process dies; the cache directory must be on a
 node-local filesystem (flock over NFS is not reliable). Per entry:
@@ -94,7 +98,7 @@ class ShardCache:
         if self.limit_bytes is None:
             return True
         with _locked(self.root / ".evict", fcntl.LOCK_EX):  # one scan at a time: two evictors would overshoot
-            entries = sorted((_mtime(p), _size(p), p) for p in self.entries())
+            entries = sorted((_last_use(p), _size(p), p) for p in self.entries())
             total = sum(size for _, size, _ in entries)
             for _, size, path in entries:
                 if total + room <= self.limit_bytes:
@@ -150,8 +154,8 @@ class CachedShards:
                     data = _cached(path, size, sha256, check)  # filled by the process we waited for?
                     if data is None:
                         data = self._refill(name, path, size, sha256, fetch, retries)
-            with contextlib.suppress(FileNotFoundError):
-                os.utime(path)  # the last-use time eviction goes by
+            with contextlib.suppress(FileNotFoundError):  # the last use, which eviction goes by: the access time
+                os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))  # (the stamp's mtime kept)
         return data
 
     def pin(self, names: Iterable[str]) -> None:
@@ -213,6 +217,7 @@ class CachedShards:
                     os.fsync(fd)  # complete contents behind the rename, even after a crash of the machine
                     os.close(fd)
                     fd = None
+                    _write_stamp(path, tmp, sha256)
                     os.replace(tmp, path)
                 except OSError as exc:
                     self._stop_caching(url, exc)
@@ -309,14 +314,35 @@ def _claim(meta: Path, owner: dict[str, str]) -> None:
 
 
 def _cached(path: Path, size: int, sha256: str, check: str) -> bytes | None:
-    """The cached file's bytes if it is the manifest's shard (size, and sha256 if asked); None otherwise."""
+    """The cached file's bytes if it is the manifest's shard (size, and sha256 if asked or if the file was
+    modified since it was stored: its mtime is no longer the stamp's); None otherwise."""
     try:
+        mtime = os.stat(path).st_mtime_ns
         data = read_file(path, size)  # the input gate: regular files only, never more than `size` bytes
-    except InputFileError:
+    except (InputFileError, OSError):
         return None  # absent, larger, not a regular file, unreadable: fetched again
-    if len(data) != size or (check == "sha256" and hashlib.sha256(data).hexdigest() != sha256):
+    if len(data) != size:
+        return None
+    if (check == "sha256" or _stamp(path) != f"{size} {mtime} {sha256}") and hashlib.sha256(data).hexdigest() != sha256:
         return None
     return data
+
+
+def _write_stamp(path: Path, tmp: Path, sha256: str) -> None:
+    """Record the stored file's size, mtime and digest beside it (`.<name>.ok`): a later write to the file
+    changes its mtime, and the next read then hashes it even when only sizes are checked."""
+    st = os.stat(tmp)
+    stamp = path.with_name(f".{path.name}.ok")
+    staged = stamp.with_name(stamp.name + f".{os.getpid()}")
+    staged.write_text(f"{st.st_size} {st.st_mtime_ns} {sha256}")
+    os.replace(staged, stamp)
+
+
+def _stamp(path: Path) -> str | None:
+    try:
+        return path.with_name(f".{path.name}.ok").read_text()
+    except OSError:
+        return None
 
 
 def _chunks(got: Iterator[bytes] | bytes) -> Iterator[bytes]:
@@ -343,6 +369,7 @@ def _drop_unused(path: Path) -> bool:
     try:
         with _locked(path.with_name(f".{path.name}.use"), fcntl.LOCK_EX | fcntl.LOCK_NB):
             path.unlink(missing_ok=True)
+            path.with_name(f".{path.name}.ok").unlink(missing_ok=True)
             return True
     except BlockingIOError:
         return False
@@ -370,11 +397,11 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _mtime(path: Path) -> float:
+def _last_use(path: Path) -> int:
     try:
-        return path.stat().st_mtime
+        return path.stat().st_atime_ns
     except FileNotFoundError:
-        return 0.0
+        return 0
 
 
 def _mb(n: int | None) -> str:
