@@ -132,8 +132,12 @@ def read_rates(shards: Path, url: str, manifest: dict[str, Any], cache_root: Pat
     }
     total = sum(e["bytes"] for e in entries) / 1e6
     best = dict.fromkeys(readers, 0.0)
-    for _ in range(rounds):
-        for key, fn in readers.items():
+    for fn in readers.values():  # untimed: the first large reads of a process pay for page faults of new memory
+        fn()
+    keys = list(readers)
+    for rnd in range(rounds):
+        for key in keys[rnd % len(keys) :] + keys[: rnd % len(keys)]:  # each reader first in turn
+            fn = readers[key]
             start = time.perf_counter()
             fn()
             best[key] = max(best[key], total / (time.perf_counter() - start))
