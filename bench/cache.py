@@ -10,7 +10,7 @@ start-up included; HTTP served by a separate process on 127.0.0.1 with kept-aliv
 1. shard bytes read per second, one process, no decoding: local directory (size check), cache hits
    (size check, and sha256), pooled HTTP (`pipeline.http`, sha256), and the curl-per-shard reader;
 2. loader samples/s: local directory (size check, the default for local); HTTP without a cache, read by
-   curl (the current reader) and by the pooled client (both sha256, the default for remote); HTTP with
+   curl (the reader before the pooled client) and by the pooled client (the default: both sha256); HTTP with
    the cache, first epoch (every shard fetched, checked and stored) and second epoch (every shard a hit,
    re-checked for size; and for sha256). The second and later epochs list every shard `--repeat` times
    for an epoch long enough to time; the first epoch cannot (a repeat would be a hit).
@@ -38,11 +38,11 @@ from typing import Any
 import torch
 from loader import Row, prepare_shards, timed_epoch, warm_page_cache
 
-from pipeline.cache import ShardCache
-from pipeline.http import http_chunks, http_read
-from pipeline.location import Location
+from pipeline.cache import ShardCache, cache_view
+from pipeline.http import http_chunks
+from pipeline.location import Location, Pace, read_command
 from pipeline.shards import read_manifest, read_shard
-from train.data import Range, ShardStream
+from train.data import ShardStream
 
 TARGET_SECOND = 0.95
 _SERVER = (
@@ -54,32 +54,20 @@ _SERVER = (
 )
 
 
-class CachedStream(ShardStream):
-    """The trainer's stream, its shards read through a `ShardCache` (pooled HTTP on a miss)."""
-
-    def __init__(self, *args: Any, cache_root: str = "", fingerprint: str = "", cache_check: str = "size",
-                 **kwargs: Any) -> None:  # fmt: skip
-        super().__init__(*args, **kwargs)
-        self.cache_root, self.fingerprint, self.cache_check = cache_root, fingerprint, cache_check
-        self._view = None
-
-    def _shard(self, r: Range) -> bytes:
-        if self._view is None:  # in the worker process: its locks and connections are its own
-            self._view = ShardCache(self.cache_root).open(self.location, self.fingerprint)
-        e, url = self.entries[r.name], self.location.url(r.name)
-        return self._view.read(e["name"], e["bytes"], e["sha256"], lambda: http_chunks(url, e["bytes"], self.stall_s),
-                               check=self.cache_check, retries=self.retries)  # fmt: skip
+def curl_read(url: str, e: dict[str, Any]) -> bytes:
+    """A shard read by a curl process, as http locations were read before the pooled client; size and sha256."""
+    argv = ["curl", "--silent", "--show-error", "--fail", "--location", "--connect-timeout", "15", url]
+    data = read_command(url, argv, e["bytes"], Pace())
+    if len(data) != e["bytes"] or hashlib.sha256(data).hexdigest() != e["sha256"]:
+        raise ValueError(f"{url}: differs from the manifest")
+    return data
 
 
-class PooledStream(ShardStream):
-    """The trainer's stream, its shards read by the pooled HTTP client and checked for size and sha256; no cache."""
+class CurlStream(ShardStream):
+    """The trainer's stream, each shard read by a curl process (the baseline the pooled client replaced)."""
 
-    def _shard(self, r: Range) -> bytes:
-        e = self.entries[r.name]
-        data = http_read(self.location.url(r.name), e["bytes"], self.stall_s)
-        if len(data) != e["bytes"] or hashlib.sha256(data).hexdigest() != e["sha256"]:
-            raise ValueError(f"{self.location.url(r.name)}: differs from the manifest")
-        return data
+    def _shard(self, name: str) -> bytes:
+        return curl_read(self.location.url(name), self.entries[name])
 
 
 @contextlib.contextmanager
@@ -118,17 +106,12 @@ def read_rates(shards: Path, url: str, manifest: dict[str, Any], cache_root: Pat
         for e in entries:
             view.read(e["name"], e["bytes"], e["sha256"], lambda: b"", check=check)  # a miss would fail: none
 
-    def pooled() -> None:
-        for e in entries:
-            data = http_read(remote.url(e["name"]), e["bytes"])
-            assert hashlib.sha256(data).hexdigest() == e["sha256"]
-
     readers = {
         "local, size": lambda: [read_shard(local, e, "size") for e in entries],
         "cache hit, size": lambda: cached("size"),
         "cache hit, sha256": lambda: cached("sha256"),
-        "http pooled, sha256": pooled,
-        "http curl, sha256": lambda: [read_shard(remote, e, "sha256") for e in entries],
+        "http pooled, sha256": lambda: [read_shard(remote, e, "sha256") for e in entries],
+        "http curl, sha256": lambda: [curl_read(remote.url(e["name"]), e) for e in entries],
     }
     total = sum(e["bytes"] for e in entries) / 1e6
     best = dict.fromkeys(readers, 0.0)
@@ -147,7 +130,7 @@ def read_rates(shards: Path, url: str, manifest: dict[str, Any], cache_root: Pat
 def loader_rates(args: argparse.Namespace, shards: Path, url: str, manifest: dict[str, Any],
                  work: Path) -> dict[str, float]:  # fmt: skip
     """Samples/s of full training epochs (2 workers), best of `--rounds` interleaved rounds."""
-    folds, bsz, fp = [f["fold"] for f in manifest["folds"]], args.batch_size, manifest["fingerprint"]
+    folds, bsz = [f["fold"] for f in manifest["folds"]], args.batch_size
     best: dict[str, float] = {}
 
     def keep(key: str, repeat: int, location: str | Path, epoch: int, **options: Any) -> None:
@@ -156,14 +139,14 @@ def loader_rates(args: argparse.Namespace, shards: Path, url: str, manifest: dic
 
     for rnd in range(args.rounds):
         root = work / f"cache-{rnd}"  # a fresh cache: this round's first epoch fetches every shard
-        cached = {"stream_cls": CachedStream, "cache_root": str(root), "fingerprint": fp}
+        cached = {"cache": cache_view(root, None, url, manifest)}  # as asl-train opens it, before the workers fork
         keep("local, 1x", 1, shards, rnd, check="size")
         keep("http + cache, epoch 1", 1, url, rnd, **cached)
         keep("local", args.repeat, shards, rnd, check="size")
         keep("http + cache, epoch 2", args.repeat, url, rnd, **cached)
-        keep("http + cache, epoch 2, sha256", args.repeat, url, rnd, **cached, cache_check="sha256")
-        keep("http curl, no cache", 1, url, rnd, check="sha256")
-        keep("http pooled, no cache", 1, url, rnd, stream_cls=PooledStream)
+        keep("http + cache, epoch 2, sha256", args.repeat, url, rnd, **cached, check="sha256")
+        keep("http curl, no cache", 1, url, rnd, stream_cls=CurlStream)
+        keep("http pooled, no cache", 1, url, rnd, check="sha256")
         shutil.rmtree(root)
     return best
 

@@ -1,6 +1,7 @@
 """What each piece of the 1st-place recipe is worth on demo data, in one run.
 
-    python bench/recipe.py [--shards DIR] [--preset small] [--epochs 24] [--seeds 3] [--rows default,awp,...]
+    python bench/recipe.py [--shards DIR | --sequences 2000 --signs 25] [--preset small] [--epochs 24] [--seeds 3]
+                           [--rows default,awp,...]
 
 Trains the default recipe, each piece added alone (AWP, late dropout, RAdam, RAdam in Lookahead) and
 all of them together, over several seeds, validating on one held-out fold of participants (fold 0),
@@ -24,7 +25,8 @@ from typing import Any
 from common import ensure_demo
 
 from pipeline.build import BuildOptions, build_shards
-from train.loop import TrainConfig, train
+from train.config import TrainConfig
+from train.loop import train
 
 # Each row: the options it changes from the default recipe. The epoch a piece starts at is a
 # quarter of the run, as 15 of the published 300 epochs came after the warm first ones.
@@ -59,6 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=Path, default=None, help="shard directory (default: build from demo data)")
     ap.add_argument("--sequences", type=int, default=2000)
+    ap.add_argument("--signs", type=int, default=25)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--epochs", type=int, default=24)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -78,7 +81,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-recipe-"))
     shards = args.shards
     if shards is None:
-        ensure_demo(tmp / "data", args.sequences)
+        ensure_demo(tmp / "data", args.sequences, args.signs)
         shards = tmp / "shards"
         build_shards(tmp / "data", shards, BuildOptions(folds=5), jobs=2)
     base = {"shards": str(shards), "preset": args.preset, "epochs": args.epochs, "batch_size": args.batch_size,

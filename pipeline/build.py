@@ -24,7 +24,9 @@ import json
 import logging
 import os
 import re
+import signal
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -410,6 +412,32 @@ def build_shards(
         raise BuildError(f"{out}: cannot write the output ({where}{exc.strerror or exc})") from None
 
 
+@contextlib.contextmanager
+def _terminate_stops_workers() -> Iterator[None]:
+    """While workers run, SIGTERM raises SystemExit like Ctrl-C raises KeyboardInterrupt: joblib then kills its
+    workers and the build removes its temporaries (SIGTERM's default action would leave both behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def worker_count(jobs: int) -> int:
+    """Worker processes for `jobs` (-1 or 0: every CPU), never more than the CPUs: more only add memory."""
+    cpus = os.cpu_count() or 1
+    if jobs > cpus:
+        log.warning("--jobs %d is more than the %d CPUs; building with %d worker processes", jobs, cpus, cpus)
+    return cpus if jobs < 1 or jobs > cpus else jobs
+
+
 def folds_problem(folds: int) -> str | None:
     """Why `folds` cannot be built, with what to do instead; None for 2 or more."""
     if folds >= 2:
@@ -450,10 +478,12 @@ def _run(
     total = sum(len(t.rows) for t in tasks)
     if progress:
         progress(sum(len(t.rows) for t in tasks if t not in todo), 0, total)
-    done = Parallel(n_jobs=jobs, return_as="generator_unordered")(delayed(build_one_shard)(t, out, opts) for t in todo)
-    for sidecar in done:
-        if progress:
-            progress(len(sidecar["sequence_ids"]) + len(sidecar["rejects"]), len(sidecar["rejects"]), total)
+    parallel = Parallel(n_jobs=worker_count(jobs), return_as="generator_unordered")
+    with _terminate_stops_workers():
+        done = parallel(delayed(build_one_shard)(t, out, opts) for t in todo)
+        for sidecar in done:
+            if progress:
+                progress(len(sidecar["sequence_ids"]) + len(sidecar["rejects"]), len(sidecar["rejects"]), total)
 
     # Always from the sidecars: a run that died after its shards but before the manifest left
     # complete shards that the old manifest does not describe.

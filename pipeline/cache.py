@@ -49,6 +49,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import AslError
 from pipeline.location import Location, LocationError
@@ -274,6 +275,24 @@ class CachedShards:
 
     def _lock(self, name: str, kind: str) -> Path:
         return self.dir / f".{name}.{kind}"
+
+
+def cache_view(cache_dir: str | Path | None, limit_gb: float | None, location: str | Location,
+               manifest: dict[str, Any]) -> CachedShards | None:  # fmt: skip
+    """The cache of `location`'s shards under `cache_dir` (`--cache-dir`, `--cache-limit` in GB), or None without
+    a cache directory or for a local directory (never cached: its shards already are local files).
+
+    Opened before any shard is read, so a directory or limit that cannot work is one line at once.
+    """
+    loc = Location.parse(str(location))
+    if cache_dir is None:
+        return None
+    if loc.is_local:
+        log.info("%s is a local directory: its shards are read in place, not cached in %s", loc, cache_dir)
+        return None
+    limit = None if limit_gb is None else int(limit_gb * 1e9)
+    largest = max((s["bytes"] for s in manifest["shards"]), default=0)
+    return ShardCache(cache_dir, limit).open(loc, manifest["fingerprint"], largest=largest)
 
 
 def _check_usable(root: Path) -> None:

@@ -14,8 +14,9 @@ from tqdm import tqdm
 from pipeline import build as build_mod
 from pipeline.errors import AslError
 from pipeline.features import MAX_LEN
+from pipeline.location import MIN_RATE, STALL_S, stop_commands_on_signals
 from pipeline.read import clip
-from pipeline.shards import manifest_stats, read_manifest, verify_shards
+from pipeline.shards import MANIFEST, as_location, manifest_stats, manifest_totals, read_manifest, verify_shards
 
 
 class _Group(click.Group):
@@ -33,6 +34,7 @@ class _Group(click.Group):
 def main(verbose: bool) -> None:
     """Offline stage for the Kaggle asl-signs landmarks: parquet files -> WebDataset shards."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
+    stop_commands_on_signals()  # a remote location's commands die with this process
 
 
 def _valid_folds(folds: int) -> int:
@@ -136,19 +138,34 @@ LOCATION_HELP = (
 
 @main.command("verify", epilog=LOCATION_HELP)
 @click.argument("shards", default="shards")
-def verify_cmd(shards: str) -> None:
+@click.option("--cache-dir", default=None, type=click.Path(path_type=Path),
+              help="Read remote shards through this shard cache (as asl-train --cache-dir); cached copies are hashed, "
+              "and fetched again when they differ from the manifest.")  # fmt: skip
+@click.option("--cache-limit", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="GB the cache may hold (default: no limit); least recently read shards are evicted.")  # fmt: skip
+@click.option("--io-timeout", default=STALL_S, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds without a byte before a remote read is abandoned.")  # fmt: skip
+@click.option("--io-min-rate", default=MIN_RATE / 1000, show_default=True, type=click.FloatRange(min=0),
+              help="kB/s a remote read must average after its first --io-timeout s; 0: no such limit.")  # fmt: skip
+def verify_cmd(shards: str, cache_dir: Path | None, cache_limit: float | None, io_timeout: float,
+               io_min_rate: float) -> None:  # fmt: skip
     """Check every shard against the manifest: size, sha256, sample count, keys, labels and shapes.
 
     Exit status 1 on any mismatch (each one is listed).
     """
-    manifest = read_manifest(shards)
-    with tqdm(total=manifest["totals"]["bytes"], unit="B", unit_scale=True, desc="verify", disable=None) as bar:
-        problems = verify_shards(shards, manifest, progress=bar.update)
+    from pipeline.cache import cache_view
+
+    pace = {"stall_s": io_timeout, "min_rate": io_min_rate * 1000}
+    manifest = read_manifest(shards, io_timeout, pace["min_rate"])
+    totals = manifest_totals(manifest)  # not the manifest's own totals: those are not what is checked
+    cache = cache_view(cache_dir, cache_limit, shards, manifest)
+    with tqdm(total=totals["bytes"], unit="B", unit_scale=True, desc="verify", disable=None) as bar:
+        problems = verify_shards(shards, manifest, progress=bar.update, cache=cache, **pace)
     for p in problems:
         click.echo(f"FAIL {p}", err=True)
     if problems:
         raise click.ClickException(f"{len(problems)} problem(s) in {shards}")
-    click.echo(f"OK: {manifest['totals']['shards']} shards, {manifest['totals']['samples']} samples match the manifest")
+    click.echo(f"OK: {totals['shards']} shards, {totals['samples']} samples match the manifest")
 
 
 @main.command("stats", epilog=LOCATION_HELP)
@@ -156,7 +173,7 @@ def verify_cmd(shards: str) -> None:
 @click.option("--top", default=10, show_default=True, help="Signs to list at each end of the count ranking.")
 def stats_cmd(shards: str, top: int) -> None:
     """Counts per fold and sign, and the sequence length distribution, from the manifest."""
-    stats = manifest_stats(read_manifest(shards), top)
+    stats = manifest_stats(read_manifest(shards), top, source=as_location(shards).url(MANIFEST))
     totals = stats["totals"]
     click.echo(f"{totals['samples']} samples, {totals['shards']} shards, {totals['bytes'] / 1e6:.1f} MB, "
                f"{totals['rejected']} rejected")  # fmt: skip

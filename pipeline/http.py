@@ -2,9 +2,11 @@
 
 One connection pool per process (DataLoader workers are forked: a child never reuses its parent's
 sockets). A read gives up after `stall_s` seconds without a byte, after `deadline_s` seconds in all,
-or past `max_bytes` (it never reads more than `max_bytes + 1` bytes of a body, so an endless or
-oversized body costs one bounded read). Every failure is one `LocationError` line naming the URL.
-Nothing is retried here: whole-file retries stay the caller's (`--io-retries`), with their meaning.
+once slower than `min_rate` bytes/s on average (`pipeline.location.Pace`), or past `max_bytes` (it
+never reads more than `max_bytes + 1` bytes of a body, so an endless or oversized body costs one
+bounded read). Every failure is one `LocationError` line naming the URL, the server's text in it (a
+reason phrase, an error's message) escaped for printing. Nothing is retried here: whole-file retries
+stay the caller's (`--io-retries`), with their meaning.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from collections.abc import Iterator
 import urllib3
 from urllib3.exceptions import HTTPError, ReadTimeoutError
 
-from pipeline.location import STALL_S, LocationError
+from pipeline.location import STALL_S, LocationError, Pace
+from pipeline.text import printable
 
 _CHUNK = 1 << 20
 CONNECT_S = 15.0  # as the curl reader's --connect-timeout
@@ -36,11 +39,12 @@ def pool() -> urllib3.PoolManager:
     return _pools[pid]
 
 
-def http_chunks(url: str, max_bytes: int, stall_s: float = STALL_S, deadline_s: float | None = None) -> Iterator[bytes]:
+def http_chunks(url: str, max_bytes: int, stall_s: float = STALL_S, deadline_s: float | None = None,
+                min_rate: float = 0.0) -> Iterator[bytes]:  # fmt: skip
     """The body of `url` in chunks; LocationError (naming `url`) on a status other than 200, a stall, the
-    deadline, a body longer than `max_bytes`, or a broken connection. The connection is kept for reuse
-    only after a whole body was read."""
-    start = time.monotonic()
+    deadline, an average rate below `min_rate` (after the first `stall_s`), a body longer than `max_bytes`,
+    or a broken connection. The connection is kept for reuse only after a whole body was read."""
+    start, pace = time.monotonic(), Pace(stall_s, min_rate)
     try:
         response = pool().request("GET", url, headers={"Accept-Encoding": "identity"}, preload_content=False,
                                   decode_content=False, timeout=urllib3.Timeout(connect=min(CONNECT_S, stall_s),
@@ -50,7 +54,7 @@ def http_chunks(url: str, max_bytes: int, stall_s: float = STALL_S, deadline_s: 
     done = False
     try:
         if response.status != 200:
-            raise LocationError(f"{url}: HTTP {response.status} {response.reason or ''}".rstrip())
+            raise LocationError(f"{url}: HTTP {response.status} {printable(response.reason or '')}".rstrip())
         announced = response.headers.get("Content-Length")
         if announced is not None and announced.isdigit() and int(announced) > max_bytes:
             raise LocationError(f"{url}: {int(announced)} bytes announced, more than the {max_bytes} expected")
@@ -63,8 +67,11 @@ def http_chunks(url: str, max_bytes: int, stall_s: float = STALL_S, deadline_s: 
             total += len(chunk)
             if total > max_bytes:
                 raise LocationError(f"{url}: more than the {max_bytes} bytes expected")
-            if deadline_s is not None and time.monotonic() - start > deadline_s:
+            elapsed = time.monotonic() - start
+            if deadline_s is not None and elapsed > deadline_s:
                 raise LocationError(f"{url}: not read within {deadline_s:g} s; abandoned")
+            if pace.time_left(elapsed, total) < 0:
+                raise pace.too_slow(url, total, elapsed)
             yield chunk
         done = True
     except HTTPError as exc:
@@ -75,9 +82,10 @@ def http_chunks(url: str, max_bytes: int, stall_s: float = STALL_S, deadline_s: 
         response.release_conn()
 
 
-def http_read(url: str, max_bytes: int, stall_s: float = STALL_S, deadline_s: float | None = None) -> bytes:
+def http_read(url: str, max_bytes: int, stall_s: float = STALL_S, deadline_s: float | None = None,
+              min_rate: float = 0.0) -> bytes:  # fmt: skip
     """The whole body of `url` (see `http_chunks`)."""
-    return b"".join(http_chunks(url, max_bytes, stall_s, deadline_s))
+    return b"".join(http_chunks(url, max_bytes, stall_s, deadline_s, min_rate))
 
 
 def _reason(exc: HTTPError, stall_s: float) -> str:
@@ -85,4 +93,5 @@ def _reason(exc: HTTPError, stall_s: float) -> str:
     if isinstance(exc, ReadTimeoutError) or isinstance(getattr(exc, "reason", None), ReadTimeoutError):
         return f"no data for {stall_s:g} s (stalled server); abandoned"
     cause = getattr(exc, "reason", None) or exc
-    return _POOL_PREFIX.sub("", str(cause))  # the URL is said once, by the caller
+    text = cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause)  # not the args tuple
+    return printable(_POOL_PREFIX.sub("", text))  # the URL is said once, by the caller

@@ -4,31 +4,37 @@ A location is one of:
 
 - a local directory, or a `file://` URL of one;
 - an `http://` or `https://` URL of the directory that holds `manifest.json` and the shards
-  (read with `curl`, as webdataset's own `gopen` does for these schemes);
+  (read over pooled, kept-alive connections: `pipeline.http`);
 - a `pipe:` command template in which `{}` stands for a file name of that directory, e.g.
   `pipe:aws s3 cp s3://bucket/asl/{} -` (webdataset's `pipe:` form, run by the shell).
 
-Remote reads never hang: a command that stalls for `stall_s` seconds is killed, a non-zero
-exit status is an error carrying the command's own message, and callers bound the size and
-check the bytes (`pipeline.shards.read_shard` against the manifest's size and sha256). webdataset
-(whose import loads torch) is imported only when a remote location is read, never by the offline stage.
+Every remote read is bounded in bytes (the caller's `max_bytes`) and in time (`Pace`): it is
+abandoned after `stall_s` seconds without a byte, and once it has run longer than
+`stall_s + bytes received / min_rate` (so a shard of known size has a deadline, and a trickle is
+given up early). A command runs in its own process group with its stderr kept to the last
+`STDERR_KEEP` bytes; the group is killed when the read fails or is abandoned, when the process exits,
+and on SIGTERM or SIGINT once `stop_commands_on_signals` is installed (the command lines do). A
+command that closes its output but keeps running is an error, as is a non-zero exit status (with
+the last line of its stderr, escaped: `pipeline.text.printable`).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
 import logging
+import math
 import os
 import re
 import select
 import signal
 import subprocess
 import sys
-import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,15 +43,18 @@ from urllib.request import url2pathname
 
 from pipeline.errors import AslError
 from pipeline.read import InputFileError, read_file
+from pipeline.text import printable
 
 log = logging.getLogger(__name__)
 
 STALL_S = 60.0  # seconds without a byte before a remote read is abandoned
+MIN_RATE = 50_000  # bytes/s a remote read must average (after its first STALL_S): a 25 MB shard gets 560 s
 RETRIES = 2  # further attempts after a failed remote read
+STDERR_KEEP = 4096  # bytes of a command's stderr kept (its last ones): enough for its message, never a disk
 _CHUNK = 1 << 20
 # File names a location may be asked for: what build-shards writes. Anything else (a manifest
 # naming "../x" or "a; rm -rf ~") never reaches a path or a shell command.
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*", re.ASCII)
 
 
 class LocationError(AslError, OSError):
@@ -54,6 +63,29 @@ class LocationError(AslError, OSError):
 
 class LocationSpecError(AslError, ValueError):
     """A location that cannot be used as written (unknown scheme, a pipe: without {}, a refused file name)."""
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How long a remote read may take: `stall_s` without a byte, and `stall_s + received / min_rate` in all
+    (`min_rate` in bytes/s; 0 leaves only the stall limit)."""
+
+    stall_s: float = STALL_S
+    min_rate: float = MIN_RATE
+
+    def time_left(self, elapsed: float, received: int) -> float:
+        """Seconds the read may still run, having received `received` bytes in `elapsed` seconds."""
+        if not self.min_rate:
+            return math.inf
+        return self.stall_s + received / self.min_rate - elapsed
+
+    def deadline(self, size: int) -> float:
+        """The longest a read of `size` bytes may take in all."""
+        return self.stall_s + size / self.min_rate if self.min_rate else math.inf
+
+    def too_slow(self, url: str, received: int, elapsed: float) -> LocationError:
+        return LocationError(f"{url}: {received} bytes in {elapsed:.0f} s, below the minimum rate of "
+                             f"{self.min_rate / 1000:g} kB/s (--io-min-rate); abandoned")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -101,7 +133,7 @@ class Location:
     def url(self, name: str) -> str:
         """The address of file `name` of this location (a path, an http URL or a pipe: command)."""
         if not _SAFE_NAME.fullmatch(name):
-            raise LocationSpecError(f"{self.spec}: refused file name {name!r}")
+            raise LocationSpecError(f"{self.spec}: refused file name {printable(repr(name))}")
         return SCHEMES[self.scheme].join(self.base, name)
 
     def read(
@@ -111,18 +143,20 @@ class Location:
         check: Callable[[bytes], str | None] | None = None,
         stall_s: float = STALL_S,
         retries: int = 0,
+        min_rate: float = MIN_RATE,
     ) -> bytes:
         """The whole content of file `name`, or a LocationError naming its URL and the reason.
 
-        Reading more than `max_bytes` is an error; `check(data)` may return a problem, which is an
-        error too. A remote read that fails either way is tried again, `retries` times (a fresh
-        read each time, after 1 s, 2 s, 4 s...); a local one is not (it would fail the same way).
+        Reading more than `max_bytes` is an error, and so is a remote read slower than `Pace(stall_s,
+        min_rate)`; `check(data)` may return a problem, which is an error too. A remote read that fails
+        either way is tried again, `retries` times (a fresh read each time, after 1 s, 2 s, 4 s...); a
+        local one is not (it would fail the same way).
         """
-        url, opener = self.url(name), SCHEMES[self.scheme].read
+        url, opener, pace = self.url(name), SCHEMES[self.scheme].read, Pace(stall_s, min_rate)
         attempts = 1 if self.is_local else retries + 1
         for attempt in range(attempts):
             try:
-                data = opener(url, max_bytes, stall_s)
+                data = opener(url, max_bytes, pace)
                 problem = check(data) if check else None
                 if problem:
                     raise LocationError(f"{url}: {problem}")
@@ -134,8 +168,17 @@ class Location:
                 time.sleep(2.0**attempt)
         raise AssertionError("unreachable")
 
+    def chunks(
+        self, name: str, max_bytes: int, stall_s: float = STALL_S, min_rate: float = MIN_RATE
+    ) -> Iterator[bytes]:
+        """File `name` as it arrives (a scheme that can stream it) or in one piece; one attempt, bounded as `read`."""
+        stream = SCHEMES[self.scheme].chunks
+        if stream is not None:
+            return stream(self.url(name), max_bytes, Pace(stall_s, min_rate))
+        return iter([self.read(name, max_bytes=max_bytes, stall_s=stall_s, min_rate=min_rate)])
 
-def _read_local(path: str, max_bytes: int | None, stall_s: float) -> bytes:
+
+def _read_local(path: str, max_bytes: int | None, pace: Pace) -> bytes:
     """A regular file's bytes, through the pipeline's one input gate (`pipeline.read.read_file`): a FIFO,
     device or directory is refused, never opened blocking or read without end."""
     try:
@@ -150,69 +193,151 @@ def _read_local(path: str, max_bytes: int | None, stall_s: float) -> bytes:
         raise LocationError(str(exc)) from None
 
 
-def _read_http(url: str, max_bytes: int | None, stall_s: float) -> bytes:
-    """An http(s) URL's content, read with curl as webdataset's own gopen reads these schemes."""
-    argv = ["curl", "--silent", "--show-error", "--fail", "--location", "--connect-timeout", "15", url]
-    return _read_command(url, argv, max_bytes, stall_s)
+def _read_http(url: str, max_bytes: int | None, pace: Pace) -> bytes:
+    """An http(s) URL's content over this process's pooled connections."""
+    from pipeline.http import http_read  # urllib3: only when an http location is read
+
+    return http_read(url, sys.maxsize if max_bytes is None else max_bytes, pace.stall_s, min_rate=pace.min_rate)
 
 
-def _read_pipe(url: str, max_bytes: int | None, stall_s: float) -> bytes:
+def _http_chunks(url: str, max_bytes: int, pace: Pace) -> Iterator[bytes]:
+    from pipeline.http import http_chunks
+
+    return http_chunks(url, max_bytes, pace.stall_s, min_rate=pace.min_rate)
+
+
+def _read_pipe(url: str, max_bytes: int | None, pace: Pace) -> bytes:
     """What the shell command of a `pipe:` URL writes to its stdout."""
-    return _read_command(url, url.removeprefix("pipe:"), max_bytes, stall_s)
+    return read_command(url, url.removeprefix("pipe:"), max_bytes, pace)
 
 
-def _read_command(url: str, argv: list[str] | str, max_bytes: int | None, stall_s: float) -> bytes:
-    """Run the command of `url` through webdataset's `Pipe` and collect its stdout, bounded in time and size."""
-    from webdataset.gopen import Pipe  # imports torch: only when a remote location is read
-
+def read_command(url: str, argv: list[str] | str, max_bytes: int | None, pace: Pace) -> bytes:
+    """A command's stdout (`argv` a string: run by the shell), bounded by `max_bytes` and `pace`; LocationError
+    (naming `url`) when it fails, exits non-zero, or closes its output and does not exit within `pace.stall_s`."""
     shell = isinstance(argv, str)
-    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty command cannot block on it
-        try:
-            pipe = Pipe(argv, mode="rb", shell=shell, bufsize=0, stderr=err, stdin=subprocess.DEVNULL,
-                        start_new_session=True)  # fmt: skip
-        except OSError as exc:
-            what = "the shell" if shell else argv[0]
-            raise LocationError(f"{url}: cannot run {what} ({exc.strerror or exc})") from None
-        try:
-            data = _drain(pipe, url, max_bytes, stall_s)
-            status = pipe.proc.wait(timeout=stall_s)
-        except BaseException:
-            _kill(pipe)
-            raise
-        if status != 0:
-            err.seek(0)
-            message = err.read()[-2000:].decode(errors="replace").strip().splitlines()
-            reason = message[-1] if message else "no message"
-            what = "the pipe: command" if shell else argv[0]
-            raise LocationError(f"{url}: {what} failed with exit status {status}: {reason}")
+    what = "the pipe: command" if shell else argv[0]
+    try:
+        proc = subprocess.Popen(argv, shell=shell, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    except OSError as exc:
+        raise LocationError(f"{url}: cannot run {'the shell' if shell else argv[0]} ({exc.strerror or exc})") from None
+    _running[proc.pid] = os.getpid()
+    try:
+        tail = bytearray()
+        data = _stdout(proc, url, max_bytes, pace, tail)
+        if not _exited(proc, pace.stall_s, tail):
+            raise LocationError(f"{url}: {what} closed its output but did not exit within {pace.stall_s:g} s; stopped")
+    except BaseException:
+        _kill(proc)
+        raise
+    finally:
+        _running.pop(proc.pid, None)
+        proc.stdout.close()
+        proc.stderr.close()
+    if proc.returncode != 0:
+        lines = tail.decode(errors="replace").strip().split("\n")  # not at a bare \r: it is escaped, shown
+        reason = printable(lines[-1]) if lines[-1] else "no message"
+        raise LocationError(f"{url}: {what} failed with exit status {proc.returncode}: {reason}")
     return data
 
 
-def _drain(pipe: Any, url: str, limit: int | None, stall_s: float) -> bytes:
-    """Everything the command writes, in chunks; LocationError after `stall_s` s without a byte or past `limit`."""
-    fd, chunks, total = pipe.stream.fileno(), [], 0
+def _stdout(proc: subprocess.Popen, url: str, limit: int | None, pace: Pace, tail: bytearray) -> bytes:
+    """A command's stdout until it closes it; its stderr's last STDERR_KEEP bytes into `tail` meanwhile.
+    LocationError past `limit` bytes, or when slower than `pace`."""
+    out, err = proc.stdout.fileno(), proc.stderr.fileno()
     with contextlib.suppress(AttributeError, OSError):  # Linux: 1 MB chunks instead of 64 kB: fewer reads and selects
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _CHUNK)
+        fcntl.fcntl(out, fcntl.F_SETPIPE_SZ, _CHUNK)
+    chunks, total, fds = [], 0, [out, err]
+    start = last = time.monotonic()
     while True:
-        ready, _, _ = select.select([fd], [], [], stall_s)
-        if not ready:
-            raise LocationError(f"{url}: no data for {stall_s:g} s (stalled server or command); abandoned")
-        chunk = os.read(fd, _CHUNK)
-        if not chunk:
-            pipe.stream.close()
-            return b"".join(chunks)
-        chunks.append(chunk)
-        total += len(chunk)
-        if limit is not None and total > limit:
-            raise LocationError(f"{url}: more than the {limit} bytes expected")
+        now = time.monotonic()
+        stalled, left = pace.stall_s - (now - last), pace.time_left(now - start, total)
+        if stalled <= 0:
+            raise LocationError(f"{url}: no data for {pace.stall_s:g} s (stalled server or command); abandoned")
+        if left <= 0:
+            raise pace.too_slow(url, total, now - start)
+        ready, _, _ = select.select(fds, [], [], min(stalled, left))
+        if err in ready and not _keep_tail(err, tail):
+            fds.remove(err)
+        if out in ready:
+            chunk = os.read(out, _CHUNK)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            total += len(chunk)
+            last = time.monotonic()
+            if limit is not None and total > limit:
+                raise LocationError(f"{url}: more than the {limit} bytes expected")
 
 
-def _kill(pipe: Any) -> None:
-    """Stop the command and everything it started (it runs in its own session), then reap it."""
+def _exited(proc: subprocess.Popen, wait_s: float, tail: bytearray) -> bool:
+    """Whether the command exits within `wait_s` seconds (its stderr still read into `tail`)."""
+    end, err_open = time.monotonic() + wait_s, True
+    while proc.poll() is None:
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        if err_open:  # its end comes when the command exits, unless a child of it holds stderr
+            ready, _, _ = select.select([proc.stderr.fileno()], [], [], min(left, 0.1))
+            err_open = not ready or _keep_tail(proc.stderr.fileno(), tail)
+        else:
+            time.sleep(min(left, 0.02))
+    return True
+
+
+def _keep_tail(fd: int, tail: bytearray) -> bool:
+    """Read what is there of a stderr into its last STDERR_KEEP bytes; False at its end."""
+    chunk = os.read(fd, 1 << 16)
+    tail += chunk
+    del tail[:-STDERR_KEEP]
+    return bool(chunk)
+
+
+# Commands running, by pid, with the pid of the process that started them (a forked DataLoader worker
+# inherits its parent's table, and must not kill its parent's commands).
+_running: dict[int, int] = {}
+_handled: dict[int, Any] = {}  # signal -> the handler installed before ours
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Stop the command and everything it started (its process group), then reap it."""
     with contextlib.suppress(OSError):  # already gone
-        os.killpg(pipe.proc.pid, signal.SIGKILL)
-    pipe.stream.close()
-    pipe.proc.wait()
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def kill_commands() -> None:
+    """Kill the process groups of every command this process started and is still reading."""
+    me = os.getpid()
+    for pid, owner in list(_running.items()):
+        if owner == me:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def stop_commands_on_signals() -> None:
+    """On SIGTERM and SIGINT, kill this process's commands first, then do what the signal did before.
+
+    From the main thread only (Python's rule for signal handlers); a no-op elsewhere and when done before.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if signum not in _handled:
+            _handled[signum] = signal.signal(signum, _on_signal)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    kill_commands()
+    previous = _handled.get(signum)
+    if callable(previous):
+        previous(signum, frame)  # SIGINT: KeyboardInterrupt
+        return
+    signal.signal(signum, signal.SIG_DFL if previous in (None, signal.SIG_DFL) else previous)
+    os.kill(os.getpid(), signum)
+
+
+atexit.register(kill_commands)
 
 
 def _no_trailing_slash(spec: str) -> str:
@@ -248,16 +373,17 @@ class Scheme:
     """One kind of location: how its files are read, and how a spec and a file name make their URL."""
 
     kind: str  # what `Location.kind` says ("local" reads are never retried nor hashed by default)
-    read: Callable[[str, int | None, float], bytes]  # (url, max_bytes, stall_s) -> the file's whole content
+    read: Callable[[str, int | None, Pace], bytes]  # (url, max_bytes, pace) -> the file's whole content
     base: Callable[[str], str] = _no_trailing_slash  # spec -> base
     join: Callable[[str, str], str] = _url_join  # (base, file name) -> url
+    chunks: Callable[[str, int, Pace], Iterator[bytes]] | None = None  # a file as it arrives, where it can stream
 
 
 # A new kind of location is one reader above and one entry here (as webdataset's gopen_schemes).
 SCHEMES: dict[str, Scheme] = {
     "": Scheme("local", _read_local, base=str, join=_path_join),
     "file": Scheme("local", _read_local, base=_file_url_path, join=_path_join),
-    "http": Scheme("http", _read_http),
-    "https": Scheme("http", _read_http),
+    "http": Scheme("http", _read_http, chunks=_http_chunks),
+    "https": Scheme("http", _read_http, chunks=_http_chunks),
     "pipe": Scheme("pipe", _read_pipe, base=_pipe_template, join=_fill_template),
 }

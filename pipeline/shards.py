@@ -26,15 +26,19 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from pipeline.errors import AslError
 from pipeline.features import MAX_LEN, N_CHANNELS, N_PACKED, pack_missing, pad_features, pad_frames
 from pipeline.landmarks import N_POINTS
-from pipeline.location import STALL_S, Location, LocationError
+from pipeline.location import MIN_RATE, STALL_S, Location, LocationError
 from pipeline.tario import TAR_END, TarError, load_npy, member_blocks, npy_bytes, tar_members
+from pipeline.text import printable
+
+if TYPE_CHECKING:
+    from pipeline.cache import CachedShards
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -44,6 +48,8 @@ DTYPES = ("float16", "float32")
 # The only member types a shard may hold; anything else (pickle, .pth, ...) is refused.
 MEMBER_TYPES = frozenset({"x.npy", "missing.npy", "mask.npy", "cls", "json"})
 _HISTOGRAM_EDGES = (1, 16, 32, 64, 128, 256)  # stored-length bins of `manifest_stats`, below MAX_LEN
+# A manifest of the full dataset (94,477 sequences) is about 5 MB: a larger body is not one, and is not read.
+MANIFEST_MAX_BYTES = 64 << 20
 
 
 class ShardError(AslError, ValueError):
@@ -234,12 +240,17 @@ def _label_problem(label: int, meta: Any) -> str | None:
     return None
 
 
-def read_manifest(location: str | Path | Location) -> dict[str, Any]:
-    """The manifest of a shard location (directory, URL or pipe: template), checked by `manifest_problem`."""
+def read_manifest(
+    location: str | Path | Location, stall_s: float = STALL_S, min_rate: float = MIN_RATE
+) -> dict[str, Any]:
+    """The manifest of a shard location (directory, URL or pipe: template), checked by `manifest_problem`.
+
+    At most MANIFEST_MAX_BYTES are read, remotely within `Pace(stall_s, min_rate)` (`pipeline.location`).
+    """
     loc = as_location(location)
     url = loc.url(MANIFEST)
     try:
-        manifest = json.loads(loc.read(MANIFEST))
+        manifest = json.loads(loc.read(MANIFEST, max_bytes=MANIFEST_MAX_BYTES, stall_s=stall_s, min_rate=min_rate))
     except LocationError as exc:
         if loc.is_local and not Path(url).exists():
             raise NoManifestError(f"{url}: no manifest (run `asl-pipeline build-shards` first)") from None
@@ -257,7 +268,7 @@ def as_location(location: str | Path | Location) -> Location:
 
 
 # How shards are named (their fold first); a manifest naming anything else is refused before any read.
-SHARD_STEM = r"fold(\d+)-\d{6,}"
+SHARD_STEM = r"fold([0-9]+)-[0-9]{6,}"  # ASCII digits only: re's \d also takes "٣" and "３"
 SHARD_NAME = re.compile(SHARD_STEM + r"\.tar")
 
 
@@ -286,6 +297,8 @@ def manifest_problem(manifest: Any) -> str | None:
     indices = list(label_map.values()) if isinstance(label_map, dict) else None
     if not indices or any(type(v) is not int for v in indices) or sorted(indices) != list(range(len(indices))):
         return "label_map must be an object mapping every sign to one of the indices 0..N-1"
+    if unprintable := next((k for k in label_map if not k.isprintable() or not k.strip()), None):
+        return f"label_map sign {printable(repr(unprintable))} is empty or holds control characters"
     if not isinstance(config, dict) or config.get("layout") not in LAYOUTS or config.get("dtype") not in DTYPES:
         return f"config must give a layout in {LAYOUTS} and a dtype in {DTYPES}"
     folds, shards = manifest["folds"], manifest["shards"]
@@ -293,11 +306,12 @@ def manifest_problem(manifest: Any) -> str | None:
         return "folds must be a list of objects with integer 'fold' and 'samples'"
     if not isinstance(shards, list):
         return "shards must be a list"
+    longest_sign = max(map(len, label_map))
     for i, entry in enumerate(shards):
-        problem = _entry_problem(entry, len(indices))
+        problem = _entry_problem(entry, len(indices)) or _size_problem(entry, config, longest_sign)
         if problem:
             name = entry.get("name") if isinstance(entry, dict) else None
-            return f"shards[{i}] ({name}): {problem}"
+            return f"shards[{i}] ({printable(repr(name))}): {problem}"
     per_fold = Counter()
     for entry in shards:
         per_fold[entry["fold"]] += entry["samples"]
@@ -336,20 +350,53 @@ def _entry_problem(entry: Any, n_classes: int) -> str | None:
 
 
 _SAMPLE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_NPY_HEADER_MAX = 256  # np.save's header of a shard array is 128 bytes
+
+
+def max_shard_bytes(entry: dict[str, Any], config: dict[str, Any], longest_sign: int) -> int:
+    """The most bytes a shard of the entry's samples (their stored lengths) can take in the manifest's layout and
+    dtype: the bound on a shard's declared size, so that a manifest cannot make a reader take gigabytes."""
+    frames = np.asarray(entry["lengths"], dtype=np.int64)
+    if config["layout"] == "padded":
+        frames = np.full_like(frames, MAX_LEN)
+    itemsize = np.dtype(config["dtype"]).itemsize
+    header = _NPY_HEADER_MAX
+    sizes = [header + frames * N_POINTS * N_CHANNELS * itemsize, header + frames * N_PACKED, np.full_like(frames, 20),
+             np.full_like(frames, 1024 + 6 * longest_sign)]  # fmt: skip  # x, missing, cls, json (\uXXXX escapes)
+    if config["layout"] == "padded":
+        sizes.append(np.full_like(frames, header + MAX_LEN))
+    # each member: its header, its data rounded up to 512-byte blocks, and room for a pax header per sample
+    blocks = sum(512 + -(-n // 512) * 512 for n in sizes) + 1024
+    return int(blocks.sum()) + len(TAR_END) + 10240  # a tar tool's record padding
+
+
+def _size_problem(entry: dict[str, Any], config: dict[str, Any], longest_sign: int) -> str | None:
+    """Whether the entry declares more bytes than its samples can take."""
+    bound = max_shard_bytes(entry, config, longest_sign)
+    if entry["bytes"] > bound:
+        return f"declares {entry['bytes']} bytes, more than its {entry['samples']} samples can take ({bound})"
+    return None
 
 
 def read_shard(location: Location, entry: dict[str, Any], check: str = "auto", stall_s: float = STALL_S,
-               retries: int = 0) -> bytes:  # fmt: skip
+               retries: int = 0, min_rate: float = MIN_RATE, cache: CachedShards | None = None) -> bytes:  # fmt: skip
     """The bytes of one shard of the manifest: exactly its size and, with `check="sha256"`, its digest.
 
     `check="auto"` hashes what crosses a wire (http, pipe:) and not a local directory, whose
     shards the build wrote and `verify` checks: the digest costs about 10% of a worker's time.
+    A remote shard is read within `Pace(stall_s, min_rate)`; with `cache` (this location's view of
+    a `pipeline.cache.ShardCache`) it is read from the cache, fetched into it on a miss (always
+    checked for sha256 then), the cached copy re-checked for size (and sha256 with `check="sha256"`).
 
     Anything else is a LocationError naming the shard (retried for a remote location: a
     connection cut short or a flipped byte on the wire may not happen twice).
     """
     if check not in SHARD_CHECKS:
         raise ValueError(f"check must be one of {SHARD_CHECKS}, got {check!r}")
+    if cache is not None and not location.is_local:
+        name, size = entry["name"], entry["bytes"]
+        return cache.read(name, size, entry["sha256"], lambda: location.chunks(name, size, stall_s, min_rate),
+                          check="sha256" if check == "sha256" else "size", retries=retries)  # fmt: skip
     if check == "auto":
         check = "size" if location.is_local else "sha256"
 
@@ -360,7 +407,8 @@ def read_shard(location: Location, entry: dict[str, Any], check: str = "auto", s
             return "sha256 differs from the manifest (altered or corrupted)"
         return None
 
-    return location.read(entry["name"], max_bytes=entry["bytes"], check=problem, stall_s=stall_s, retries=retries)
+    return location.read(entry["name"], max_bytes=entry["bytes"], check=problem, stall_s=stall_s, retries=retries,
+                         min_rate=min_rate)  # fmt: skip
 
 
 SHARD_CHECKS = ("auto", "sha256", "size")
@@ -380,19 +428,25 @@ def shard_samples(data: bytes, entry: dict[str, Any], source: str) -> Iterator[t
 
 
 def verify_shards(location: str | Path | Location, manifest: dict[str, Any] | None = None,
-                  progress: Callable[[int], None] | None = None) -> list[str]:  # fmt: skip
+                  progress: Callable[[int], None] | None = None, stall_s: float = STALL_S, min_rate: float = MIN_RATE,
+                  cache: CachedShards | None = None) -> list[str]:  # fmt: skip
     """Check every shard against the manifest (read from `location` unless given); returns the problems found.
 
     Size, sha256, then every sample decoded: keys, order and count, labels, layout. `progress(bytes)`
-    is called after each shard.
+    is called after each shard. Remote shards are read as `read_shard` reads them (through `cache`
+    when given: a cached copy is hashed, and fetched again when it differs).
     """
     loc = as_location(location)
-    manifest = manifest if manifest is not None else read_manifest(loc)
+    manifest = manifest if manifest is not None else read_manifest(loc, stall_s, min_rate)
     problems = []
     for entry in manifest["shards"]:
         url = loc.url(entry["name"])
         try:  # a local file is read whatever its size, to say what else is wrong with it
-            data = loc.read(entry["name"], max_bytes=None if loc.is_local else entry["bytes"])
+            if cache is not None and not loc.is_local:
+                data = read_shard(loc, entry, "sha256", stall_s, 0, min_rate, cache)
+            else:
+                data = loc.read(entry["name"], max_bytes=None if loc.is_local else entry["bytes"], stall_s=stall_s,
+                                min_rate=min_rate)  # fmt: skip
         except LocationError as exc:
             problems.append(str(exc))
             continue
@@ -426,14 +480,47 @@ def _sample_problems(data: bytes, entry: dict[str, Any], layout: str, url: str) 
     return []
 
 
-def manifest_stats(manifest: dict[str, Any], top: int = 10) -> dict[str, Any]:
+def manifest_totals(manifest: dict[str, Any]) -> dict[str, int]:
+    """Shards, samples and bytes, counted from the manifest's shard entries (which `manifest_problem` checked)."""
+    shards = manifest["shards"]
+    return {
+        "shards": len(shards),
+        "samples": sum(s["samples"] for s in shards),
+        "bytes": sum(s["bytes"] for s in shards),
+    }
+
+
+_LENGTH_KEYS = ("count", "min", "p25", "median", "mean", "p75", "p95", "p99", "max", "truncated")
+
+
+def summary_problem(manifest: dict[str, Any]) -> str | None:
+    """What `manifest_stats` needs beyond what training needs (totals, participants, length statistics), or None."""
+    totals, lengths = manifest.get("totals"), manifest.get("lengths")
+    if not isinstance(totals, dict) or not _ints(totals, "samples", "shards", "bytes", "rejected"):
+        return "totals must be an object with integer 'samples', 'shards', 'bytes' and 'rejected'"
+    if not all(_ints(f, "shards") and isinstance(f.get("participants"), list) for f in manifest["folds"]):
+        return "every fold must have an integer 'shards' and a list of 'participants'"
+    keys = _LENGTH_KEYS if isinstance(lengths, dict) and lengths.get("count") != 0 else ("count",)
+    if not isinstance(lengths, dict) or not all(_number(lengths.get(k)) for k in keys):
+        return f"lengths must be an object of numbers {', '.join(_LENGTH_KEYS)} (only count when it is 0)"
+    return None
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def manifest_stats(manifest: dict[str, Any], top: int = 10, source: str = MANIFEST) -> dict[str, Any]:
     """Counts per fold and sign, the raw length distribution and a histogram of stored lengths, from a manifest.
 
-    `most`/`fewest`: the `top` signs at each end of the count ranking as `(sign, count)`;
-    `histogram`: `(low, high, count)` per bin `[low, high)` of stored lengths, the last bin
-    holding the sequences of exactly MAX_LEN frames (most of them truncated).
+    `most`/`fewest`: the `top` signs at each end of the count ranking as `(sign, count)`, sign names escaped
+    for printing; `histogram`: `(low, high, count)` per bin `[low, high)` of stored lengths, the last bin
+    holding the sequences of exactly MAX_LEN frames (most of them truncated). A ShardError naming `source`
+    when the manifest lacks the summaries (`summary_problem`).
     """
-    names = {index: sign for sign, index in manifest["label_map"].items()}
+    if problem := summary_problem(manifest):
+        raise ShardError(f"{source}: {problem}")
+    names = {index: printable(sign) for sign, index in manifest["label_map"].items()}
     per_sign = Counter(label for s in manifest["shards"] for label in s["labels"])
     ranked = sorted(((per_sign.get(i, 0), names[i]) for i in names), reverse=True)
     stored = np.array([n for s in manifest["shards"] for n in s["lengths"]], dtype=np.int64)

@@ -4,7 +4,8 @@
 exits. `faults[name] = ("drop", n)` cuts the connection in the middle of the body for the next
 `n` requests of that file; `("stall", seconds)` sends half of it, then nothing for `seconds`;
 `("trickle", seconds)` sends half of it, then one byte every `seconds`; `("endless", 0)` sends
-the file's bytes over and over with no length and never ends.
+the file's bytes over and over with no length and never ends; `("status", code)` answers `code` with
+a reason phrase and a body holding terminal escape sequences (EVIL).
 `serve_kept(directory)` is the same server speaking HTTP/1.1 (connections kept alive), which also
 counts the connections it accepted.
 """
@@ -18,6 +19,8 @@ from collections.abc import Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+EVIL = "\x1b]0;owned\x07\x1b[2J busy\rforged"  # a window title, a screen clear, a carriage return
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -39,6 +42,12 @@ class _Handler(SimpleHTTPRequestHandler):
         path = Path(self.translate_path(self.path))
         if not kind or not path.is_file():
             return super().do_GET()
+        if kind == "status":
+            self.send_response(int(value), EVIL)
+            self.send_header("Content-Length", str(len(EVIL)))
+            self.end_headers()
+            self.wfile.write(EVIL.encode())
+            return
         data = path.read_bytes()
         self.send_response(200)
         if kind == "endless":

@@ -800,9 +800,9 @@ def test_verify_reads_the_manifest_once(shard_copy: Path, monkeypatch):
     reads: list[Path] = []
     real = shards_mod.read_manifest
 
-    def counting(shard_dir: Path) -> dict:
+    def counting(shard_dir: Path, *args: float) -> dict:
         reads.append(shard_dir)
-        return real(shard_dir)
+        return real(shard_dir, *args)
 
     monkeypatch.setattr(shards_mod, "read_manifest", counting)
     monkeypatch.setattr(cli_mod, "read_manifest", counting)

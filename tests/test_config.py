@@ -109,7 +109,14 @@ def test_config_file_values_out_of_bounds_are_refused(tmp_path: Path, content: d
     ("changes", "message"),
     [
         ({"model": {"dim": 33}}, "dim 33 is not divisible by heads"),
-        ({"augment_options": {"no_such": 1}}, "augment_options {'no_such': 1}: "),
+        ({"augment_options": {"no_such": 1}}, r"^unknown augment_options key\(s\) no_such; known: enabled, "),
+        ({"augment_options": {"shift": math.inf}}, r"^augment_options holds a number that is not finite"),
+        ({"model": {"dim": 40_000}}, r"dim 40000 is not an integer in \[1, 4096\]$"),
+        ({"model": {"dim": 4096, "depth": 32}}, r"a model of [\d,]+ parameters, over the limit of 500,000,000$"),
+        ({"model": {"heads": 2.0}}, r"heads 2.0 is not an integer in \[1, 64\]$"),
+        ({"lr": math.inf}, r"^lr must be a finite number, not inf$"),
+        ({"weight_decay": -1.0}, r"^weight_decay -1.0 is below its minimum 0$"),
+        ({"val_folds": [0.5]}, r"^wrong type for val_folds \(\[0.5\], expected list\[int\]\)$"),
     ],
 )
 def test_overrides_that_cannot_be_built_are_one_error(changes: dict, message: str) -> None:

@@ -423,7 +423,7 @@ def test_expand_inputs_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty: no \*\.parquet files under this directory$"):
         expand_inputs([tmp_path / "empty"])
-    with pytest.raises(ValueError, match=r"nolist\.txt: cannot read the list of files \(No such file or directory\)$"):
+    with pytest.raises(ValueError, match=r"nolist\.txt: cannot read the list of files \(file not found\)$"):
         expand_inputs([f"@{tmp_path / 'nolist.txt'}"])
 
 

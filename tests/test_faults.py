@@ -321,7 +321,7 @@ def _write_checkpoint(path: Path, case: str, marker: Path) -> str:
     elif case == "unknown-preset":
         ckpt = _good_checkpoint()
         torch.save({**ckpt, "config": {**ckpt["config"], "preset": "huge"}}, path)
-        return "weights do not fit"
+        return "of preset 'huge': unknown model preset 'huge'"
     return "empty, truncated or not a torch file"
 
 

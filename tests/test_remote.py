@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -23,8 +25,8 @@ from demo_data import demo_dataset, demo_shards
 from shard_server import serve
 
 from pipeline.cli import main as pipeline_cli
-from pipeline.location import SCHEMES, Location, LocationError, Scheme
-from pipeline.shards import read_manifest, read_shard
+from pipeline.location import SCHEMES, Location, LocationError, Pace, Scheme, read_command
+from pipeline.shards import MANIFEST_MAX_BYTES, manifest_problem, max_shard_bytes, read_manifest, read_shard
 from train.cli import main as train_cli
 from train.data import make_loader, train_val_folds
 
@@ -101,7 +103,7 @@ def test_a_new_scheme_is_one_reader_and_one_table_entry(shards: Path, monkeypatc
     """A `mem://` kind whose reader serves the files of the shard directory: manifest, verify and shard reads work."""
     reads = []
 
-    def read_mem(url: str, max_bytes: int | None, stall_s: float) -> bytes:
+    def read_mem(url: str, max_bytes: int | None, pace: Pace) -> bytes:
         reads.append(url)
         data = (shards / url.rsplit("/", 1)[1]).read_bytes()
         if max_bytes is not None and len(data) > max_bytes:
@@ -135,7 +137,7 @@ def test_unreadable_location_fails_at_once_naming_it(tmp_path: Path, kind: str) 
         assert not (tmp_path / "run").exists()
     with pytest.raises((LocationError, FileNotFoundError)) as info:
         read_manifest(spec)
-    reason = {"dir": "build-shards", "file": "build-shards", "http": "Failed to connect", "pipe": "No such file"}[kind]
+    reason = {"dir": "build-shards", "file": "build-shards", "http": "Connection refused", "pipe": "No such file"}[kind]
     assert reason in str(info.value)
 
 
@@ -154,7 +156,7 @@ def test_stalled_server_is_abandoned_and_a_cut_connection_retried(shards: Path) 
         assert len(read_shard(loc, entry, retries=1)) == entry["bytes"]
         assert requests == [name, name]
         faults[name] = ("drop", 3)
-        with pytest.raises(LocationError, match=f"{name}: curl failed with exit status 18"):
+        with pytest.raises(LocationError, match=f"{name}: Connection broken: IncompleteRead"):
             read_shard(loc, entry, retries=1)
 
 
@@ -173,7 +175,7 @@ def _evaluate(checkpoint: Path, location: str) -> str:
     result = invoke(train_cli, ["evaluate", "--checkpoint", checkpoint, "--shards", location, "--workers", "1",
                                 "--device", "cpu"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    return result.output
+    return "\n".join(line for line in result.output.splitlines() if not line.startswith("checkpoint "))  # its path
 
 
 @pytest.mark.parametrize("kind", ["http", "pipe"])
@@ -321,4 +323,239 @@ def test_ddp_ranks_stop_together_when_rank0_cannot_write_the_run(shards: Path, t
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
     assert proc.returncode != 0 and len(errors) == 2 and errors[0] == errors[1], proc.stderr[-3000:]
-    assert errors[0].startswith(f"Error: rank 0: {blocker / 'run'}: cannot write the run directory")
+    assert errors[0].startswith(f"Error: rank 0: {blocker / 'run'}: cannot "), errors[0]  # write, or create it
+
+
+# ---------------------------------------------------------------- bounded memory and time for every remote read
+
+
+def _slow_script(tmp_path: Path, shards: Path, body: str) -> str:
+    """A pipe: location whose command serves the manifest from `shards` and runs `body` (sh) for any shard."""
+    script = tmp_path / "serve.sh"
+    script.write_text(f'case "$1" in manifest.json) exec cat {shards}/manifest.json;; esac\n'
+                      f'echo $$ >> {tmp_path}/pids\n{body}\n')  # fmt: skip
+    return f"pipe:exec sh {script} {{}}"  # exec: no outer shell holding stdout open
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has ended (a zombie has: the init of a container may never reap it)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "State:\tZ" in status
+
+
+def test_an_endless_manifest_is_refused_at_its_cap(shards: Path) -> None:
+    with serve(shards) as (url, faults, _):
+        faults["manifest.json"] = ("endless", 0)
+        with pytest.raises(LocationError, match=f"more than the {MANIFEST_MAX_BYTES} bytes expected"):
+            read_manifest(url)
+    with pytest.raises(LocationError, match=f"more than the {MANIFEST_MAX_BYTES} bytes expected"):
+        read_manifest("pipe:yes #{}")
+
+
+def test_a_shard_cannot_declare_more_bytes_than_its_samples_can_take(shards: Path) -> None:
+    manifest = read_manifest(shards)
+    for entry in manifest["shards"]:  # the real shards lie within the bound, and not far below it
+        bound = max_shard_bytes(entry, manifest["config"], max(map(len, manifest["label_map"])))
+        assert entry["bytes"] <= bound < 4 * entry["bytes"]
+    edited = json.loads(json.dumps(manifest))
+    edited["shards"][1]["bytes"] = 10**12
+    assert manifest_problem(edited) == (f"shards[1] ('{edited['shards'][1]['name']}'): declares 1000000000000 bytes, "
+                                        f"more than its {edited['shards'][1]['samples']} samples can take "
+                                        f"({max_shard_bytes(edited['shards'][1], manifest['config'], 5)})")  # fmt: skip
+
+
+def test_a_commands_stderr_is_kept_to_its_last_bytes(tmp_path: Path) -> None:
+    """50 MB of stderr: memory stays small, and the message is its last line."""
+    cmd = "head -c 50000000 /dev/zero | tr '\\0' x >&2; printf '\\nthe last words\\n' >&2; exit 3"
+    tracemalloc.start()
+    try:
+        with pytest.raises(LocationError, match="exit status 3: the last words$"):
+            read_command("cmd", cmd, None, Pace(5, 0))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000, f"{peak} bytes held for 50 MB of stderr"
+
+
+def test_a_trickle_is_abandoned_at_the_minimum_rate(shards: Path, tmp_path: Path) -> None:
+    """Bytes keep coming, so the stall limit never fires: the average rate does (http and pipe:)."""
+    entry = read_manifest(shards)["shards"][0]
+    with serve(shards) as (url, faults, _):
+        faults[entry["name"]] = ("trickle", 0.05)
+        start = time.monotonic()
+        with pytest.raises(LocationError, match=r"below the minimum rate of 1000 kB/s \(--io-min-rate\); abandoned"):
+            read_shard(Location.parse(url), entry, stall_s=1, min_rate=1e6)
+        assert time.monotonic() - start < 15  # its deadline: 1 s + 1.3 MB / 1 MB/s; at 20 B/s the rest takes 18 h
+    loc = Location.parse(_slow_script(tmp_path, shards, "while :; do printf x; sleep 0.1; done"))
+    with pytest.raises(LocationError, match="below the minimum rate"):
+        read_shard(loc, entry, stall_s=1, min_rate=1000)
+    assert _gone(int((tmp_path / "pids").read_text().split()[0]))
+
+
+def test_the_manifest_read_has_the_io_timeout(shards: Path) -> None:
+    with serve(shards) as (url, faults, _):
+        faults["manifest.json"] = ("stall", 30)
+        start = time.monotonic()
+        result = invoke(train_cli, train_args(url, Path("unused"), "--io-timeout", "0.5"))
+        assert result.exit_code == 1 and "manifest.json: no data for 0.5 s" in result.output, result.output
+        assert time.monotonic() - start < 15
+
+
+def test_a_command_that_closes_its_output_but_runs_on_is_an_error_and_retried(
+    shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    entry = read_manifest(shards)["shards"][0]
+    loc = Location.parse(_slow_script(tmp_path, shards, f'cat {shards}/"$1"; exec >&-; exec sleep 60'))
+    with pytest.raises(LocationError, match="closed its output but did not exit within 0.5 s; stopped"):
+        read_shard(loc, entry, stall_s=0.5, retries=1)
+    assert "attempt 1 of 2; retrying" in caplog.text
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    assert len(pids) == 2 and all(map(_gone, pids))  # each attempt's command killed, none left running
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_slow_read_stops_training_and_its_command_at_once(shards: Path, tmp_path: Path,
+                                                                            signum: int) -> None:  # fmt: skip
+    """--workers 0, a shard read that would take a minute: Ctrl-C (or SIGTERM) ends the run within seconds and
+    the command (and its children) with it."""
+    location = _slow_script(tmp_path, shards, 'sleep 60 & echo $! >> "$(dirname "$0")/pids"; wait')
+    cmd = [str(BIN / "asl-train"), *train_args(location, tmp_path / "run", "--workers", "0")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = tmp_path / "pids"
+    deadline = time.monotonic() + 120
+    while (not pids.exists() or len(pids.read_text().split()) < 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pids.exists(), proc.communicate()[1][-2000:]
+    time.sleep(0.5)
+    start = time.monotonic()
+    proc.send_signal(signum)
+    proc.communicate(timeout=30)
+    assert time.monotonic() - start < 5, "the run went on reading"
+    time.sleep(0.2)
+    assert all(_gone(int(p)) for p in pids.read_text().split()), "the command outlived the run"
+
+
+@pytest.mark.parametrize("name", ["fold\u0660-000000.tar", "fold0-\uff10\uff10\uff10\uff10\uff10\uff10.tar"])
+def test_shard_names_take_ascii_digits_only(shards: Path, name: str) -> None:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["shards"][0]["name"] = name
+    assert manifest_problem(manifest).endswith("name must be foldK-NNNNNN.tar, K its fold")
+
+
+@pytest.mark.parametrize("edit,key", [(("totals", "bytes"), "totals"), (("folds", 0, "participants"), "every fold"),
+                                      (("lengths",), "lengths")])  # fmt: skip
+def test_stats_and_verify_on_a_manifest_without_summaries(shards: Path, tmp_path: Path, edit: tuple,
+                                                          key: str) -> None:  # fmt: skip
+    """stats needs them: one line naming the manifest; verify does not (it counts from the shard entries)."""
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    parent = manifest
+    for k in edit[:-1]:
+        parent = parent[k]
+    del parent[edit[-1]]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    stats = invoke(pipeline_cli, ["stats", copy])
+    assert stats.exit_code == 1 and stats.output.startswith(f"Error: {copy / 'manifest.json'}: {key}"), stats.output
+    assert len(stats.output.splitlines()) == 1
+    verified = invoke(pipeline_cli, ["verify", copy])
+    assert verified.exit_code == 0 and f"OK: {len(manifest['shards'])} shards" in verified.output, verified.output
+
+
+def test_remote_text_is_escaped_before_it_is_printed(shards: Path, tmp_path: Path) -> None:
+    """A server's reason phrase, a command's stderr and a manifest's sign names never reach the terminal raw."""
+    entry = read_manifest(shards)["shards"][0]
+    with serve(shards) as (url, faults, _):
+        faults[entry["name"]] = ("status", 503)
+        with pytest.raises(LocationError) as info:
+            read_shard(Location.parse(url), entry)
+    assert str(info.value).endswith("HTTP 503 \\x1b]0;owned\\x07\\x1b[2J busy\\rforged")
+    loc = Location.parse(_slow_script(tmp_path, shards, "printf '\\033]0;owned\\007 no\\rsuch file\\n' >&2; exit 2"))
+    with pytest.raises(LocationError) as info:
+        read_shard(loc, entry)
+    assert str(info.value).endswith("exit status 2: \\x1b]0;owned\\x07 no\\rsuch file")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    sign = next(iter(manifest["label_map"]))
+    manifest["label_map"]["\x1b[2Jevil\nINFO forged"] = manifest["label_map"].pop(sign)
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = invoke(pipeline_cli, ["stats", copy])
+    assert result.exit_code == 1 and "\x1b" not in result.output and len(result.output.splitlines()) == 1
+    assert "label_map sign '\\x1b[2Jevil\\nINFO forged' is empty or holds control characters" in result.output
+
+
+# ---------------------------------------------------------------- the shard cache
+
+
+def test_three_epochs_over_http_with_a_cache_fetch_each_shard_once(
+    shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Same metrics as the local directory; one request per shard in all; a cached shard altered on disk is
+    fetched again (said once), and offline it is refused with its name."""
+    local = tmp_path / "local"
+    assert invoke(train_cli, train_args(str(shards), local, "--epochs", "3")).exit_code == 0
+    cache = tmp_path / "cache"
+    names = [e["name"] for e in read_manifest(shards)["shards"] if e["samples"]]
+    with serve(shards) as (url, faults, requests):
+        result = invoke(train_cli, train_args(url, tmp_path / "a", "--epochs", "3", "--cache-dir", cache))
+        assert result.exit_code == 0, result.output
+        assert metrics(tmp_path / "a") == metrics(local)
+        assert sorted(r for r in requests if r.endswith(".tar")) == sorted(names)  # 3 epochs, one fetch each
+        (victim,) = [p for p in cache.glob("*/fold1-*.tar")][:1]
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(data)  # same size: its mtime no longer the stored one, so it is hashed
+        requests.clear()
+        result = invoke(
+            train_cli, train_args(url, tmp_path / "b", "--epochs", "3", "--cache-dir", cache, "--workers", "0")
+        )  # in this process: its warning is captured (the same batches)
+        assert result.exit_code == 0 and metrics(tmp_path / "b") == metrics(local), result.output
+        assert [r for r in requests if r.endswith(".tar")] == [victim.name]
+        assert caplog.text.count(f"cached copy of {url}{victim.name} differs") == 1
+        victim.write_bytes(data)  # altered again, and now the server cannot give it: refused, naming it
+        faults[victim.name] = ("status", 404)
+        result = invoke(train_cli, train_args(url, tmp_path / "c", "--cache-dir", cache, "--io-retries", "0"))
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert f"{url}{victim.name}: HTTP 404" in result.output
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("file", "the cache directory is a file, not a directory"),
+    ("limit", "is smaller than a shard"),
+])  # fmt: skip
+def test_an_unusable_cache_setting_is_one_line_before_training(shards: Path, tmp_path: Path, setting: str,
+                                                                message: str) -> None:  # fmt: skip
+    cache = tmp_path / "cache"
+    extra = ["--cache-dir", cache]
+    if setting == "file":
+        cache.write_text("not a directory")
+    else:
+        extra += ["--cache-limit", "0.00001"]
+    with serve(shards) as (url, _, requests):
+        result = invoke(train_cli, train_args(url, tmp_path / "run", *extra))
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+    assert not any(r.endswith(".tar") for r in requests)
+
+
+def test_a_local_directory_is_never_cached(shards: Path, tmp_path: Path) -> None:
+    result = invoke(train_cli, train_args(str(shards), tmp_path / "run", "--cache-dir", tmp_path / "cache"))
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.tar"))
+
+
+def test_evaluate_and_verify_read_through_the_cache(shards: Path, local_run: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with serve(shards) as (url, _, requests):
+        verified = invoke(pipeline_cli, ["verify", url, "--cache-dir", cache])
+        assert verified.exit_code == 0, verified.output
+        fetched = len([r for r in requests if r.endswith(".tar")])
+        assert fetched == len(read_manifest(shards)["shards"])
+        evaluated = invoke(train_cli, ["evaluate", "--checkpoint", local_run / "last.pt", "--shards", url,
+                                       "--workers", "1", "--device", "cpu", "--cache-dir", cache])  # fmt: skip
+        assert evaluated.exit_code == 0, evaluated.output
+        assert len([r for r in requests if r.endswith(".tar")]) == fetched  # every shard a cache hit
+    assert _evaluate(local_run / "last.pt", str(shards)) in evaluated.output

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from demo_data import demo_dataset, demo_shards
 
+from pipeline.shards import read_manifest
 from train.data import Range, rank_counts, slot_ranges, worker_counts
 from train.resplit import pack_trained, rest_of_epoch, rest_steps, shard_offsets, share_ids, unpack_trained
 
@@ -149,3 +159,66 @@ def test_a_record_of_another_size_is_refused() -> None:
     assert unpack_trained(packed, 20).tolist() == [True] * 20
     with pytest.raises(ValueError, match="covers 24 ids, not 30"):
         unpack_trained(packed, 30)
+
+
+# ---------------------------------------------------------------- whole runs: torchrun 2 -> 1 and 1 -> 2
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("resume")
+    return demo_shards(base, demo_dataset(base, sequences=300, signs=5, participants=6), shard_size=40, folds=3)
+
+
+def _run(world: int, record: Path, cfg: dict, resume: Path | None = None) -> None:
+    """resume_check.py with `world` processes (torchrun, gloo on CPU, for more than one)."""
+    script = [str(TESTS / "resume_check.py"), str(record), json.dumps(cfg), *([str(resume)] if resume else [])]
+    if world > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        script = ["-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={port}", *script]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
+    proc = subprocess.run([sys.executable, *script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _steps(record: Path) -> list[dict]:
+    return [json.loads(line) for p in sorted(record.parent.glob(record.name + ".rank*.jsonl"))
+            for line in p.read_text().splitlines()]  # fmt: skip
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_an_epoch_cut_under_one_world_size_is_finished_under_another(small_shards: Path, tmp_path: Path, before: int,
+                                                                      after: int) -> None:  # fmt: skip
+    """Cut by --max-steps mid-epoch, resumed with another process count (and worker count): every training sample
+    of that epoch is trained once in all (repeats only as the padding of an uneven split), and the next epoch is a
+    whole epoch of the new split."""
+    manifest = read_manifest(small_shards)
+    n = sum(f["samples"] for f in manifest["folds"] if f["fold"] != 0)
+    batch, cut = 16, 3
+    cfg = {"shards": str(small_shards), "out": str(tmp_path / "run"), "preset": "tiny", "epochs": 2,
+           "batch_size": batch, "device": "cpu", "seed": 3, "max_steps": cut, "workers": before - 1}  # fmt: skip
+    _run(before, tmp_path / "first", cfg)
+    first = _steps(tmp_path / "first")
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert (ckpt["world"], ckpt["workers"], ckpt["batch_in_epoch"], ckpt["step"]) == (before, before - 1, cut, cut)
+    assert len(first) == cut * before and all(s["epoch"] == 0 for s in first)
+    trained = np.concatenate([s["ids"] for s in first])
+    assert unpack_trained(ckpt["epoch_trained"].numpy(), n).nonzero()[0].tolist() == sorted(set(trained.tolist()))
+
+    _run(after, tmp_path / "second", {**cfg, "max_steps": 10**6, "workers": after}, resume=tmp_path / "run")
+    second = _steps(tmp_path / "second")
+    rest = np.concatenate([s["ids"] for s in second if s["epoch"] == 0])
+    counts = np.bincount(np.concatenate([trained, rest]), minlength=n)
+    assert len(counts) == n and counts.min() == 1, "a sample of the cut epoch was never trained"
+    assert counts.sum() - n <= (before - 1) + (after - 1), "samples of the cut epoch trained twice beyond padding"
+    spe = rest_steps(n, after, batch)
+    per_rank = Counter(s["step"] for s in second if s["epoch"] == 0)
+    assert sorted(per_rank) == list(range(spe - len(per_rank) + 1, spe + 1))  # the steps of that epoch's end
+    assert all(v == after for v in per_rank.values())  # every rank the same batches
+    nxt = np.bincount(np.concatenate([s["ids"] for s in second if s["epoch"] == 1]), minlength=n)
+    assert nxt.min() == 1 and nxt.sum() - n <= after - 1  # the next epoch: whole, in the new split
+    assert {s["step"] for s in second if s["epoch"] == 1} == set(range(spe + 1, 2 * spe + 1))

@@ -140,13 +140,19 @@ def test_evaluate_json_holds_the_numbers_of_the_text(logged: tuple[Path, str, li
     report = json.loads(CliRunner().invoke(train_cli, [*args, "--format", "json"]).output)
     best = max(_rows(out), key=lambda r: r["val_top1"])
     assert report["top1"] == best["val_top1"] and report["samples"] == best["val_samples"]
-    assert text[0] == f"checkpoint of epoch {report['epoch']}, step {report['step']} (EMA weights)"
+    assert text[0] == f"checkpoint {out / 'best.pt'} of epoch {report['epoch']}, step {report['step']} (EMA weights)"
     assert report["checkpoint"] == str(out / "best.pt") and report["folds"] == [0]
     assert text[1] == f"folds [0]: {report['samples']} samples, top-1 {report['top1']:.4f}, top-5 {report['top5']:.4f}"
     worst = text[3 : 3 + len(report["worst_signs"])]
     assert worst == [f"  {w['sign']:<20} {w['top1']:.3f}  {w['samples']}" for w in report["worst_signs"]]
     assert sum(w["samples"] for w in report["worst_signs"]) == report["samples"]  # 5 signs: all of them listed
-    confused = text[4 + len(worst) :]
+    people = sorted(report["participants"].items(), key=lambda kv: (kv[1]["top1"], kv[0]))[:10]
+    assert text[3 + len(worst)].startswith("participants (top-1, samples), worst")
+    assert text[4 + len(worst) : 4 + len(worst) + len(people)] == [
+        f"  {p:<20} {v['top1']:.3f}  {v['samples']}" for p, v in people
+    ]
+    assert sum(v["samples"] for v in report["participants"].values()) == report["samples"]
+    confused = text[5 + len(worst) + len(people) :]
     assert confused == [f"  {c['true']} -> {c['predicted']}: {c['count']}" for c in report["confused_pairs"]]
     wrong = round((1 - report["top1"]) * report["samples"])
     assert sum(c["count"] for c in report["confused_pairs"]) <= wrong

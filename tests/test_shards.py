@@ -433,7 +433,8 @@ def test_write_atomic_failure_keeps_the_old_file(tmp_path: Path, monkeypatch: py
 
 
 def test_manifest_stats_counts_and_histogram():
-    lengths = {"count": 6, "min": 1, "median": 108.0, "max": 537, "truncated": 1}
+    lengths = {"count": 6, "min": 1, "p25": 15.3, "median": 108.0, "mean": 166.5, "p75": 338.2, "p95": 491.4,
+               "p99": 527.9, "max": 537, "truncated": 1}  # fmt: skip
     manifest = {
         "totals": {"samples": 6, "shards": 2, "bytes": 1000, "rejected": 1, "real_frames": 999},
         "folds": [

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +23,15 @@ from demo_data import demo_dataset, demo_shards
 from pipeline.features import preprocess
 from pipeline.read import read_landmarks
 from pipeline.shards import read_manifest
-from train.checkpoint import load_checkpoint, model_from_checkpoint
+from train import loop
+from train.checkpoint import load_checkpoint, model_from_checkpoint, stored_config
 from train.cli import main as train_cli
 from train.config import TrainConfig
 from train.data import make_loader, train_val_folds
 from train.distributed import gathered_rng, restore_rng
 from train.loop import train
+from train.model import SignModel
+from train.optim import AWP
 
 BIN = Path(sys.executable).parent
 TESTS = Path(__file__).parent
@@ -212,6 +216,55 @@ def test_resume_after_sigkill_continues_the_same_schedule(shards: Path, tmp_path
             e.Reload()
         killed, whole = ([(x.step, x.value) for x in e.Scalars("train/loss")] for e in events)
         assert len(list((run / "tensorboard").glob("events.*"))) == 2 and killed == whole
+
+
+class _Stopped(Exception):
+    """Stands for a kill at a chosen step."""
+
+
+def test_resume_with_the_recipe_options_is_bit_identical(shards: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """AWP, late dropout and RAdam in Lookahead on, stopped mid-epoch after both pieces started (and between two
+    Lookahead syncs), then resumed: the weights and optimizer state of an uninterrupted run."""
+    steps = _steps_per_epoch(shards, 16)
+    stop = 2 * steps + 3 if (2 * steps + 3) % 5 else 2 * steps + 4  # in epoch 2, not at a Lookahead sync (k=5)
+    cfg = TrainConfig(shards=str(shards), preset="tiny", epochs=3, batch_size=16, workers=0, device="cpu", seed=5,
+                      save_every=stop, optimizer="radam-lookahead", awp=0.1, awp_from=1, late_dropout=0.5,
+                      late_dropout_from=2)  # fmt: skip
+    attacks, rates = [], []
+    attack, set_rate = AWP.attack_backward, SignModel.set_late_dropout
+    monkeypatch.setattr(AWP, "attack_backward", lambda self, fn: attacks.append(1) or attack(self, fn))
+    monkeypatch.setattr(SignModel, "set_late_dropout", lambda self, p: rates.append(p) or set_rate(self, p))
+    reference = tmp_path / "reference"
+    train(replace(cfg, out=str(reference)))
+    assert len(attacks) == 2 * steps and rates == [0.0, 0.0, 0.5]  # AWP from epoch 1, late dropout from epoch 2
+
+    step = loop._step
+
+    def stopping_step(run: loop.Run, batch: object) -> object:
+        if run.step == stop:
+            raise _Stopped
+        return step(run, batch)
+
+    monkeypatch.setattr(loop, "_step", stopping_step)
+    run = tmp_path / "stopped"
+    with pytest.raises(_Stopped):
+        train(replace(cfg, out=str(run)))
+    monkeypatch.setattr(loop, "_step", step)
+    stopped = torch.load(run / "last.pt", weights_only=True)
+    assert (stopped["step"], stopped["epoch"], stopped["batch_in_epoch"]) == (stop, 2, stop - 2 * steps)
+    train(stored_config(run), resume=run)
+
+    done, ref = (torch.load(r / "last.pt", weights_only=True) for r in (run, reference))
+    assert done["step"] == ref["step"] == 3 * steps
+    for name, value in ref["model"].items():
+        torch.testing.assert_close(done["model"][name], value, rtol=0, atol=0, msg=name)
+    assert done["optimizer"]["steps"] == ref["optimizer"]["steps"] == 3 * steps
+    for slow, ref_slow in zip(done["optimizer"]["slow"], ref["optimizer"]["slow"], strict=True):
+        torch.testing.assert_close(slow, ref_slow, rtol=0, atol=0)
+    for i, state in ref["optimizer"]["inner"]["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(done["optimizer"]["inner"]["state"][i][key], value, rtol=0, atol=0)
 
 
 def _logged(path: Path) -> list[tuple[str, ...]]:

@@ -15,6 +15,9 @@ class Batch:
     mask: torch.Tensor  # (B, T) bool, True for real frames
     missing: torch.Tensor  # (B, T, 118) bool, True where the source point was NaN
     labels: torch.Tensor  # (B,) int64
+    keys: tuple[str, ...] = ()  # the samples' sequence ids (keys in the shards), when collated from shards
+    participants: tuple[str, ...] = ()  # their participant ids, likewise
+    ids: torch.Tensor | None = None  # (B,) int64 sample ids (`train.data.shard_offsets`); stays on the CPU
 
     @property
     def lengths(self) -> torch.Tensor:

@@ -8,23 +8,42 @@ in those the training loop writes, which a resumed run needs.
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import pickletools
+import re
+import stat
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
+from torch._weights_only_unpickler import _get_allowed_globals
 
 from pipeline.errors import AslError
 from pipeline.files import write_atomic
-from train.config import ConfigError, OptionsError, TrainConfig, fixed_options
-from train.model import SignModel, model_config
+from train.config import MODEL_BOUNDS, ConfigError, OptionsError, TrainConfig, checked_model_config, fixed_options
+from train.model import SignModel
 
 # What every checkpoint holds, and what a resume needs on top.
 CHECKPOINT_KEYS = ("model", "config", "label_map")
 RESUME_KEYS = ("optimizer", "scheduler", "ema", "step", "epoch", "batch_in_epoch", "best_top1", "rng")
 # Model options that change neither the weights' shapes nor the evaluated function: a fine-tune may change them.
 REGULARIZATION = ("dropout", "drop_path", "attn_dropout")
+
+# The gate before unpickling. A checkpoint of the default preset is ~30 MB and its pickle ~40 KB, holding
+# ~10^4 objects at most 8 deep; these limits are far above any checkpoint of this project, and far below
+# what takes long to unpickle or walk. `weights_only` alone refuses code, not work: a few hundred bytes of
+# tuples sharing each other, used as a dict key, make its unpickler hash 2^n objects.
+MAX_CHECKPOINT_BYTES = 8 << 30
+MAX_PICKLE_BYTES = 64 << 20
+MAX_PICKLE_OBJECTS = 10_000_000  # objects of the pickle with every shared one counted wherever it is used
+MAX_PICKLE_DEPTH = 64
+# The members torch.save writes under the archive's one top-level folder.
+MEMBER = re.compile(r"(data\.pkl|version|byteorder|\.format_version|\.storage_alignment|\.data/[\w.]+|data/\w+)")
+# Opcodes that change an object already on the stack: a pickler applies them only to the object it just made.
+MUTATORS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
 
 
 class CheckpointError(AslError, ValueError):
@@ -44,23 +63,18 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A checkpoint loaded with `weights_only=True` and checked: its model can be built and takes its weights.
 
-    Anything else (an empty, truncated or foreign file, or one holding Python objects, which
-    `weights_only` refuses to unpickle) is a CheckpointError.
+    Before unpickling, the file's structure passes `checked_file`; before any model is built, its
+    stored config and label map pass `check_stored`. Anything else (an empty, truncated or foreign
+    file, or one holding Python objects, which `weights_only` refuses to unpickle) is a CheckpointError.
     """
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(path, "no such file") from None
-    except pickle.UnpicklingError as exc:
-        reason = "empty, truncated or not a torch file (UnpicklingError)"
-        if "GLOBAL" in str(exc):  # weights_only met a class or function to import: the file would run code
-            reason = "it holds Python objects besides tensors and plain data (refused: unpickling them could run code)"
-        raise CheckpointError(path, reason) from None
-    except Exception as exc:  # torch raises EOFError, RuntimeError, KeyError... for files that are not its own
-        raise CheckpointError(path, f"empty, truncated or not a torch file ({type(exc).__name__})") from None
+    with checked_file(path) as f:
+        ckpt = _unpickled(path, f, map_location)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
-        have = sorted(map(str, ckpt))[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        # only short string keys are named: printing or sorting arbitrary keys can take unbounded time
+        have = sorted(k for k in ckpt if isinstance(k, str) and len(k) < 40)[:8] if isinstance(ckpt, dict) else None
+        have = f"keys {have}" if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(path, f"expected a dict with {', '.join(CHECKPOINT_KEYS)}; found {have}")
+    check_stored(path, ckpt)
     try:
         model_from_checkpoint(ckpt)
     except Exception as exc:  # a config the model cannot take, weights of other shapes or names
@@ -69,9 +83,196 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+def checked_file(path: str | Path) -> IO[bytes]:
+    """The checkpoint file opened, once it is known to be a torch zip archive whose pickle `scan_pickle` accepts.
+
+    A regular file (a FIFO would block) of at most MAX_CHECKPOINT_BYTES; the members torch writes,
+    uncompressed (what the zip declares cannot inflate), in one folder.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointError(path, "no such file") from None
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot open it ({exc.strerror or exc})") from None
+    f = os.fdopen(fd, "rb")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(path, "not a regular file")
+        if st.st_size > MAX_CHECKPOINT_BYTES:
+            raise CheckpointError(path, f"{st.st_size:,} bytes, over the limit of {MAX_CHECKPOINT_BYTES:,}")
+        try:
+            with zipfile.ZipFile(f) as z:
+                scan_pickle(path, _pickle_of(path, z.infolist(), st.st_size, z))
+        except CheckpointError:
+            raise
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise CheckpointError(path, f"empty, truncated or not a torch file ({type(exc).__name__})") from None
+        f.seek(0)
+        return f
+    except BaseException:
+        f.close()
+        raise
+
+
+def _pickle_of(path: str | Path, members: list[zipfile.ZipInfo], size: int, z: zipfile.ZipFile) -> bytes:
+    """The bytes of the archive's data.pkl, once its members are torch's, stored, and fit in the file."""
+    folders = {m.filename.split("/", 1)[0] for m in members}
+    if len(folders) != 1:
+        raise CheckpointError(path, f"its members lie in {len(folders)} folders, not one")
+    folder = folders.pop()
+    for m in members:
+        name = m.filename[len(folder) + 1 :]
+        if not MEMBER.fullmatch(name):
+            raise CheckpointError(path, f"a member torch does not write: {m.filename[:100]!r}")
+        if m.compress_type != zipfile.ZIP_STORED or m.file_size > size:
+            raise CheckpointError(path, f"member {m.filename[:100]!r} is compressed or larger than the file")
+    names = {m.filename: m for m in members}
+    pkl = names.get(f"{folder}/data.pkl")
+    if pkl is None:
+        raise CheckpointError(path, "no data.pkl in the archive")
+    if pkl.file_size > MAX_PICKLE_BYTES:
+        raise CheckpointError(path, f"its pickle of {pkl.file_size:,} bytes is over the limit of {MAX_PICKLE_BYTES:,}")
+    return z.read(pkl)
+
+
+class _Node:
+    """What the scan knows of an object on the unpickler's stack: its size with every shared part counted
+    wherever it is used, its nesting depth, whether a memo get has shared it, and its value if a string."""
+
+    __slots__ = ("depth", "shared", "size", "value")
+
+    def __init__(self, size: int = 1, depth: int = 0, value: Any = None) -> None:
+        self.size, self.depth, self.shared, self.value = size, depth, False, value
+
+
+def scan_pickle(path: str | Path, data: bytes) -> None:
+    """Refuse a pickle that would run code or take long to unpickle or walk, without unpickling it.
+
+    Walks the opcodes on a model of the unpickler's stack and memo: globals outside torch's
+    `weights_only` allowlist, objects nesting deeper than MAX_PICKLE_DEPTH, more than MAX_PICKLE_OBJECTS
+    objects in all (shared ones counted each time they are used: the work of hashing, comparing or
+    printing them), and shared objects changed after being shared (no pickler writes that) are refused.
+    """
+    allowed = set(_get_allowed_globals())
+    stack: list[_Node | None] = []  # None: a MARK
+    memo: dict[int, _Node] = {}
+    total = 0
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name in ("GLOBAL", "STACK_GLOBAL", "INST"):
+                module, attr = arg.split(" ", 1) if name != "STACK_GLOBAL" else _popped_strings(stack, 2)
+                if f"{module}.{attr}" not in allowed and not (module == "torch" and attr.endswith("Storage")):
+                    named = f"{str(module)[:60]}.{str(attr)[:60]}"
+                    raise CheckpointError(path, f"it holds Python objects besides tensors and plain data ({named}; "
+                                          "refused: unpickling them could run code)")  # fmt: skip
+                if name != "INST":
+                    stack.append(_Node())
+                    continue
+            if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+                continue
+            if name in ("GET", "BINGET", "LONG_BINGET", "DUP"):
+                node = stack[-1] if name == "DUP" else memo[arg]
+                node.shared = True
+                total += node.size
+                stack.append(node)
+            elif name in ("MARK", "PROTO", "FRAME", "STOP"):
+                if name == "MARK":
+                    stack.append(None)
+                continue
+            elif name == "POP_MARK":
+                _pop_to_mark(stack)
+                continue
+            else:
+                children = _popped(op, stack)
+                if name in MUTATORS:
+                    target = stack[-1]
+                    if target.shared:
+                        raise CheckpointError(path, "it changes an object after sharing it (not written by torch)")
+                else:
+                    target = _Node(value=arg if isinstance(arg, str) and len(arg) < 256 else None)
+                    stack.append(target)
+                if len(op.stack_after) == 0:
+                    stack.pop()
+                    continue
+                target.size += sum(c.size for c in children)
+                target.depth = max([target.depth, *(c.depth + 1 for c in children)])
+                total += 1
+            if total > MAX_PICKLE_OBJECTS or stack[-1].depth > MAX_PICKLE_DEPTH:
+                raise CheckpointError(path, f"its pickle holds more than {MAX_PICKLE_OBJECTS:,} objects (shared "
+                                      f"ones counted where used) or nests deeper than {MAX_PICKLE_DEPTH}")  # fmt: skip
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:  # ill-formed opcodes or stack
+        raise CheckpointError(path, f"not a well-formed pickle ({type(exc).__name__})") from None
+
+
+def _popped(op: pickletools.OpcodeInfo, stack: list[_Node | None]) -> list[_Node]:
+    """Pop what `op` consumes (besides a target it changes in place); the popped nodes."""
+    before = op.stack_before
+    items: list[_Node] = []
+    if pickletools.markobject in before:
+        items = _pop_to_mark(stack)
+        before = before[: before.index(pickletools.markobject)]
+    keep = 1 if op.name in MUTATORS else 0  # the object changed stays on the stack
+    for _ in range(len(before) - keep):
+        node = stack.pop()
+        if node is None:
+            raise ValueError("a MARK where an object was expected")
+        items.append(node)
+    return items
+
+
+def _pop_to_mark(stack: list[_Node | None]) -> list[_Node]:
+    i = len(stack) - 1 - stack[::-1].index(None)
+    items = stack[i + 1 :]
+    del stack[i:]
+    return items
+
+
+def _popped_strings(stack: list[_Node | None], n: int) -> list[str]:
+    nodes = [stack.pop() for _ in range(n)][::-1]
+    if any(node is None or not isinstance(node.value, str) for node in nodes):
+        raise ValueError("STACK_GLOBAL of something other than two strings")
+    return [node.value for node in nodes]
+
+
+def _unpickled(path: str | Path, f: IO[bytes], map_location: str | torch.device) -> Any:
+    """torch.load with `weights_only=True` of a file `checked_file` opened; its failures as CheckpointError."""
+    try:
+        return torch.load(f, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = "empty, truncated or not a torch file (UnpicklingError)"
+        if "GLOBAL" in str(exc):  # weights_only met a class or function to import: the file would run code
+            reason = "it holds Python objects besides tensors and plain data (refused: unpickling them could run code)"
+        raise CheckpointError(path, reason) from None
+    except Exception as exc:  # torch raises EOFError, RuntimeError, KeyError... for files that are not its own
+        raise CheckpointError(path, f"empty, truncated or not a torch file ({type(exc).__name__})") from None
+
+
+def check_stored(path: str | Path, ckpt: dict[str, Any]) -> None:
+    """Refuse a stored config or label map that no model should be built from (before any is)."""
+    labels, hi = ckpt["label_map"], MODEL_BOUNDS["n_classes"][1]
+    if not isinstance(labels, dict) or not 1 <= len(labels) <= hi:
+        raise CheckpointError(path, f"its label map is not a dict of 1 to {hi:,} signs")
+    if not all(isinstance(k, str) for k in labels) or sorted(labels.values()) != list(range(len(labels))):
+        raise CheckpointError(path, "its label map does not number its signs 0..n-1")
+    if not isinstance(ckpt["config"], dict):
+        raise CheckpointError(path, "its stored config is not a dict of options")
+    try:
+        cfg = TrainConfig.from_dict(ckpt["config"])
+        cfg.check_values()
+        checked_model_config(cfg.preset, len(labels), cfg.model)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(path, f"its stored config cannot be used ({str(exc)[:300]})") from None
+
+
 def build_model(cfg: TrainConfig, n_classes: int) -> SignModel:
-    """A freshly initialized model of the config's preset and overrides."""
-    return SignModel(model_config(cfg.preset, n_classes, **cfg.model))
+    """A freshly initialized model of the config's preset and overrides (refused unless within MODEL_BOUNDS)."""
+    return SignModel(checked_model_config(cfg.preset, n_classes, cfg.model))
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> SignModel:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from click.core import ParameterSource
 
 from pipeline.errors import AslError
+from pipeline.location import stop_commands_on_signals
 from train.config import RESUMABLE, ConfigError, OptionsError, TrainConfig, flag, parse_folds, with_options
 from train.runfiles import run_summary
 
@@ -91,9 +92,7 @@ def _given(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
     return given
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"],
-                                                            "max_content_width": 100})  # fmt: skip
-@click.option(
+CONFIG_OPTION = click.option(
     "--config",
     default=None,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -101,6 +100,11 @@ def _given(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
     "subset of the options, the others take their defaults); options given on the command line win. Give a new "
     "--out.",
 )
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"],
+                                                            "max_content_width": 100})  # fmt: skip
+@CONFIG_OPTION
 @train_options
 @click.option(
     "--resume",
@@ -117,14 +121,23 @@ def main(ctx: click.Context, config: Path | None, resume: Path | None, **options
     Multi-GPU: torchrun --nproc_per_node=N $(which asl-train) --shards shards/ ...
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    stop_commands_on_signals()  # a remote location's commands die with this process
     if ctx.invoked_subcommand is not None:
         return
     from train.loop import train
 
     cfg = _train_config(config, resume, _given(ctx, options))
+    _in_process_group(lambda: train(cfg, resume=resume))
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in run_summary(Path(cfg.out), cfg.report_to):
+            click.echo(line)
+
+
+def _in_process_group(call: Callable[[], Any]) -> None:
+    """Run `call`, then leave the process group it may have joined; an AslError or OSError is a one-line error."""
     error = None
     try:
-        train(cfg, resume=resume)
+        call()
     except (AslError, OSError) as exc:
         error = str(exc)  # raised below: the failed run's frames (DDP among them) must go before the process group
     finally:
@@ -133,9 +146,6 @@ def main(ctx: click.Context, config: Path | None, resume: Path | None, **options
             dist.destroy_process_group()
     if error is not None:
         raise click.ClickException(error)
-    if int(os.environ.get("RANK", "0")) == 0:
-        for line in run_summary(Path(cfg.out), cfg.report_to):
-            click.echo(line)
 
 
 def _train_config(config: Path | None, resume: Path | None, given: dict[str, Any]) -> TrainConfig:
@@ -169,8 +179,55 @@ def _folds(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
     return folds
 
 
+def _cv_folds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    from train import cv
+
+    try:
+        return None if value is None else cv.parse_folds(value)
+    except cv.CvError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command("cv")
+@CONFIG_OPTION
+@click.option(
+    "--folds",
+    "cv_folds",
+    default=None,
+    callback=_cv_folds,
+    help="The folds to run, e.g. 0,2 (default: every fold of the shards).",
+)
+@train_options
+@click.pass_context
+def cv_cmd(ctx: click.Context, config: Path | None, cv_folds: list[int] | None, **options: Any) -> None:
+    """Cross-validation: for each fold k, a run in OUT/fold{k}/ validated on fold k and trained on the others,
+    one after the other; then OUT/cv.json, OUT/oof.csv and a one-screen summary (after every fold too).
+
+    Every fold's scores are what `evaluate` gives for its best.pt. Rerunning the same command continues:
+    finished folds are kept, an interrupted fold resumes from its last.pt (its options may change as
+    --resume allows). Multi-GPU: torchrun --nproc_per_node=N $(which asl-train) cv --shards ... --out ...
+    """
+    if ctx.get_parameter_source("val_folds") is ParameterSource.COMMANDLINE:
+        raise click.UsageError("--val-folds has no meaning under cv (fold k is validated on fold k); choose the "
+                               "folds to run with --folds")  # fmt: skip
+    from train.cv import run_cv
+
+    cfg = _train_config(config, None, _given(ctx, options))
+    _in_process_group(lambda: run_cv(cfg, cv_folds, click.echo))
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"wrote {Path(cfg.out) / 'cv.json'} and {Path(cfg.out) / 'oof.csv'}")
+
+
 @main.command("evaluate")
-@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    required=True,
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A training checkpoint; repeat the option to evaluate the ensemble of several (the mean of their "
+    "probabilities; they must share one label map, and their validation folds unless --folds is given).",
+)
 @click.option(
     "--shards",
     default=None,
@@ -187,6 +244,10 @@ def _folds(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
     help="DataLoader workers (default: the run's, so that batches, and so every number, match its validation).",
 )
 @click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Default: the run's.")
+@click.option("--cache-dir", default=None, type=click.Path(path_type=Path),
+              help="Read remote shards through this shard cache (see asl-train --cache-dir).")  # fmt: skip
+@click.option("--cache-limit", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="GB the cache may hold (default: no limit).")  # fmt: skip
 @click.option(
     "--format",
     "fmt",
@@ -195,46 +256,70 @@ def _folds(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
     type=click.Choice(["text", "json"]),
     help="json: the whole report as one JSON object on stdout (full-precision numbers).",
 )
-def evaluate_cmd(checkpoint: Path, shards: str | None, folds: list[int] | None, device: str, workers: int | None,
-                 batch_size: int | None, fmt: str) -> None:  # fmt: skip
-    """Top-1, top-5, the worst signs and the most confused pairs on validation folds.
+@click.option(
+    "--plot",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw the confusion matrix of the most confused signs into this PNG (needs matplotlib: the plot extra).",
+)
+def evaluate_cmd(checkpoints: tuple[Path, ...], shards: str | None, folds: list[int] | None, device: str,
+                 workers: int | None, batch_size: int | None, cache_dir: Path | None, cache_limit: float | None,
+                 fmt: str, plot: Path | None) -> None:  # fmt: skip
+    """Top-1, top-5, the worst signs and participants and the most confused pairs on validation folds.
 
     With the run's defaults it scores best.pt exactly as the run's validation did: the top-1 that
     asl-train printed for the best epoch.
     """
+    from train.confusion import plot_confusion
     from train.predict import evaluation_report
 
     try:
-        r = evaluation_report(checkpoint, shards, folds, device=device, workers=workers, batch_size=batch_size)
+        r = evaluation_report(list(checkpoints), shards, folds, device=device, workers=workers, batch_size=batch_size,
+                              cache_dir=cache_dir, cache_limit=cache_limit)  # fmt: skip
+        if plot is not None:
+            members = f"{len(checkpoints)} checkpoints" if len(checkpoints) > 1 else str(checkpoints[0])
+            plot_confusion(r["confusion"], plot, f"{members}, folds {','.join(map(str, r['folds']))}")
     except (AslError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     if fmt == "json":
         click.echo(json.dumps(r, indent=2))
         return
-    click.echo(f"checkpoint of epoch {r['epoch']}, step {r['step']} ({r['weights']} weights)")
+    for m in r["members"]:
+        click.echo(f"checkpoint {m['checkpoint']} of epoch {m['epoch']}, step {m['step']} ({m['weights']} weights)")
+    if len(r["members"]) > 1:
+        click.echo(f"ensemble of {len(r['members'])}: the mean of their probabilities")
     click.echo(f"folds {r['folds']}: {r['samples']} samples, top-1 {r['top1']:.4f}, top-5 {r['top5']:.4f}")
     click.echo("worst signs (top-1, samples):")
     for w in r["worst_signs"]:
         click.echo(f"  {w['sign']:<20} {w['top1']:.3f}  {w['samples']}")
+    people = sorted(r["participants"].items(), key=lambda kv: (kv[1]["top1"], kv[0]))
+    click.echo(f"participants (top-1, samples), worst {min(10, len(people))} of {len(people)}:")
+    for pid, v in people[:10]:
+        click.echo(f"  {pid:<20} {v['top1']:.3f}  {v['samples']}")
     click.echo("most confused (true -> predicted: count):")
     for c in r["confused_pairs"]:
         click.echo(f"  {c['true']} -> {c['predicted']}: {c['count']}")
+    if plot is not None:
+        click.echo(f"wrote {plot}")
 
 
 @main.command("predict")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option(
     "--checkpoint",
-    default=None,
+    "checkpoints",
+    multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A training checkpoint (.pt): predict with PyTorch.",
+    help="A training checkpoint (.pt): predict with PyTorch. Repeat it for an ensemble (the mean of the members' "
+    "probabilities; they must share one label map).",
 )
 @click.option(
     "--model",
-    "onnx_model",
-    default=None,
+    "onnx_models",
+    multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A file written by `asl-train export` (.onnx): predict with onnxruntime (the export extra).",
+    help="A file written by `asl-train export` (.onnx): predict with onnxruntime (the export extra). Repeat it "
+    "for an ensemble, as --checkpoint.",
 )
 @click.option("--top", "k", default=5, show_default=True, type=click.IntRange(min=1), help="Signs per file.")
 @click.option(
@@ -253,29 +338,29 @@ def evaluate_cmd(checkpoint: Path, shards: str | None, folds: list[int] | None, 
     type=click.Choice(["auto", "cpu", "cuda"]),
     help="For --checkpoint (an exported model runs on the CPU).",
 )
-def predict_cmd(inputs: tuple[str, ...], checkpoint: Path | None, onnx_model: Path | None, k: int, fmt: str,
-                device: str) -> None:  # fmt: skip
+def predict_cmd(inputs: tuple[str, ...], checkpoints: tuple[Path, ...], onnx_models: tuple[Path, ...], k: int,
+                fmt: str, device: str) -> None:  # fmt: skip
     """Top-k signs with probabilities for raw Kaggle landmark parquet files.
 
     INPUTS are parquet files, directories (every *.parquet under them, recursively, sorted) or
     @LIST, a text file of paths one a line (relative to the current directory; # starts a comment).
-    Give exactly one of --checkpoint or --model. Exit status 1 when any file could not be read
-    (the others are still predicted); with --format text its error goes to stderr.
+    Give --checkpoint or --model (either repeated for an ensemble), not both. Exit status 1 when any
+    file could not be read (the others are still predicted); with --format text its error goes to stderr.
     """
     from train.predict import (
         CheckpointScorer,
-        OnnxScorer,
         csv_header,
         expand_inputs,
         format_prediction,
         iter_predictions,
+        onnx_scorer,
     )
 
-    if (checkpoint is None) == (onnx_model is None):
-        raise click.UsageError("give exactly one of --checkpoint or --model")
+    if bool(checkpoints) == bool(onnx_models):
+        raise click.UsageError("give exactly one of --checkpoint or --model (either may be repeated for an ensemble)")
     try:
         files = expand_inputs(inputs)
-        scorer = OnnxScorer(onnx_model) if onnx_model else CheckpointScorer(checkpoint, device)
+        scorer = onnx_scorer(onnx_models) if onnx_models else CheckpointScorer(checkpoints, device)
     except AslError as exc:
         raise click.ClickException(str(exc)) from None
     if fmt == "csv":

@@ -16,10 +16,14 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.errors import AslError
-from pipeline.location import RETRIES, STALL_S
+from pipeline.location import MIN_RATE, RETRIES, STALL_S
+from pipeline.read import InputFileError, read_file
 from train.augment import AugmentConfig
-from train.model import PRESETS, model_config
+from train.model import PRESETS, ModelConfig, SignModel, count_parameters, model_config
+from train.optim import OPTIMIZERS
 from train.report import BACKENDS
 
 
@@ -71,12 +75,49 @@ def parse_report_to(value: str) -> list[str]:
     return names
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file of every option is about 2 KB
+
 MODEL_KEYS = {
     "dim": (int, "Override the preset's width."),
     "depth": (int, "Override the preset's number of conv+transformer groups."),
     "dropout": (float, "Override the preset's late dropout."),
     "drop_path": (float, "Override the preset's drop-path rate."),
 }
+# Bounds of every ModelConfig field, checked before a model is built from options or from a checkpoint's
+# stored config: far beyond any useful sign model, yet close enough that a crafted config cannot ask for
+# a model that exhausts memory; so is the parameter count, taken on the meta device (nothing allocated).
+MODEL_BOUNDS: dict[str, tuple[float, float]] = {
+    "n_classes": (1, 100_000), "dim": (1, 4096), "depth": (1, 32), "convs_per_group": (0, 8), "heads": (1, 64),
+    "kernel_size": (1, 255), "expand": (1, 16), "eca_kernel": (1, 63), "top_expand": (1, 16), "dropout": (0, 1),
+    "drop_path": (0, 1), "attn_dropout": (0, 1), "max_len": (1, 100_000),
+}  # fmt: skip
+MAX_PARAMETERS = 500_000_000  # the default preset has about 1.8 M
+
+
+def checked_model_config(preset: str, n_classes: int, overrides: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig of `preset` with `overrides`, or a ConfigError: every field a finite number of its type
+    within MODEL_BOUNDS, and at most MAX_PARAMETERS parameters."""
+    where = f"model options {overrides} of preset {preset!r}"
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"model options {overrides!r}: expected an object of ModelConfig fields")
+    try:
+        cfg = model_config(preset, n_classes, **overrides)
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    for f in fields(cfg):
+        value, (lo, hi) = getattr(cfg, f.name), MODEL_BOUNDS.get(f.name, (-math.inf, math.inf))
+        kind = int if f.type in ("int", int) else int | float
+        if isinstance(value, bool) or not isinstance(value, kind) or not _finite(value) or not lo <= value <= hi:
+            raise ConfigError(f"{where}: {f.name} {value!r} is not {'an integer' if kind is int else 'a number'} "
+                              f"in [{lo}, {hi}]")  # fmt: skip
+    with torch.device("meta"):
+        try:
+            n = count_parameters(SignModel(cfg))
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    if n > MAX_PARAMETERS:
+        raise ConfigError(f"{where}: a model of {n:,} parameters, over the limit of {MAX_PARAMETERS:,}")
+    return cfg
 
 
 @dataclass
@@ -106,8 +147,8 @@ class TrainConfig:
         resumable=True,
     )
     batch_size: int = option(64, "Per rank.", min=1)
-    lr: float = option(1e-3, "Peak learning rate (AdamW).")
-    weight_decay: float = option(0.05, "AdamW weight decay.")
+    lr: float = option(1e-3, "Peak learning rate.", min=0, max=10)
+    weight_decay: float = option(0.05, "Weight decay (decoupled from the gradient, as in AdamW).", min=0, max=10)
     warmup: float = option(0.1, "Warmup fraction: the share of all steps spent warming up.", min=0, max=1)
     label_smoothing: float = option(0.1, "Label smoothing of the cross-entropy loss.", min=0, max=1)
     grad_clip: float = option(1.0, "Clip the gradients' global norm to this before each step.", min=0, min_open=True)
@@ -121,9 +162,17 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model.")
     bucket: bool = option(True, "Length bucketing (--no-bucket: pad every batch to 384 frames).")
     device: str = option("auto", "Where to train.", choices=["auto", "cpu", "cuda"])
-    workers: int = option(2, "DataLoader workers.", min=0)
-    seed: int = option(0, "Seed of the weights' initialization, the data order and the augmentations.")
-    max_steps: int | None = option(None, "Stop after this many steps.", min=1, resumable=True)
+    workers: int = option(2, "DataLoader workers.", min=0, resumable=True)
+    seed: int = option(
+        0, "Seed of the weights' initialization, the data order and the augmentations.", min=0, max=2**32 - 1
+    )
+    max_steps: int | None = option(
+        None,
+        "Stop after this many steps (the learning-rate schedule stays planned for --epochs: a resume with a larger "
+        "--max-steps, or none, continues as if uninterrupted).",
+        min=1,
+        resumable=True,
+    )
     save_every: int = option(0, "Also write last.pt every N steps (0: at epoch ends only).", min=0, resumable=True)
     shard_check: str = option(
         "auto",
@@ -165,6 +214,51 @@ class TrainConfig:
     new_head: bool = option(
         False, "With --init-from: a newly initialized classifier head, for shards with another label map."
     )
+    optimizer: str = option(
+        "adamw",
+        "adamw; radam (RAdam, decoupled weight decay); radam-lookahead (RAdam inside Lookahead, k=5, alpha=0.5, as "
+        "in the 1st-place asl-signs solution). --lr and --weight-decay apply to each.",
+        choices=list(OPTIMIZERS),
+    )
+    awp: float = option(
+        0.0,
+        "Adversarial weight perturbation: before each step the weights move this far up the loss gradient (per "
+        "tensor) and the step takes the gradients found there (1st place: 0.2). Costs a second forward and backward "
+        "per batch while active; 0 turns it off.",
+        min=0,
+    )
+    awp_from: int = option(0, "The epoch (from 0) at which --awp starts (1st place: 15 of 300).", min=0)
+    late_dropout: float | None = option(
+        None,
+        "Late dropout as a schedule: none before --late-dropout-from, this rate from then on (1st place: 0.8 from "
+        "epoch 15). Unset: the preset's dropout (--dropout) throughout.",
+        min=0,
+        max=1,
+    )
+    late_dropout_from: int = option(0, "The epoch (from 0) at which --late-dropout starts.", min=0)
+    cache_dir: str | None = option(
+        None,
+        "Keep the shards of a remote location (http, pipe:) in this local directory: each is fetched once, checked "
+        "against the manifest's sha256, and read from here afterwards (re-checked for size on every read, and for "
+        "sha256 with --shard-check sha256). Entries are keyed by the location and the build; ranks of a node share "
+        "one directory safely. A local --shards directory is never cached.",
+        path="any",
+        resumable=True,
+    )
+    cache_limit: float | None = option(
+        None,
+        "GB the --cache-dir may hold in all (default: no limit); past it the least recently read shards are evicted.",
+        min=0,
+        min_open=True,
+        resumable=True,
+    )
+    io_min_rate: float = option(
+        MIN_RATE / 1000,
+        "kB/s a remote read must average after its first --io-timeout seconds (a shard of B bytes is abandoned after "
+        "--io-timeout + B / rate s); 0: no such limit.",
+        min=0,
+        resumable=True,
+    )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -178,10 +272,12 @@ class TrainConfig:
 
         Any subset of the options may be given; the others take their defaults.
         """
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: not a readable JSON config ({exc})") from None
+        try:  # through the input gate: a FIFO or /dev/zero is refused, never waited on or read without end
+            d = json.loads(read_file(path, MAX_CONFIG_BYTES).decode())
+        except InputFileError as exc:
+            raise ConfigError(f"{path}: not a readable JSON config ({exc.reason})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise ConfigError(f"{path}: not a readable JSON config ({str(exc)[:200]})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object of options, as in a run's config.json")
         hints = typing.get_type_hints(cls)
@@ -196,24 +292,44 @@ class TrainConfig:
         return cls(**d)
 
     def check(self) -> None:
-        """Refuse options that do not go together and model or augmentation overrides that cannot be built."""
+        """Refuse bad values (`check_values`), options that do not go together and model or augmentation
+        overrides that cannot be built."""
+        self.check_values()
         if self.new_head and not self.init_from:
             raise OptionsError("--new-head needs --init-from: it replaces the head of the weights a run starts from")
-        try:
-            model_config(self.preset, 1, **self.model)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"model options {self.model} of preset {self.preset!r}: {exc}") from None
+        for start, on in (("awp_from", self.awp > 0), ("late_dropout_from", self.late_dropout is not None)):
+            if on and getattr(self, start) >= self.epochs:
+                raise OptionsError(f"{flag(start)} {getattr(self, start)} is not below --epochs {self.epochs}: "
+                                   f"the piece would never start")  # fmt: skip
+        if self.late_dropout is not None and self.late_dropout >= 1:
+            raise ConfigError(f"--late-dropout {self.late_dropout}: must be below 1 (1 drops every feature)")
+        checked_model_config(self.preset, 1, self.model)
+        if unknown := sorted(set(self.augment_options) - {f.name for f in fields(AugmentConfig)}, key=str):
+            raise ConfigError(f"unknown augment_options key(s) {', '.join(map(str, unknown))}; known: "
+                              f"{', '.join(f.name for f in fields(AugmentConfig))}")  # fmt: skip
         try:
             AugmentConfig(**self.augment_options)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"augment_options {self.augment_options}: {exc}") from None
 
+    def check_values(self) -> None:
+        """Refuse a value of the wrong type, a number that is not finite or out of its field's bounds."""
+        hints = typing.get_type_hints(type(self))
+        if wrong := [f"{k} ({v!r}, expected {hints[k]})" for k, v in asdict(self).items() if not _fits(v, hints[k])]:
+            raise ConfigError(f"wrong type for {', '.join(wrong)}")
+        if outside := [problem for k, v in asdict(self).items() if (problem := _out_of_bounds(k, v))]:
+            raise ConfigError("; ".join(outside))
+
 
 def _fits(value: Any, hint: Any) -> bool:
     """Whether a JSON value fits a field's type hint (int for float, never bool for a number)."""
     for t in typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,):
-        t = typing.get_origin(t) or t
+        t, args = typing.get_origin(t) or t, typing.get_args(t)
         if isinstance(value, bool) and t is not bool:
+            continue
+        if t is list and args and args[0] is not Any:  # list[int]: every element too
+            if isinstance(value, list) and all(_fits(v, args[0]) for v in value):
+                return True
             continue
         if (t is type(None) and value is None) or (t is float and isinstance(value, int)) or isinstance(value, t):
             return True
@@ -221,18 +337,37 @@ def _fits(value: Any, hint: Any) -> bool:
 
 
 def _out_of_bounds(name: str, value: Any) -> str | None:
-    """Why a number is outside the bounds of its field (or not finite), or None."""
+    """Why a number is outside the bounds of its field (or not finite, or a container holds such), or None."""
     meta = FIELDS[name].metadata
+    if isinstance(value, list | tuple | dict):
+        return f"{name} holds a number that is not finite: {value}" if _holds_nonfinite(value) else None
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    if not math.isfinite(value):
-        return f"{name} must be a finite number, not {value}"
+    if not _finite(value):
+        return f"{name} must be a finite number, not {str(value)[:40]}"
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and (value < lo or (meta.get("min_open") and value == lo)):
         return f"{name} {value} is below its minimum {lo}" if value < lo else f"{name} must be above {lo}"
     if hi is not None and value > hi:
         return f"{name} {value} is above its maximum {hi}"
     return None
+
+
+def _finite(value: float) -> bool:
+    """Whether a number is finite as a float (an int beyond float's range is not: it overflows where used)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _holds_nonfinite(value: Any) -> bool:
+    """Whether a JSON-like value holds, at any depth, a number that is not finite."""
+    if isinstance(value, dict):
+        return any(_holds_nonfinite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_holds_nonfinite(v) for v in value)
+    return isinstance(value, float | int) and not isinstance(value, bool) and not _finite(value)
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}

@@ -9,17 +9,23 @@ described, not a sample of folds, and one fold gives 0 rather than undefined.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
-from pipeline.location import Location
-from pipeline.shards import as_location, read_shard, shard_samples, write_atomic, write_json_atomic
-from train.data import fold_shards
+from pipeline.errors import AslError
+from pipeline.files import write_atomic, write_json_atomic
+from pipeline.shards import read_manifest
+
+if TYPE_CHECKING:
+    from train.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 TOP_K = 5
 ID_COLUMNS = ("sequence_id", "participant_id", "fold", "sign")
@@ -35,6 +41,10 @@ def top_columns(k: int = TOP_K) -> list[str]:
 OOF_COLUMNS = (*ID_COLUMNS, *top_columns())
 
 
+class CvError(AslError, ValueError):
+    """A cross-validation that cannot run or a table that cannot be its report; the message says why."""
+
+
 # ---------------------------------------------------------------------------- which folds
 
 
@@ -42,10 +52,10 @@ def parse_folds(text: str) -> list[int]:
     """The folds of a `--folds` value such as `0,2`: distinct non-negative integers, in the order given."""
     parts = [p.strip() for p in text.split(",")]
     if not all(p.isdigit() for p in parts):
-        raise ValueError(f"--folds {text!r}: expected fold numbers separated by commas, e.g. 0,2")
+        raise CvError(f"--folds {text!r}: expected fold numbers separated by commas, e.g. 0,2")
     folds = [int(p) for p in parts]
     if len(set(folds)) != len(folds):
-        raise ValueError(f"--folds {text!r}: a fold is named twice")
+        raise CvError(f"--folds {text!r}: a fold is named twice")
     return folds
 
 
@@ -62,12 +72,12 @@ def cv_folds(manifest: dict[str, Any], shards: str, requested: Sequence[int] | N
     known = manifest_folds(manifest)
     if len(known) < 2:
         held = f"one fold ({known[0]})" if known else "no fold with samples"
-        raise ValueError(f"{shards}: cross-validation needs 2 or more folds, its manifest has {held}; "
+        raise CvError(f"{shards}: cross-validation needs 2 or more folds, its manifest has {held}; "
                          "rebuild the shards with --folds 5")  # fmt: skip
     if requested is None:
         return known
     if unknown := [f for f in requested if f not in known]:
-        raise ValueError(f"--folds {','.join(map(str, unknown))}: not in the manifest of {shards}, "
+        raise CvError(f"--folds {','.join(map(str, unknown))}: not in the manifest of {shards}, "
                          f"which has folds {','.join(map(str, known))}")  # fmt: skip
     return list(requested)
 
@@ -84,7 +94,7 @@ def fold_state(run: str | Path, epochs: int, max_steps: int | None = None) -> st
     The checkpoint, not metrics.jsonl, decides: an epoch's metrics line is written before its last.pt,
     so a kill between the two leaves a line for an epoch the checkpoint does not hold.
     """
-    from train.loop import load_checkpoint  # torch: only when a fold directory is inspected
+    from train.checkpoint import load_checkpoint  # torch: only when a fold directory is inspected
 
     run = Path(run)
     if not (run / "last.pt").exists():
@@ -92,43 +102,13 @@ def fold_state(run: str | Path, epochs: int, max_steps: int | None = None) -> st
     ckpt = load_checkpoint(run / "last.pt")
     epoch, step, mid = ckpt.get("epoch"), ckpt.get("step"), ckpt.get("batch_in_epoch")
     if not all(type(v) is int for v in (epoch, step, mid)):
-        raise ValueError(f"{run / 'last.pt'}: holds no training position (epoch, step); not a resumable run")
+        raise CvError(f"{run / 'last.pt'}: holds no training position (epoch, step); not a resumable run")
     if not ((epoch >= epochs and mid == 0) or (max_steps is not None and step >= max_steps)):
         return RESUMABLE
     if not (run / "best.pt").exists():
-        raise ValueError(f"{run}: last.pt has finished (epoch {epoch}) but best.pt is missing; "
+        raise CvError(f"{run}: last.pt has finished (epoch {epoch}) but best.pt is missing; "
                          "remove the directory to train this fold again")  # fmt: skip
     return FINISHED
-
-
-# ---------------------------------------------------------------------------- who signed what
-
-
-def shard_samples_table(location: str | Path | Location, manifest: dict[str, Any], folds: Sequence[int],
-                        check: str = "auto") -> pl.DataFrame:  # fmt: skip
-    """`sequence_id, participant_id, fold, sign` of every sample in `folds`, from the shards' json members.
-
-    The manifest lists a fold's participants but not each sample's, so the shards are read (whole,
-    checked like the loader's reads): about a fifth of the shard bytes for one fold of five.
-    """
-    loc = as_location(location)
-    rows: dict[str, list[Any]] = {c: [] for c in ID_COLUMNS}
-    for entry in fold_shards(manifest, folds):
-        data = read_shard(loc, entry, check)
-        for key, members in shard_samples(data, entry, loc.url(entry["name"])):
-            try:
-                meta = json.loads(members["json"])
-                participant, sign = str(meta["participant_id"]), str(meta["sign"])
-            except (KeyError, TypeError, ValueError):
-                source = f"{loc.url(entry['name'])}:{key}"
-                raise ValueError(f"{source}: its json member lacks participant_id or sign") from None
-            for column, value in zip(ID_COLUMNS, (key, participant, entry["fold"], sign), strict=True):
-                rows[column].append(value)
-    return pl.DataFrame(rows, schema=_id_schema())
-
-
-def _id_schema() -> dict[str, pl.DataType]:
-    return {"sequence_id": pl.String, "participant_id": pl.String, "fold": pl.Int64, "sign": pl.String}
 
 
 # ---------------------------------------------------------------------------- the out-of-fold table
@@ -142,7 +122,7 @@ def predictions_table(samples: pl.DataFrame, probabilities: np.ndarray, label_ma
     Fewer than k signs leave the last columns null.
     """
     if probabilities.shape != (samples.height, len(label_map)):
-        raise ValueError(f"probabilities of shape {probabilities.shape}; expected ({samples.height}, {len(label_map)})")
+        raise CvError(f"probabilities of shape {probabilities.shape}; expected ({samples.height}, {len(label_map)})")
     names = np.array(sorted(label_map, key=label_map.get), dtype=object)
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]  # (N, k)
     top = {}
@@ -159,11 +139,11 @@ def predictions_table(samples: pl.DataFrame, probabilities: np.ndarray, label_ma
 def checked_oof(oof: pl.DataFrame) -> pl.DataFrame:
     """`oof` with OOF_COLUMNS in order, sorted by fold and sequence_id; one line for a table that cannot be one."""
     if absent := [c for c in OOF_COLUMNS if c not in oof.columns]:
-        raise ValueError(f"out-of-fold table lacks column(s) {', '.join(absent)}")
+        raise CvError(f"out-of-fold table lacks column(s) {', '.join(absent)}")
     if oof.height == 0:
-        raise ValueError("out-of-fold table has no rows")
+        raise CvError("out-of-fold table has no rows")
     if (dup := oof.filter(pl.col("sequence_id").is_duplicated())).height:
-        raise ValueError(f"out-of-fold table holds sequence {dup['sequence_id'][0]} twice (one row per sample)")
+        raise CvError(f"out-of-fold table holds sequence {dup['sequence_id'][0]} twice (one row per sample)")
     return oof.select(OOF_COLUMNS).sort("fold", "sequence_id")
 
 
@@ -225,4 +205,63 @@ def read_oof(path: str | Path) -> pl.DataFrame:
     try:
         return pl.read_csv(path, schema=schema)
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise ValueError(f"{path}: not an out-of-fold table ({str(exc).splitlines()[0][:200]})") from None
+        raise CvError(f"{path}: not an out-of-fold table ({str(exc).splitlines()[0][:200]})") from None
+
+
+def _id_schema() -> dict[str, pl.DataType]:
+    return {"sequence_id": pl.String, "participant_id": pl.String, "fold": pl.Int64, "sign": pl.String}
+
+
+# ---------------------------------------------------------------------------- the runs
+
+
+def run_cv(cfg: TrainConfig, folds: Sequence[int] | None = None,
+           echo: Callable[[str], None] = log.info) -> dict[str, Any] | None:  # fmt: skip
+    """Cross-validate: for each fold k, a run in `cfg.out`/fold{k} validated on fold k and trained on the others,
+    one after the other; then its best.pt scored on fold k as `evaluate` scores it.
+
+    A rerun continues: finished folds are kept (their options must be this run's, as for --resume), an
+    interrupted one resumes from its last.pt. After each fold rank 0 writes cv.json and oof.csv over the
+    folds finished so far and `echo`es the summary; every rank trains (under torchrun). Returns the
+    report on rank 0, None on the others.
+    """
+    from train.checkpoint import check_resumable, stored_config
+    from train.distributed import first_error, setup_distributed
+    from train.loop import train
+
+    manifest = read_manifest(cfg.shards)
+    chosen = cv_folds(manifest, cfg.shards, folds)
+    _, rank, world = setup_distributed(cfg.device)  # every rank agrees on each fold's report before the next
+    out, report, tables = Path(cfg.out), None, []
+    for k in chosen:
+        run = fold_dir(out, k)
+        fold_cfg = replace(cfg, out=str(run), val_folds=[k])
+        state = fold_state(run, cfg.epochs, cfg.max_steps)
+        if state != NEW:
+            check_resumable(run, stored_config(run), fold_cfg)
+        if state != FINISHED:
+            log.info("fold %d of %s: %s", k, ",".join(map(str, chosen)), "resumed" if state == RESUMABLE else "new")
+            train(fold_cfg, resume=run if state == RESUMABLE else None)
+        error = None
+        if rank == 0:
+            try:
+                tables.append(fold_predictions(run / "best.pt", k, cfg.shards, cfg.device))
+                report = write_cv(out, pl.concat(tables))
+                echo(summary_text(report))
+            except (AslError, OSError) as exc:
+                error = str(exc)
+        if (error := first_error(error, world)) is not None:
+            raise CvError(error)
+    return report
+
+
+def fold_predictions(checkpoint: str | Path, fold: int, shards: str, device: str = "auto") -> pl.DataFrame:
+    """The out-of-fold rows of one fold: `checkpoint` scored on `fold` in the batches `evaluate` forms."""
+    from train.predict import evaluation_scores
+
+    scores, members, _ = evaluation_scores(checkpoint, shards, [fold], device)
+    names = np.array(sorted(members.label_map, key=members.label_map.get), dtype=object)
+    samples = pl.DataFrame({"sequence_id": scores.keys, "participant_id": scores.participants,
+                            "fold": [fold] * len(scores.keys), "sign": names[scores.labels].tolist()},
+                           schema=_id_schema())  # fmt: skip
+    return predictions_table(samples, scores.probabilities, members.label_map)

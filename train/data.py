@@ -5,11 +5,13 @@ One explicit list of WebDataset stages (see `ShardStream.stages`):
 1. `epoch_ranges`  shard shuffle (seeded by epoch, identical on every rank), then a split
                    of the shuffled sample sequence into one contiguous range per rank
                    and per DataLoader worker
-2. `read_samples`  each shard of a range read whole from its location (a directory, an
-                   http(s) URL or a `pipe:` command, `pipeline.location`), checked against
+2. `read_samples`  each shard of a run of ranges read whole, once, from its location (a
+                   directory, an http(s) URL or a `pipe:` command, `pipeline.location`; a
+                   remote one through the shard cache with `--cache-dir`), checked against
                    the manifest (size and sha256, then its keys in order and their count),
-                   then the members of the range's samples; any member type other than
-                   `.npy`, `.cls`, `.json` is an error naming the shard and the member
+                   then the members of the ranges' samples, each tagged with its sample id
+                   (its position in the training shards in manifest order); any member type
+                   other than `.npy`, `.cls`, `.json` is an error naming the shard and the member
 3. `wds.shuffle`   sample shuffle buffer (training only)
 4. `decode`        `.npy` without pickle, `.cls`, `.json`; the label must be the manifest's
 5. `batches`       length bucketing and collate: each batch trimmed to its longest sequence
@@ -24,6 +26,10 @@ shards than `workers x ranks` works by design. Validation is not shuffled, not p
 and yields every sample of the validation folds exactly once across ranks and workers.
 Workers must not be persistent: the epoch is read when the loader starts its workers.
 
+Resuming an epoch under another number of ranks or workers (`ShardStream.resume_epoch`): that epoch
+is the samples it has not yet trained, split by `train.resplit.rest_of_epoch`, and `len()` is its
+remaining batch count; later epochs are split as above.
+
 Data errors (a shard that cannot be read, or that disagrees with the manifest) do not cross
 the worker boundary as exceptions, whose message torch buries in a worker traceback: the
 stream yields a `DataError` in place of the next batch and stops, and `checked` (or the
@@ -34,10 +40,12 @@ with its one-line message.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,9 +55,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
+from pipeline.cache import CachedShards
 from pipeline.features import MAX_LEN, N_CHANNELS, N_PACKED, pad_features, pad_frames, unpack_missing
 from pipeline.landmarks import N_POINTS
-from pipeline.location import RETRIES, STALL_S, Location, LocationError
+from pipeline.location import MIN_RATE, RETRIES, STALL_S, Location, LocationError
 from pipeline.shards import ShardError, as_location, decode_compact, read_manifest, read_shard, shard_samples
 from train.batch import Batch
 
@@ -76,6 +85,8 @@ class Decoded:
     missing: np.ndarray  # (L, 15) uint8 packed
     label: int
     key: str
+    participant: str = ""  # the json member's participant_id (per-participant reports)
+    sample_id: int = -1  # its position in the stream's shards in manifest order (`shard_offsets`)
 
 
 def fold_shards(manifest: dict[str, Any], folds: Iterable[int]) -> list[dict[str, Any]]:
@@ -85,6 +96,12 @@ def fold_shards(manifest: dict[str, Any], folds: Iterable[int]) -> list[dict[str
     if not folds <= known:
         raise ShardError(f"folds {sorted(folds - known)} not in the manifest (has {sorted(known)})")
     return [s for s in manifest["shards"] if s["fold"] in folds and s["samples"]]
+
+
+def shard_offsets(shards: list[dict[str, Any]]) -> dict[str, int]:
+    """The id of each shard's first sample: ids number the shards' samples in manifest order from 0."""
+    counts = [s["samples"] for s in shards]
+    return dict(zip([s["name"] for s in shards], np.cumsum([0, *counts[:-1]]).tolist(), strict=True))
 
 
 def rank_counts(total: int, ranks: int, pad: bool) -> list[int]:
@@ -127,7 +144,8 @@ class ShardStream(wds.DataPipeline):
 
     `shards` are manifest entries (name, samples, bytes, sha256, sequence_ids, labels) of shards
     at `location`; `check` is "sha256" (size and digest of every shard read), "size", or "auto"
-    (sha256 for a remote location, size for a local directory).
+    (sha256 for a remote location, size for a local directory). Remote reads are bounded by
+    `Pace(stall_s, min_rate)` and go through `cache` when given (`pipeline.shards.read_shard`).
     """
 
     def __init__(
@@ -145,13 +163,17 @@ class ShardStream(wds.DataPipeline):
         check: str = "auto",
         stall_s: float = STALL_S,
         retries: int = RETRIES,
+        min_rate: float = MIN_RATE,
+        cache: CachedShards | None = None,
     ) -> None:
         self.location = as_location(location)
         self.shards, self.batch_size, self.train = shards, batch_size, train
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.bucket, self.shuffle_buffer, self.bucket_batches = bucket, shuffle_buffer, bucket_batches
-        self.check, self.stall_s, self.retries = check, stall_s, retries
+        self.check, self.stall_s, self.retries, self.min_rate, self.cache = check, stall_s, retries, min_rate, cache
         self.entries = {s["name"]: s for s in shards}
+        self.offsets = shard_offsets(shards)
+        self.rest: tuple[int, np.ndarray] | None = None  # (epoch, its trained-sample mask) of a resumed epoch
         self.epoch = 0
         self.total = sum(s["samples"] for s in shards)
         super().__init__(*self.stages())
@@ -169,12 +191,35 @@ class ShardStream(wds.DataPipeline):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume_epoch(self, epoch: int, trained: np.ndarray) -> None:
+        """Make epoch `epoch` the samples it has not trained (`trained`: a bool mask over sample ids), split
+        over this stream's ranks and workers (`train.resplit.rest_of_epoch`)."""
+        if len(trained) != self.total:
+            raise ValueError(f"a trained-sample mask of {len(trained)} ids for {self.total} samples")
+        self.rest = (epoch, np.asarray(trained, dtype=bool))
+
+    def _resumed(self) -> np.ndarray | None:
+        """The trained-sample mask of the current epoch when it is a resumed one."""
+        return self.rest[1] if self.rest is not None and self.rest[0] == self.epoch else None
+
     def samples_per_rank(self) -> int:
         return rank_counts(self.total, self.world_size, pad=self.train)[self.rank]
 
     def __len__(self) -> int:
-        """Batches this rank yields per epoch, whatever the number of workers."""
+        """Batches this rank yields in the current epoch (the rest of it, when resumed), whatever the number of
+        workers."""
+        if (trained := self._resumed()) is not None:
+            from train.resplit import rest_steps
+
+            return rest_steps(int((~trained).sum()), self.world_size, self.batch_size)
         return math.ceil(self.samples_per_rank() / self.batch_size)
+
+    def shard_order(self) -> list[dict[str, Any]]:
+        """The current epoch's shards: shuffled by epoch when training (the same order on every rank)."""
+        shards = list(self.shards)
+        if self.train:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(shards)
+        return shards
 
     def _slot(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -182,42 +227,57 @@ class ShardStream(wds.DataPipeline):
 
     def epoch_ranges(self) -> Iterator[Range]:
         """Shard shuffle (same order on every rank), then this rank's and this worker's share of samples."""
-        shards = list(self.shards)
-        if self.train:
-            random.Random(f"{self.seed}:{self.epoch}").shuffle(shards)
+        shards = self.shard_order()
+        worker, workers = self._slot()
+        if (trained := self._resumed()) is not None:
+            from train.resplit import rest_of_epoch
+
+            order = [s["name"] for s in shards]
+            share = rest_of_epoch(self.shards, order, trained, self.world_size, workers, self.batch_size)
+            yield from share[self.rank][worker].ranges + share[self.rank][worker].fill
+            return
         counts = rank_counts(self.total, self.world_size, pad=self.train)
         start = sum(counts[: self.rank])
-        worker, workers = self._slot()
         per_worker = worker_counts(counts[self.rank], workers, self.batch_size)
         start += sum(per_worker[:worker])
         yield from slot_ranges(shards, start, start + per_worker[worker])
 
     def read_samples(self, src: Iterable[Range]) -> Iterator[dict[str, Any]]:
-        """Members of the samples in each range, from its shard read whole and checked against the manifest.
+        """Members of the samples in each run of ranges of one shard, from that shard read once, whole, and
+        checked against the manifest.
 
-        The next range's shard is read (and hashed) in a thread while this one's samples are decoded:
-        network waits and hashing overlap the decoding (hashlib and the pipe reads release the GIL).
+        The next run's shard is read (and hashed) in a thread while this one's samples are decoded:
+        network waits and hashing overlap the decoding (hashlib and the reads release the GIL). The
+        thread is a daemon: Ctrl-C or a data error never waits for a slow read to end.
         """
-        ranges = list(src)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-read") as pool:
-            reads = [pool.submit(self._shard, r) for r in ranges[:1]]
-            for i, r in enumerate(ranges):
-                data = reads[i].result()
-                if i + 1 < len(ranges):
-                    reads.append(pool.submit(self._shard, ranges[i + 1]))
-                reads[i] = None  # drop the bytes once used
-                yield from self._range_samples(r, data)
+        runs = [(name, list(group)) for name, group in itertools.groupby(src, key=lambda r: r.name)]
+        reads = [_in_thread(self._shard, name) for name, _ in runs[:1]]
+        for i, (name, group) in enumerate(runs):
+            data = reads[i].result()
+            if i + 1 < len(runs):
+                reads.append(_in_thread(self._shard, runs[i + 1][0]))
+            reads[i] = None  # drop the bytes once used
+            yield from self._run_samples(name, group, data)
 
-    def _shard(self, r: Range) -> bytes:
-        return read_shard(self.location, self.entries[r.name], self.check, self.stall_s, self.retries)
+    def _shard(self, name: str) -> bytes:
+        return read_shard(self.location, self.entries[name], self.check, self.stall_s, self.retries, self.min_rate,
+                          self.cache)  # fmt: skip
 
-    def _range_samples(self, r: Range, data: bytes) -> Iterator[dict[str, Any]]:
-        """The members of the samples `[r.start, r.stop)` of a shard's bytes (all of them are parsed and counted)."""
-        entry, source = self.entries[r.name], self.location.url(r.name)
-        for i, (key, sample) in enumerate(shard_samples(data, entry, source)):
-            if r.start <= i < r.stop:
-                sample["__key__"], sample["__url__"], sample["__label__"] = key, source, entry["labels"][i]
-                yield sample
+    def _run_samples(self, name: str, ranges: list[Range], data: bytes) -> Iterator[dict[str, Any]]:
+        """The members of the samples of `ranges` (of shard `name`), in their order, from the shard's bytes (all of
+        its samples are parsed and counted: once when the ranges ascend, as every epoch's do but a wrapped one)."""
+        entry, source, first = self.entries[name], self.location.url(name), self.offsets[name]
+        wanted = np.concatenate([np.arange(r.start, r.stop) for r in ranges])
+        passes = [wanted] if (np.diff(wanted) > 0).all() else [np.arange(r.start, r.stop) for r in ranges]
+        for positions in passes:
+            picked = iter(positions.tolist())
+            target = next(picked, None)
+            for i, (key, sample) in enumerate(shard_samples(data, entry, source)):
+                if i == target:
+                    sample["__key__"], sample["__url__"], sample["__label__"] = key, source, entry["labels"][i]
+                    sample["__id__"] = first + i
+                    target = next(picked, None)
+                    yield sample
 
     def shuffle_stage(self, src: Iterator[Any]) -> Iterator[Any]:
         seed = f"{self.seed}:{self.epoch}:{self.rank}:{self._slot()[0]}"
@@ -244,7 +304,22 @@ def decode(src: Iterable[dict[str, Any]]) -> Iterator[Decoded]:
         x, missing, label = decode_compact(s, source)
         if label != s["__label__"]:  # the manifest's labels are checked against the label map
             raise ShardError(f"{source}: label {label}, manifest says {s['__label__']}")
-        yield Decoded(x, missing, label, s["__key__"])
+        participant = str(json.loads(s["json"]).get("participant_id", ""))  # decode_compact checked it is an object
+        yield Decoded(x, missing, label, s["__key__"], participant, s.get("__id__", -1))
+
+
+def _in_thread(fn: Callable[[str], bytes], arg: str) -> Future:
+    """`fn(arg)` running in a daemon thread, as a Future (which the process's exit never waits for)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(arg))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the result
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="shard-read", daemon=True).start()
+    return future
 
 
 def checked(loader: Iterable[Batch | DataError]) -> Iterator[Batch]:
@@ -270,6 +345,9 @@ def collate(samples: list[Decoded], length: int | None = None) -> Batch:
         mask=torch.from_numpy(mask),
         missing=torch.from_numpy(unpack_missing(packed)),
         labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
+        keys=tuple(s.key for s in samples),
+        participants=tuple(s.participant for s in samples),
+        ids=torch.tensor([s.sample_id for s in samples], dtype=torch.int64),
     )
 
 

@@ -9,7 +9,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.errors import AslError
 from train.model import SignModel
+
+
+class EnsembleError(AslError, ValueError):
+    """Members that cannot form an ensemble; the message names the files."""
 
 
 def label_map_difference(a: dict[str, int], b: dict[str, int]) -> str | None:
@@ -30,7 +35,7 @@ def shared_label_map(members: Sequence[tuple[str, dict[str, int]]]) -> dict[str,
     first, label_map = members[0]
     for name, other in members[1:]:
         if (why := label_map_difference(label_map, other)) is not None:
-            raise ValueError(f"{first} and {name} have different label maps ({why}); ensemble members must share one")
+            raise EnsembleError(f"{first} and {name} have different label maps ({why}); members must share one")
     return label_map
 
 
@@ -85,3 +90,8 @@ class EnsembleScorer:
     def probabilities(self, sequences: list[np.ndarray]) -> np.ndarray:
         """(T_i, 543, 3) raw landmarks of each sequence -> (N, n_signs) mean probabilities of the members."""
         return mean_probabilities([m.probabilities(sequences) for m in self.members])  # type: ignore[attr-defined]
+
+
+def ensemble_of(models: Sequence[nn.Module]) -> nn.Module:
+    """The one model, or an EnsembleModel of several (its outputs: the log of their mean probability)."""
+    return models[0] if len(models) == 1 else EnsembleModel(models)  # type: ignore[arg-type]

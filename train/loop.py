@@ -7,32 +7,42 @@ position inside the epoch, so a resumed run ends with the weights of an uninterr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.cache import cache_view
 from pipeline.errors import AslError
 from pipeline.shards import ShardError, read_manifest
 from train.augment import AugmentConfig, augment_batch
 from train.batch import Batch
 from train.checkpoint import build_model, load_initial_weights, resume_checkpoint, save_checkpoint
 from train.config import ConfigError, TrainConfig
-from train.data import make_loader, train_val_folds
+from train.data import ShardStream, make_loader, train_val_folds
 from train.distributed import agreed_batches, autocast, first_error, gathered_rng, restore_rng, setup_distributed
-from train.model import SignModel, count_parameters
+from train.model import SignModel, count_parameters, late_dropout_rate
+from train.optim import AWP, make_optimizer
 from train.predict import predict_batches
 from train.report import Reporters, check_backends, open_reporters
-from train.runfiles import RunDirError, append_metrics, check_new_run, open_run_dir, plot_curves
+from train.resplit import pack_trained, unpack_trained
+from train.runfiles import RunDirError, append_metrics, check_new_run, open_run_dir, plot_curves, run_lock
 
 log = logging.getLogger(__name__)
+
+
+class DivergedError(AslError, FloatingPointError):
+    """Training met a loss that is not finite: it stops before any checkpoint holds the weights that made it."""
 
 
 @dataclass
@@ -77,6 +87,9 @@ class Run:
     best: float = -1.0  # best validation top-1 so far
     consumed: int = 0  # batches this session trained
     reporters: Reporters = field(default_factory=lambda: Reporters([]))
+    awp: AWP | None = None  # --awp: the adversarial step on the weights, from its start epoch
+    trained: np.ndarray | None = None  # uint8 per training sample id: 1 once this rank trained it this epoch
+    resplit_epoch: int | None = None  # the epoch resumed under another split (`_resplit`)
 
     @property
     def master(self) -> bool:
@@ -112,8 +125,23 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
     """
     cfg.check()
     check_backends(cfg.report_to)  # on every rank, before any collective
-    ckpt = resume_checkpoint(resume, cfg) if resume is not None else None
     device, rank, world = setup_distributed(cfg.device)
+    with contextlib.ExitStack() as held:
+        error = None
+        if rank == 0:  # one lock per run directory; the other ranks learn whether rank 0 got it
+            try:
+                held.enter_context(run_lock(Path(cfg.out)))
+            except RunDirError as exc:
+                error = str(exc)
+        if (error := first_error(error, world)) is not None:
+            raise RunDirError(error)
+        return _train_locked(cfg, resume, device, rank, world)
+
+
+def _train_locked(cfg: TrainConfig, resume: str | Path | None, device: torch.device, rank: int,
+                  world: int) -> TrainResult:  # fmt: skip
+    """`train`, once the run directory is this run's alone."""
+    ckpt = resume_checkpoint(resume, cfg) if resume is not None else None
     torch.manual_seed(cfg.seed)
     data = open_data(cfg, ckpt, resume, device, rank, world)
     run = start_run(cfg, data, ckpt, resume, device, rank, world)
@@ -126,11 +154,11 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
             metrics.update(validate(run.scored_model, data.val_loader, device))
         improved = data.val_loader is not None and metrics["val_top1"] > run.best  # the same on every rank
         run.best = max(run.best, metrics.get("val_top1", run.best))
-        if run.master:  # the epoch's line goes first: a kill before last.pt is written repeats the epoch
-            _log_epoch(run, metrics)
+        # the epoch's line goes first: a kill before last.pt is written repeats the epoch
+        _agree(run, log=lambda metrics=metrics: _log_epoch(run, metrics))
         if improved:
-            _save(run, "best.pt", 0)
-        _save(run, "last.pt", 0)
+            _save(run, "best.pt", run.skip)
+        _save(run, "last.pt", run.skip)  # mid-epoch when --max-steps cut the epoch: a resume finishes it
     if run.master:
         run.reporters.close()
         plot_curves(run.out)
@@ -146,13 +174,14 @@ def open_data(cfg: TrainConfig, ckpt: dict[str, Any] | None, resume: str | Path 
     """
     error = None
     try:
-        manifest = read_manifest(cfg.shards)
+        manifest = read_manifest(cfg.shards, cfg.io_timeout, cfg.io_min_rate * 1000)
         if ckpt is not None and ckpt.get("shards_fingerprint") != manifest["fingerprint"]:
             raise ShardError(f"{cfg.shards} is not the shard set {resume} was trained on (its manifest differs)")
         train_folds, val_folds = split_folds(manifest, cfg.val_folds, cfg.shards)
         loader_args = dict(workers=cfg.workers, rank=rank, world_size=world, seed=cfg.seed, bucket=cfg.bucket,
                            pin_memory=device.type == "cuda", manifest=manifest, check=cfg.shard_check,
-                           stall_s=cfg.io_timeout, retries=cfg.io_retries)  # fmt: skip
+                           stall_s=cfg.io_timeout, retries=cfg.io_retries, min_rate=cfg.io_min_rate * 1000,
+                           cache=cache_view(cfg.cache_dir, cfg.cache_limit, cfg.shards, manifest))  # fmt: skip
         train_loader = make_loader(cfg.shards, train_folds, cfg.batch_size, train=True, **loader_args)
         val_loader = None
         if val_folds:
@@ -177,14 +206,15 @@ def start_run(cfg: TrainConfig, data: Data, ckpt: dict[str, Any] | None, resume:
             f"{resume} has finished: it trained {ckpt['step']} steps ({ckpt['epoch']} epochs), and "
             f"{option} {value} asks for {total_steps}; resume it with a larger {option} to go on"
         )
-    warmup = max(1, int(cfg.warmup * total_steps))
+    planned = cfg.epochs * steps_per_epoch  # the schedule's length: --max-steps stops a run early, never re-plans it
+    warmup = max(1, int(cfg.warmup * planned))
     cuda = device.type == "cuda"
     label_map = data.manifest["label_map"]
     model = build_model(cfg, len(label_map)).to(device)
     if cfg.init_from and ckpt is None:  # a resumed run has its own weights
         load_initial_weights(model, cfg.init_from, label_map, cfg.new_head)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, fused=cuda or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, planned, warmup))
     ema = torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema)
     ) if cfg.ema else None  # fmt: skip
@@ -193,8 +223,10 @@ def start_run(cfg: TrainConfig, data: Data, ckpt: dict[str, Any] | None, resume:
     run = Run(cfg, device, rank, world, label_map, data.manifest["fingerprint"], steps_per_epoch, total_steps,
               model, model, optimizer, scheduler, ema, AugmentConfig(**cfg.augment_options), generator,
               sums=torch.zeros(3, dtype=torch.float64, device=device))  # fmt: skip
+    run.awp = AWP(model, cfg.awp, cfg.awp_from) if cfg.awp > 0 else None
+    run.trained = np.zeros(data.train_loader.dataset.total, dtype=np.uint8)
     if ckpt is not None:
-        _restore(run, ckpt, warmup)
+        _restore(run, ckpt, warmup, data.train_loader.dataset)
     if world > 1:
         run.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     if cfg.compile:
@@ -202,8 +234,9 @@ def start_run(cfg: TrainConfig, data: Data, ckpt: dict[str, Any] | None, resume:
     return run
 
 
-def _restore(run: Run, ckpt: dict[str, Any], warmup: int) -> None:
-    """Continue from a checkpoint: weights, optimizer, schedule, EMA, position, every rank's RNG states."""
+def _restore(run: Run, ckpt: dict[str, Any], warmup: int, stream: ShardStream) -> None:
+    """Continue from a checkpoint: weights, optimizer, schedule, EMA, position, every rank's RNG states (or, under
+    another split of the epoch, new ones: `_resplit`)."""
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
@@ -211,11 +244,41 @@ def _restore(run: Run, ckpt: dict[str, Any], warmup: int) -> None:
         run.ema.module.load_state_dict(ckpt["ema"])
         run.ema.n_averaged.fill_(ckpt["ema_n_averaged"])
     run.step, run.epoch, run.skip, run.best = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_top1"]
-    restore_rng(ckpt["rng"], run.rank, run.world, run.generator, run.device)
+    if not _resplit(run, ckpt, stream):
+        restore_rng(ckpt["rng"], run.rank, run.world, run.generator, run.device)
     if run.master and "epoch_sums" in ckpt:  # summed over every rank: one rank carries them, the reduction adds
         run.sums[:2] = torch.tensor(ckpt["epoch_sums"], dtype=torch.float64)
     for group, base_lr in zip(run.optimizer.param_groups, run.scheduler.base_lrs, strict=True):
-        group["lr"] = base_lr * lr_factor(run.step, run.total_steps, warmup)  # the next step's rate, stretched or not
+        # the next step's rate, stretched or not
+        group["lr"] = base_lr * lr_factor(run.step, run.cfg.epochs * run.steps_per_epoch, warmup)
+
+
+def _resplit(run: Run, ckpt: dict[str, Any], stream: ShardStream) -> bool:
+    """Whether the checkpoint's epoch goes on under another split: it was cut mid-epoch by another number of ranks
+    or workers (or was itself such an epoch). Its untrained samples are then split afresh (`train.resplit`), the
+    step is where that many batches remain, and each rank's RNGs are seeded anew; otherwise the same split
+    resumes bit-identically, skipping the batches already trained."""
+    packed = ckpt.get("epoch_trained")
+    if run.skip and packed is not None:
+        run.trained[:] = unpack_trained(packed.numpy(), stream.total)
+    same = ckpt.get("world", run.world) == run.world and ckpt.get("workers", run.cfg.workers) == run.cfg.workers
+    if not run.skip or packed is None or (same and not ckpt.get("resplit")):
+        return False
+    stream.resume_epoch(run.epoch, run.trained.astype(bool))
+    stream.set_epoch(run.epoch)
+    rest = len(stream)
+    run.skip = run.steps_per_epoch - rest  # batches of the epoch in this split that the trained samples stand for
+    run.step = run.epoch * run.steps_per_epoch + run.skip
+    run.scheduler.last_epoch = run.step
+    run.resplit_epoch = run.epoch
+    seed = run.cfg.seed * 1000 + run.rank + 1_000_003 * (run.step + 1)
+    torch.manual_seed(seed)
+    run.generator.manual_seed(seed)
+    if run.master:
+        log.info("resuming epoch %d under %d rank(s) x %d worker(s) (written by %s x %s): %d of its samples left, "
+                 "%d batches per rank from step %d", run.epoch + 1, run.world, run.cfg.workers, ckpt.get("world"),
+                 ckpt.get("workers"), int((run.trained == 0).sum()), rest, run.step)  # fmt: skip
+    return True
 
 
 def open_run_files(run: Run, data: Data, resumed: bool) -> None:
@@ -226,7 +289,7 @@ def open_run_files(run: Run, data: Data, resumed: bool) -> None:
     if run.master:
         try:  # a failure here (read-only or full --out) must stop the other ranks too, not leave them waiting
             open_run_dir(run.out, asdict(run.cfg), run.epoch)  # drops epochs logged after the checkpoint
-            run.reporters = open_reporters(run.cfg.report_to, run.out, run.step)
+            run.reporters = open_reporters(run.cfg.report_to, run.out, run.step, run.epoch)
         except OSError as exc:
             error = f"{run.out}: cannot write the run directory ({exc.strerror or exc})"
     if (error := first_error(error, run.world)) is not None:
@@ -243,16 +306,28 @@ def _run_epoch(run: Run, loader: Any) -> dict[str, Any]:
     """Train the rest of the current epoch (or up to the last step); the epoch's training metrics."""
     cfg = run.cfg
     loader.dataset.set_epoch(run.epoch)
+    if cfg.late_dropout is not None:  # set from the epoch alone: a resumed run sets the same rate
+        run.model.set_late_dropout(late_dropout_rate(run.epoch, cfg.late_dropout, cfg.late_dropout_from))
     run.net.train()
     epochs = math.ceil(run.total_steps / run.steps_per_epoch)
     bar = tqdm(total=run.steps_per_epoch, initial=run.skip, desc=f"epoch {run.epoch + 1}/{epochs}",
                disable=not run.master or None, dynamic_ncols=True, leave=False)  # fmt: skip
     window = torch.zeros_like(run.sums)  # the same sums since the last per-step log: one sync per log
+    # the first step whose loss was not finite (-1: none), kept on the device and read where ranks agree anyway
+    bad = torch.full((), -1, dtype=torch.int64, device=run.device)
     t0 = t_log = time.perf_counter()
-    for i, batch in enumerate(agreed_batches(loader, run.steps_per_epoch, run.world)):
+    done = run.skip
+    if run.skip == 0 and run.resplit_epoch != run.epoch:
+        run.trained[:] = 0  # a new epoch
+    batches = len(loader)  # fewer than steps_per_epoch in an epoch resumed under another split: its rest
+    for i, batch in enumerate(agreed_batches(loader, batches, run.world), start=run.steps_per_epoch - batches):
         if i < run.skip:  # resuming mid-epoch: the epoch's order is deterministic, so skip what was trained
             continue
         loss, lr, n = _step(run, batch)
+        if batch.ids is not None:
+            run.trained[batch.ids.numpy()] = 1
+        done = i + 1
+        bad = torch.where((bad < 0) & ~torch.isfinite(loss), run.step, bad)
         seen = torch.stack([loss.double() * n, n, n])
         run.sums += seen
         window += seen
@@ -261,25 +336,47 @@ def _run_epoch(run: Run, loader: Any) -> dict[str, Any]:
             now = time.perf_counter()  # rank 0's loss; samples/s of all ranks
             values = {"epoch": run.epoch + 1, "loss": (window[0] / window[1]).item(), "lr": lr,
                       "samples_per_s": window[1].item() * run.world / (now - t_log)}  # fmt: skip
-            run.reporters.log_step(run.step, values)
+            _agree(run, bad, lambda values=values: run.reporters.log_step(run.step, values))
             bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{values['samples_per_s']:.0f}")
             window.zero_()
             t_log = now
         if cfg.save_every and run.step % cfg.save_every == 0:
+            _agree(run, bad)
             _save(run, "last.pt", i + 1)
         if run.step >= run.total_steps:
             break
     bar.close()
+    _agree(run, bad)
     seconds = time.perf_counter() - t0
-    sums = run.sums
+    sums = run.sums.clone()
     if run.world > 1:
         dist.all_reduce(sums)
-    run.sums = torch.zeros_like(sums)  # the next epoch starts from nothing
-    run.skip = 0
-    run.epoch += 1
-    return {"epoch": run.epoch, "step": run.step, "train_loss": sums[0].item() / max(1.0, sums[1].item()),
+    number = run.epoch + 1
+    if done == run.steps_per_epoch:
+        run.sums.zero_()  # the next epoch starts from nothing
+        run.skip = 0
+        run.epoch += 1
+    else:  # --max-steps cut the epoch: not finished, so a resume with a larger --max-steps trains the rest of it
+        run.skip = done
+    return {"epoch": number, "step": run.step, "train_loss": sums[0].item() / max(1.0, sums[1].item()),
             "train_samples": int(sums[1].item()), "lr": run.scheduler.get_last_lr()[0],
             "samples_per_s": round(sums[2].item() / seconds, 1)}  # fmt: skip
+
+
+def _agree(run: Run, bad: torch.Tensor | None = None, log: Callable[[], None] | None = None) -> None:
+    """Stop every rank, with one message, when a rank met a non-finite loss (`bad`: its first step, or -1) or
+    rank 0 failed to `log` (a full disk, say). A collective: every rank calls it at the same steps."""
+    error = None
+    if (step := -1 if bad is None else int(bad.item())) >= 0:
+        error = (f"step {step}: the training loss is not finite; training stopped, and {run.out} keeps the checkpoints "
+                 "written before it (try a lower --lr or --grad-clip)")  # fmt: skip
+    elif log is not None and run.master:
+        try:
+            log()
+        except OSError as exc:
+            error = str(exc)
+    if (error := first_error(error, run.world)) is not None:
+        raise DivergedError(error) if step >= 0 else RunDirError(error)
 
 
 def _step(run: Run, batch: Batch) -> tuple[torch.Tensor, float, torch.Tensor]:
@@ -288,11 +385,17 @@ def _step(run: Run, batch: Batch) -> tuple[torch.Tensor, float, torch.Tensor]:
     batch = batch.to(run.device, non_blocking=run.device.type == "cuda")  # (B, T, 118, 6)
     if cfg.augment:
         batch = augment_batch(batch, run.aug_cfg, run.generator)
-    with autocast(run.device):
-        logits = run.net(batch.x, batch.mask)  # (B, n_classes)
-        loss = F.cross_entropy(logits.float(), batch.labels, label_smoothing=cfg.label_smoothing)
+
+    def batch_loss() -> torch.Tensor:
+        with autocast(run.device):
+            logits = run.net(batch.x, batch.mask)  # (B, n_classes)
+            return F.cross_entropy(logits.float(), batch.labels, label_smoothing=cfg.label_smoothing)
+
+    loss = batch_loss()
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if run.awp is not None and run.awp.active(run.epoch):  # the step takes the gradients at the perturbed weights
+        run.awp.attack_backward(batch_loss)
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
     lr = run.optimizer.param_groups[0]["lr"]  # the rate of this step
     run.optimizer.step()
@@ -319,6 +422,7 @@ def _save(run: Run, name: str, batch_in_epoch: int) -> None:
     epoch_sums = run.sums[:2].clone() if batch_in_epoch else torch.zeros(2, dtype=torch.float64, device=run.device)
     if batch_in_epoch and run.world > 1:
         dist.all_reduce(epoch_sums)
+    trained = _trained(run) if batch_in_epoch else None
     error = None
     if run.master:
         ema = run.ema
@@ -330,11 +434,21 @@ def _save(run: Run, name: str, batch_in_epoch: int) -> None:
                 "step": run.step, "epoch": run.epoch, "batch_in_epoch": batch_in_epoch, "best_top1": run.best,
                 "rng": rng, "epoch_sums": epoch_sums.tolist(),
                 "config": asdict(run.cfg), "label_map": run.label_map, "shards_fingerprint": run.fingerprint,
+                "epoch_trained": trained, "world": run.world, "workers": run.cfg.workers,
+                "resplit": run.resplit_epoch == run.epoch,
             })  # fmt: skip
         except OSError as exc:  # a full disk: every rank stops with this message (the last good file stays)
             error = f"{run.out / name}: cannot write the checkpoint ({exc.strerror or exc})"
     if (error := first_error(error, run.world)) is not None:
         raise RunDirError(error)
+
+
+def _trained(run: Run) -> torch.Tensor:
+    """The samples any rank trained in the current epoch, one bit per sample id (`train.resplit.pack_trained`)."""
+    mask = torch.from_numpy(run.trained).to(run.device)
+    if run.world > 1:
+        dist.all_reduce(mask, op=dist.ReduceOp.MAX)
+    return torch.from_numpy(pack_trained(mask.cpu().numpy()))
 
 
 # ---------------------------------------------------------------------------- validation

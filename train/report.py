@@ -28,6 +28,13 @@ class BackendError(AslError, RuntimeError):
     """A backend that is unknown, or whose package is not installed."""
 
 
+class LogWriteError(AslError, OSError):
+    """A log file that cannot be written (a full disk, say); the message names it."""
+
+    def __init__(self, path: str | Path, exc: OSError) -> None:
+        super().__init__(f"{path}: cannot write the log ({exc.strerror or exc})")
+
+
 class Reporter(Protocol):
     def log_step(self, step: int, values: dict[str, float]) -> None: ...
 
@@ -39,7 +46,7 @@ class Reporter(Protocol):
 class TensorBoardReporter:
     """Scalars `train/loss`, `train/lr`, `train/samples_per_s` per logged step, `epoch/<metric>` per epoch."""
 
-    def __init__(self, out: Path, start_step: int) -> None:
+    def __init__(self, out: Path, start_step: int, epochs_done: int) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -49,55 +56,73 @@ class TensorBoardReporter:
         self.writer = SummaryWriter(str(self.dir), purge_step=start_step + 1)
 
     def log_step(self, step: int, values: dict[str, float]) -> None:
-        for name in ("loss", "lr", "samples_per_s"):
-            self.writer.add_scalar(f"train/{name}", values[name], step)
+        try:  # the event writer's thread keeps a write error and raises it at the next call
+            for name in ("loss", "lr", "samples_per_s"):
+                self.writer.add_scalar(f"train/{name}", values[name], step)
+        except OSError as exc:
+            raise LogWriteError(self.dir, exc) from None
 
     def log_epoch(self, step: int, metrics: dict[str, Any]) -> None:
-        for name, value in metrics.items():
-            if name != "step":
-                self.writer.add_scalar(f"epoch/{name}", value, step)
-        self.writer.flush()
+        try:
+            for name, value in metrics.items():
+                if name != "step":
+                    self.writer.add_scalar(f"epoch/{name}", value, step)
+            self.writer.flush()
+        except OSError as exc:
+            raise LogWriteError(self.dir, exc) from None
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        except OSError as exc:
+            raise LogWriteError(self.dir, exc) from None
 
 
 class CsvLog:
-    """One CSV file, appended a row at a time and flushed; rows after `start_step` are dropped first."""
+    """One CSV file, appended a row at a time and flushed; rows whose `key` is over `last` are dropped first."""
 
-    def __init__(self, path: Path, columns: list[str], start_step: int) -> None:
+    def __init__(self, path: Path, columns: list[str], last: int, key: str = "step") -> None:
         self.path, self.columns = path, columns
-        keep_rows(path, columns, start_step)
-        new = not path.exists()
-        self.file = open(path, "a", newline="")  # noqa: SIM115 - open for the whole run, closed by close()
-        self.writer = csv.DictWriter(self.file, columns, restval="", extrasaction="ignore")
-        if new:
-            self.writer.writeheader()
+        try:
+            keep_rows(path, columns, last, key)
+            new = not path.exists()
+            self.file = open(path, "a", newline="")  # noqa: SIM115 - open for the whole run, closed by close()
+            self.writer = csv.DictWriter(self.file, columns, restval="", extrasaction="ignore")
+            if new:
+                self.writer.writeheader()
+        except OSError as exc:
+            raise LogWriteError(path, exc) from None
 
     def write(self, row: dict[str, Any]) -> None:
-        self.writer.writerow(row)
-        self.file.flush()
+        try:
+            self.writer.writerow(row)
+            self.file.flush()
+        except OSError as exc:
+            raise LogWriteError(self.path, exc) from None
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError as exc:
+            raise LogWriteError(self.path, exc) from None
 
 
-def keep_rows(path: Path, columns: list[str], start_step: int) -> None:
-    """Rewrite `path` (atomically) with its well-formed rows up to `start_step` only (none for a new run)."""
+def keep_rows(path: Path, columns: list[str], last: int, key: str = "step") -> None:
+    """Rewrite `path` (atomically) with its well-formed rows whose `key` is at most `last` (none for a new run)."""
     if not path.exists():
         return
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    kept = [r for r in rows[1:] if len(r) == len(columns) and _step(r, columns) is not None
-            and _step(r, columns) <= start_step]  # fmt: skip
+    kept = [r for r in rows[1:] if len(r) == len(columns) and _int(r, columns, key) is not None
+            and _int(r, columns, key) <= last]  # fmt: skip
     buf = io.StringIO()
     csv.writer(buf).writerows([columns, *kept])
     write_atomic(path, buf.getvalue().encode())
 
 
-def _step(row: list[str], columns: list[str]) -> int | None:
+def _int(row: list[str], columns: list[str], key: str) -> int | None:
     try:
-        return int(row[columns.index("step")])
+        return int(row[columns.index(key)])
     except ValueError:
         return None  # a row cut short by a kill
 
@@ -105,9 +130,10 @@ def _step(row: list[str], columns: list[str]) -> int | None:
 class CsvReporter:
     """`steps.csv` (step, epoch, loss, lr, samples/s) and `epochs.csv` (the metrics.jsonl rows) in the run."""
 
-    def __init__(self, out: Path, start_step: int) -> None:
+    def __init__(self, out: Path, start_step: int, epochs_done: int) -> None:
         self.steps = CsvLog(out / "steps.csv", STEP_COLUMNS, start_step)
-        self.epochs = CsvLog(out / "epochs.csv", EPOCH_COLUMNS, start_step)
+        # by epoch: a run cut mid-epoch by --max-steps logged that epoch's row, which its resume logs again
+        self.epochs = CsvLog(out / "epochs.csv", EPOCH_COLUMNS, epochs_done, key="epoch")
 
     def log_step(self, step: int, values: dict[str, float]) -> None:
         self.steps.write({"step": step, **values})
@@ -147,8 +173,9 @@ def check_backends(names: list[str]) -> None:
         raise BackendError(TENSORBOARD_MISSING)
 
 
-def open_reporters(names: list[str], out: Path, start_step: int) -> Reporters:
-    """The backends `names` (a subset of BACKENDS) writing into the run directory `out`."""
+def open_reporters(names: list[str], out: Path, start_step: int, epochs_done: int) -> Reporters:
+    """The backends `names` (a subset of BACKENDS) writing into the run directory `out`, continuing a run at
+    `start_step` after `epochs_done` whole epochs (0, 0: a new run)."""
     check_backends(names)
     make = {"tensorboard": TensorBoardReporter, "csv": CsvReporter}
-    return Reporters([make[name](out, start_step) for name in names])
+    return Reporters([make[name](out, start_step, epochs_done) for name in names])

@@ -4,7 +4,7 @@ Within an epoch the samples a rank has trained are not a prefix of its share (th
 and length bucketing reorder them), so the position `batch_in_epoch` alone cannot say which samples
 remain once the split changes. The checkpoint therefore records the epoch's trained samples: one
 bit per sample id (`pack_trained`: 12 kB for the 94,477 sequences of the full dataset). A sample's
-id is its position in the training shards taken in manifest order (`shard_offsets`), which no
+id is its position in the training shards taken in manifest order (`train.data.shard_offsets`), which no
 shuffle, rank or worker count changes.
 
 `rest_of_epoch` splits the samples not yet trained, in the epoch's shard order, by the trainer's own
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from train.data import Range, rank_counts, worker_counts
+from train.data import Range, rank_counts, shard_offsets, worker_counts
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,6 @@ class Share:
 
     def samples(self) -> int:
         return sum(r.stop - r.start for r in self.ranges + self.fill)
-
-
-def shard_offsets(shards: list[dict[str, Any]]) -> dict[str, int]:
-    """The id of each shard's first sample: ids number the shards' samples in manifest order from 0."""
-    counts = [s["samples"] for s in shards]
-    return dict(zip([s["name"] for s in shards], np.cumsum([0, *counts[:-1]]).tolist(), strict=True))
 
 
 def pack_trained(trained: np.ndarray) -> np.ndarray:

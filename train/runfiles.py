@@ -7,15 +7,18 @@ after the checkpoint it starts from, so each epoch appears once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import AslError
-from pipeline.files import write_atomic, write_json_atomic
+from pipeline.files import LockHeldError, locked, write_atomic, write_json_atomic
 
 METRICS = "metrics.jsonl"
+LOCK = "run.lock"  # held while a process trains into the directory (`run_lock`)
 
 
 class RunDirError(AslError, OSError):
@@ -35,10 +38,39 @@ def open_run_dir(out: Path, config: dict[str, Any], epochs_done: int) -> None:
     write_json_atomic(out / "config.json", config)
 
 
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold `out`/run.lock (creating `out`) while a process writes the run: a second process is refused at once,
+    naming the holder's pid."""
+    held, created = False, not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            with locked(out / LOCK):
+                held = True
+                yield
+        finally:
+            if created and held:  # a new run that failed before writing anything leaves no directory behind
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+    except LockHeldError as exc:
+        if held:
+            raise
+        raise RunDirError(f"{out} is in use by another run (pid {exc.pid}); wait for it to end, or pick another "
+                          "--out") from None  # fmt: skip
+    except OSError as exc:
+        if held:
+            raise
+        raise RunDirError(f"{out}: cannot create the run directory or its lock ({exc.strerror or exc})") from None
+
+
 def append_metrics(out: Path, row: dict[str, Any]) -> None:
     """One epoch's row at the end of metrics.jsonl."""
-    with open(out / METRICS, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    try:
+        with open(out / METRICS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as exc:
+        raise RunDirError(f"{out / METRICS}: cannot write the epoch's metrics ({exc.strerror or exc})") from None
 
 
 def keep_metrics(path: Path, epochs: int) -> None:
@@ -111,9 +143,14 @@ def plot_curves(run: Path) -> Path | None:
     folds = ",".join(map(str, cfg.get("val_folds", []))) or "none"
     fig = curves_figure(rows, f"{run.resolve().name}  (preset {cfg.get('preset', '?')}, val folds {folds})")
     tmp = run / "curves.png.tmp"
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, run / "curves.png")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, run / "curves.png")
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RunDirError(f"{run / 'curves.png'}: cannot write the curves ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)
     return run / "curves.png"
 
 
