@@ -44,6 +44,7 @@ OUTPUT_NAME = "outputs"
 FRAMES_AXIS = "frames"  # name of the dynamic first axis of `inputs` in the ONNX file
 PROB_TOLERANCE = 1e-4  # largest difference of probabilities the parity check accepts
 EXTRA_HINT = "pip install -e '.[export]'"
+FORMATS = {".onnx": "onnx", ".tflite": "tflite"}  # suffix -> format of `asl-train export --out`
 
 
 class ExportError(RuntimeError):
@@ -99,25 +100,25 @@ def with_conv2d(model: nn.Module) -> nn.Module:
 
 @dataclass
 class ParityRow:
-    """One sequence of the parity check: onnxruntime against the PyTorch model on the pipeline's features."""
+    """One sequence of the parity check: the exported file's runtime against PyTorch on the pipeline's features."""
 
     name: str
     frames: int
     top1_torch: str
-    top1_onnx: str
+    top1_export: str
     max_prob_diff: float
 
     @property
     def ok(self) -> bool:
-        return self.top1_torch == self.top1_onnx and self.max_prob_diff <= PROB_TOLERANCE
+        return self.top1_torch == self.top1_export and self.max_prob_diff <= PROB_TOLERANCE
 
 
 @dataclass
 class ExportResult:
     path: Path
     metadata_path: Path
-    size: int  # bytes of the ONNX file
-    opset: int
+    size: int  # bytes of the exported file
+    opset: int | None  # ONNX only
     weights: str  # "ema" or "model"
     parity: list[ParityRow] = field(default_factory=list)
 
@@ -135,6 +136,49 @@ def require(module: str) -> Any:
 # ---------------------------------------------------------------------------- export
 
 
+def export_model(checkpoint: str | Path, out: str | Path, fmt: str | None = None, opset: int | None = None,
+                 use_ema: bool = True, check_files: Sequence[str | Path] = ()) -> ExportResult:  # fmt: skip
+    """Export in the format `fmt`, or the one `out`'s suffix names (.onnx, .tflite; `train.tflite` for LiteRT).
+
+    The format and the output directory are checked before any work, so a bad `out` costs nothing.
+    """
+    fmt = export_format(out, fmt)
+    if fmt == "tflite" and opset is not None:
+        raise ExportError("--opset applies to ONNX only, not to a .tflite export")
+    check_writable(out)
+    if fmt == "tflite":
+        from train.tflite import export_tflite
+
+        return export_tflite(checkpoint, out, use_ema=use_ema, check_files=check_files)
+    return export_onnx(checkpoint, out, opset=opset, use_ema=use_ema, check_files=check_files)
+
+
+def export_format(out: str | Path, fmt: str | None = None) -> str:
+    """`fmt` when given, else the format that `out`'s suffix names."""
+    if fmt is not None:
+        if fmt not in FORMATS.values():
+            raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS.values())}")
+        return fmt
+    suffix = Path(out).suffix.lower()
+    if suffix not in FORMATS:
+        raise ExportError(f"{out}: unknown model format {suffix or '(no suffix)'!r}; name the file "
+                          f"{' or '.join(FORMATS)}, or give --format")  # fmt: skip
+    return FORMATS[suffix]
+
+
+def check_writable(out: str | Path) -> None:
+    """Fail now, in one line, when `out` cannot be written (its directory is created when missing)."""
+    import tempfile
+
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise ExportError(f"{out}: cannot write the output ({exc.strerror or exc})") from None
+
+
 def export_onnx(checkpoint: str | Path, out: str | Path, opset: int | None = None, use_ema: bool = True,
                 check_files: Sequence[str | Path] = ()) -> ExportResult:  # fmt: skip
     """Write `out` (.onnx) and its metadata JSON from a checkpoint, after a parity check passes.
@@ -150,8 +194,24 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int | None = Non
     ckpt = load_checkpoint(checkpoint)
     weights = "ema" if use_ema and ckpt.get("ema") else "model"
     model = model_from_checkpoint(ckpt, use_ema=use_ema)
+    metadata = export_metadata(ckpt, model, weights)
+    data, opset_used = onnx_bytes(LandmarkClassifier(model, fast_convs=True).eval(), metadata, opset)
+    session = onnx_session(data)
+    parity = parity_rows(session, model, ckpt["label_map"], checks)
+    if any(not r.ok for r in parity):
+        raise ExportError(parity_failure(parity))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, data)
+    meta_path = out.with_suffix(".json")
+    sidecar = {"model": out.name, "sha256": hashlib.sha256(data).hexdigest(), "opset": opset_used, **metadata}
+    write_atomic(meta_path, (json.dumps(sidecar, indent=2) + "\n").encode())
+    return ExportResult(out, meta_path, len(data), opset_used, weights, parity)
+
+
+def export_metadata(ckpt: dict[str, Any], model: SignModel, weights: str) -> dict[str, Any]:
+    """What an exported file says about itself: its contract, label map and the checkpoint it was made from."""
     label_map: dict[str, int] = ckpt["label_map"]
-    metadata = {
+    return {
         "label_map": label_map,
         "input": f"{INPUT_NAME}: float32 ({FRAMES_AXIS}, {N_RAW}, 3) raw landmarks, NaN where undetected, "
         f"{FRAMES_AXIS} >= 1",
@@ -163,23 +223,15 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int | None = Non
         "step": ckpt.get("step"),
         "epoch": ckpt.get("epoch"),
     }
-    data, opset_used = onnx_bytes(LandmarkClassifier(model, fast_convs=True).eval(), metadata, opset)
-    session = onnx_session(data)
-    parity = parity_rows(session, model, label_map, checks)
+
+
+def parity_failure(parity: Sequence[ParityRow], runtime: str = "onnxruntime") -> str:
+    """The one-line error for a failed parity check, naming the worst sequence."""
     bad = [r for r in parity if not r.ok]
-    if bad:
-        worst = max(bad, key=lambda r: r.max_prob_diff)
-        raise ExportError(
-            f"parity check failed on {len(bad)} of {len(parity)} sequences, e.g. {worst.name} ({worst.frames} frames): "
-            f"top-1 {worst.top1_onnx!r} (onnxruntime) vs {worst.top1_torch!r} (PyTorch), largest probability "
-            f"difference {worst.max_prob_diff:.2e} (tolerance {PROB_TOLERANCE:g}); nothing was written"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, data)
-    meta_path = out.with_suffix(".json")
-    sidecar = {"model": out.name, "sha256": hashlib.sha256(data).hexdigest(), "opset": opset_used, **metadata}
-    write_atomic(meta_path, (json.dumps(sidecar, indent=2) + "\n").encode())
-    return ExportResult(out, meta_path, len(data), opset_used, weights, parity)
+    worst = max(bad, key=lambda r: r.max_prob_diff)
+    return (f"parity check failed on {len(bad)} of {len(parity)} sequences, e.g. {worst.name} ({worst.frames} "
+            f"frames): top-1 {worst.top1_export!r} ({runtime}) vs {worst.top1_torch!r} (PyTorch), largest probability "
+            f"difference {worst.max_prob_diff:.2e} (tolerance {PROB_TOLERANCE:g}); nothing was written")  # fmt: skip
 
 
 def onnx_bytes(module: nn.Module, metadata: dict[str, Any], opset: int | None = None) -> tuple[bytes, int]:
@@ -263,17 +315,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def parity_rows(session: Any, model: SignModel, label_map: dict[str, int],
-                sequences: Sequence[tuple[str, np.ndarray]]) -> list[ParityRow]:  # fmt: skip
-    """Compare onnxruntime's probabilities with the PyTorch model's on every sequence."""
+def parity_rows(session: Any, model: SignModel, label_map: dict[str, int], sequences: Sequence[tuple[str, np.ndarray]],
+                runtime: str = "onnxruntime") -> list[ParityRow]:  # fmt: skip
+    """Compare the exported file's probabilities with the PyTorch model's on every sequence.
+
+    `session`: an onnxruntime session, or any callable (T, 543, 3) -> logits that runs the file (`runtime`)."""
     names = {v: s for s, v in label_map.items()}
+    run = session if callable(session) else lambda xyz: session.run([OUTPUT_NAME], {INPUT_NAME: xyz})[0]
     rows = []
     for name, xyz in sequences:
         p_torch = softmax(torch_logits(model, xyz))
         try:
-            p_onnx = softmax(session.run([OUTPUT_NAME], {INPUT_NAME: xyz})[0])
-        except Exception as exc:  # onnxruntime's own error classes share no useful base
-            raise ExportError(f"onnxruntime cannot run the exported model on '{name}' ({len(xyz)} frames): "
+            p_onnx = softmax(run(xyz))
+        except Exception as exc:  # the runtimes' own error classes share no useful base
+            raise ExportError(f"{runtime} cannot run the exported model on '{name}' ({len(xyz)} frames): "
                               f"{str(exc).splitlines()[0][:300]}; nothing was written") from None  # fmt: skip
         rows.append(ParityRow(name, len(xyz), names[int(p_torch.argmax())], names[int(p_onnx.argmax())],
                               float(np.abs(p_torch - p_onnx).max())))  # fmt: skip
