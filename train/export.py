@@ -167,15 +167,17 @@ def export_format(out: str | Path, fmt: str | None = None) -> str:
 
 
 def check_writable(out: str | Path) -> None:
-    """Fail now, in one line, when `out` cannot be written (its directory is created when missing)."""
+    """Fail now, in one line, when `out` cannot be written: a file is tried in its nearest existing directory."""
     import tempfile
 
     out = Path(out)
+    base = out.absolute().parent
+    while not base.exists():  # the missing directories are made only when the file is written
+        base = base.parent
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent):
+        with tempfile.TemporaryFile(dir=base):
             pass
-    except OSError as exc:
+    except OSError as exc:  # NotADirectoryError when a file stands where a directory should be
         raise ExportError(f"{out}: cannot write the output ({exc.strerror or exc})") from None
 
 

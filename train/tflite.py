@@ -112,7 +112,8 @@ def tflite_bytes(module: torch.nn.Module, metadata: dict[str, Any]) -> bytes:
     lowering = AtenToTF(program)
     spec = tf.TensorSpec([None, N_RAW, 3], tf.float32, name=INPUT_NAME)
     holder = tf.Module()
-    holder.serve = tf.function(lambda inputs: {OUTPUT_NAME: lowering(inputs)}, input_signature=[spec])
+    serve = lambda inputs: {OUTPUT_NAME: lowering(inputs)}  # noqa: E731
+    holder.serve = tf.function(serve, input_signature=[spec], autograph=False)  # plain Python: nothing to rewrite
     with _quiet_exporter():
         converter = tf.lite.TFLiteConverter.from_concrete_functions([holder.serve.get_concrete_function()], holder)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # no Flex: ai-edge-litert alone runs it
