@@ -299,3 +299,31 @@ def test_an_op_without_lowering_is_named() -> None:
 
     with pytest.raises(ExportError, match=r"^no LiteRT lowering for aten\.cumsum\.default \(node cumsum\); add one"):
         tf.function(lowering, autograph=False).get_concrete_function(tf.TensorSpec([None, 543, 3], tf.float32))
+
+
+# ---------------------------------------------------------------------------- docs/deploy.md
+
+
+def test_deploy_snippets_run(exported: tuple[Path, str], onnx_file: Path, tmp_path: Path, monkeypatch) -> None:
+    # The doc's python blocks, run in order on a real file: pyarrow's reading equals the pipeline's reader, and
+    # both runtimes give the exported models' results.
+    import re
+    import shutil
+
+    source = next((p for p in REAL_FILES if p.exists()), None) or pytest.skip("no real files")
+    shutil.copy(source, tmp_path / "sequence.parquet")
+    shutil.copy(exported[0], tmp_path / "model.tflite")
+    shutil.copy(exported[0].with_suffix(".json"), tmp_path / "model.json")
+    shutil.copy(onnx_file, tmp_path / "model.onnx")
+    monkeypatch.chdir(tmp_path)
+    text = (Path(__file__).parents[1] / "docs" / "deploy.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 3
+    scope: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/deploy.md", "exec"), scope)
+    xyz = read_landmarks(source)
+    np.testing.assert_array_equal(scope["xyz"], xyz)
+    np.testing.assert_array_equal(scope["tflite_logits"], TFLiteClassifier(exported[0]).logits(xyz))
+    np.testing.assert_array_equal(scope["onnx_logits"], OnnxClassifier(onnx_file).logits(xyz))
+    assert scope["signs"] == {i: f"sign_{i:03d}" for i in range(SIGNS)}
