@@ -1,4 +1,4 @@
-"""Deployable models: a checkpoint as one ONNX file that takes the raw landmarks of one sequence.
+"""Deployable models: a checkpoint as one ONNX file taking the raw landmarks of one sequence (LiteRT: `train.tflite`).
 
 The graph holds the whole route after the reader, from the same code the pipeline and the trainer
 run: `pipeline.features.compact_features` (landmark selection, normalization with NaN-aware
