@@ -24,12 +24,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,export,tensorboard]"
 	touch $@
 
-# LiteRT export (tensorflow-cpu converts, ai-edge-litert runs): about 1.5 GB more in the venv, so only the
-# targets that need it install it.
-setup-tflite: $(VENV)/.tflite
+# LiteRT export (tensorflow-cpu converts, ai-edge-litert runs) in a venv of its own: TensorFlow is about 1.5 GB,
+# and where it is installed torch's TensorBoard writer changes (a resumed run's purged steps come back), so
+# the main venv never gets it.
+TFLITE_VENV ?= .venv-tflite
+TFLITE_BIN := $(TFLITE_VENV)/bin
 
-$(VENV)/.tflite: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e ".[tflite]"
+setup-tflite: $(TFLITE_VENV)/.installed
+
+$(TFLITE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TFLITE_VENV)
+	$(TFLITE_BIN)/python -m pip install --quiet --upgrade pip
+	$(TFLITE_BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
+	$(TFLITE_BIN)/python -m pip install --quiet -e ".[dev,export,tflite]"
 	touch $@
 
 # The main job: demo data -> shards -> a small model trained on CPU -> evaluation -> prediction -> ONNX export.
@@ -54,7 +61,7 @@ test: setup
 
 # The LiteRT export tests (marker `tflite`), on their own time budget; CI runs both targets.
 test-tflite: setup-tflite
-	$(BIN)/python -m pytest -q -m tflite
+	$(TFLITE_BIN)/python -m pytest -q -m tflite
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -66,7 +73,7 @@ bench: setup
 	$(BIN)/python bench/train_step.py
 
 bench-export: setup-tflite
-	$(BIN)/python bench/export.py
+	$(TFLITE_BIN)/python bench/export.py
 
 clean:
 	rm -rf $(DEMO) runs
