@@ -6,7 +6,8 @@ Measures, on the same demo files (generated once, or `--data-dir` to reuse a Kag
 (b) baseline: what users do today, one file at a time in one process: `pandas.read_parquet(path)`,
     `df[["x", "y", "z"]].values.reshape(-1, 543, 3)`, then `pipeline.features.preprocess`;
 (c) `asl-pipeline build-shards` (the CLI, in a subprocess, fresh output directory, `--force`) at each
-    `--jobs`; files/s from the build's own timer (interpreter start-up excluded; the wall time is shown too).
+    `--jobs`: the whole process as a user runs it (start-up included), and beside it the build's own timer
+    (interpreter start-up and imports excluded).
 
 Then bytes on disk per sample against `L x 118 x 6 x 2` (float16 compact), and the peak RSS of the build
 (`getrusage(RUSAGE_CHILDREN).ru_maxrss` of a wrapper process around each build: the largest single process
@@ -14,10 +15,13 @@ of the build tree, joblib's loky workers included) at N files and at `--scale` x
 listing `--scale` hard links to each of the N parquet files under distinct sequence_ids, so no extra
 data needs generating. Every file is read once before timing, so all measurements see a warm page cache.
 
-(d) with `--compare-code DIR` (another checkout, e.g. `git worktree add /tmp/base main`): one
-`build_shards` call of each checkout's own `pipeline` (fresh output, each in its own process, timed around
-the call), alternating with this one `--rounds` times, so that the cost of a code change (the input
-checks of issue 9, say) is a ratio of medians measured in one run.
+(d) with `--compare-code DIR` (another checkout, e.g. `git worktree add /tmp/base main`): each checkout's
+whole `build-shards` process (`python -m pipeline.cli` run from that checkout, start-up included) and one
+`build_shards` call of its own `pipeline` (timed around the call), alternating with this one `--rounds`
+times, so that the cost of a code change is a ratio of medians measured in one run.
+
+(e) start-up: `asl-pipeline --help` (each checkout's) against a bare `python -c "import pyarrow.parquet"`,
+best of `--rounds`.
 
     python bench/build.py                      # 2,000 sequences, --jobs 1 and 2
     python bench/build.py --quick              # 300-sequence smoke run
@@ -211,18 +215,53 @@ def timed_build(code: Path, data: Path, out: Path, jobs: int, shard_size: int) -
     return float(proc.stdout.split()[-1])
 
 
-def compare_code(data: Path, work: Path, args: argparse.Namespace) -> dict[int, dict[str, list[float]]]:
-    """Build seconds of this checkout and of `--compare-code`, alternating the order each round, per --jobs."""
-    times: dict[int, dict[str, list[float]]] = {}
+def whole_build(code: Path, data: Path, out: Path, jobs: int, shard_size: int) -> float:
+    """Wall seconds of one fresh `build-shards` process of the checkout `code`, start-up included."""
+    if out.exists():
+        shutil.rmtree(out)
+    argv = [sys.executable, "-m", "pipeline.cli", "build-shards", "--data-dir", str(data), "--out", str(out),
+            "--jobs", str(jobs), "--shard-size", str(shard_size), "--force"]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=code, env=_env(code))
+    seconds = time.perf_counter() - start
+    if proc.returncode not in (0, 3):
+        raise SystemExit(f"build-shards of {code} failed:\n{proc.stderr[-4000:]}")
+    return seconds
+
+
+def _env(code: Path) -> dict[str, str]:
+    """The environment that makes `python -m pipeline.cli` import the checkout `code`'s package (before any other)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))}
+
+
+def compare_code(data: Path, work: Path, args: argparse.Namespace) -> dict[tuple[str, int], dict[str, list[float]]]:
+    """Seconds of this checkout and of `--compare-code`, alternating the order each round, per (measure, --jobs).
+
+    The measures: "whole" (a `build-shards` process, start-up included) and "call" (`build_shards` alone).
+    """
+    times: dict[tuple[str, int], dict[str, list[float]]] = {}
     for jobs in args.compare_jobs:
-        times[jobs] = {"this": [], "other": []}
-        for r in range(args.rounds):
-            for who in ("this", "other") if r % 2 == 0 else ("other", "this"):
-                code = ROOT if who == "this" else args.compare_code.resolve()
-                times[jobs][who].append(timed_build(code, data, work / f"compare-{who}", jobs, args.shard_size))
+        for measure, fn in (("whole", whole_build), ("call", timed_build)):
+            times[measure, jobs] = {"this": [], "other": []}
+            for r in range(args.rounds):
+                for who in ("this", "other") if r % 2 == 0 else ("other", "this"):
+                    code = ROOT if who == "this" else args.compare_code.resolve()
+                    seconds = fn(code, data, work / f"compare-{who}", jobs, args.shard_size)
+                    times[measure, jobs][who].append(seconds)
     for who in ("this", "other"):
         shutil.rmtree(work / f"compare-{who}", ignore_errors=True)
     return times
+
+
+def startup_seconds(commands: dict[str, tuple[list[str], Path]], rounds: int) -> dict[str, float]:
+    """Best wall seconds of each command (argv, run from a checkout), interleaved over `rounds`."""
+    best = dict.fromkeys(commands, float("inf"))
+    for _ in range(rounds):
+        for name, (argv, code) in commands.items():
+            start = time.perf_counter()
+            subprocess.run(argv, capture_output=True, check=True, cwd=code, env=_env(code))
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def plan_seconds(data: Path) -> tuple[int, float]:
@@ -293,21 +332,35 @@ def main(argv: list[str] | None = None) -> int:
         line("(b) baseline: pandas + reshape + preprocess", t_base, base_rate)
         for jobs, b in builds.items():
             rss = f"{b['maxrss_kb'] / 1024:.0f} MB"
-            line(f"(c) build-shards --jobs {jobs} (wall {b['wall']:.1f}s)", b["seconds"], n / b["seconds"], rss)
-        line(f"    build-shards --jobs {ref_jobs}, {big_samples} rows (x{args.scale})", big["seconds"],
-             big_samples / big["seconds"], f"{big_rss:.0f} MB")  # fmt: skip
+            line(f"(c) build-shards --jobs {jobs}, whole process", b["wall"], n / b["wall"], rss)
+            line("    the same, in-process (the build's own timer)", b["seconds"], n / b["seconds"])
+        line(f"    build-shards --jobs {ref_jobs}, {big_samples} rows (x{args.scale}), whole", big["wall"],
+             big_samples / big["wall"], f"{big_rss:.0f} MB")  # fmt: skip
+        line("    the same, in-process", big["seconds"], big_samples / big["seconds"])
         rows_planned, t_plan = plan_seconds(scaled)
         print(f"    plan stage (train.csv, label map and file checks), {rows_planned} rows, 1 process: "
               f"{t_plan:.2f}s = {t_plan / rows_planned * 1e6:.1f} us a row")  # fmt: skip
         if args.compare_code:
             compared = compare_code(data, work, args)
-            for jobs, t in compared.items():
+            for (measure, jobs), t in compared.items():
                 this, other = statistics.median(t["this"]), statistics.median(t["other"])
-                line(f"(d) --compare-code, --jobs {jobs} (median of {args.rounds})", other, n / other)
-                line(f"    this checkout, --jobs {jobs} (median of {args.rounds})", this, n / this)
+                what = "whole process" if measure == "whole" else "build_shards call"
+                line(f"(d) --compare-code, --jobs {jobs}, {what}", other, n / other)
+                line(f"    this checkout, --jobs {jobs}, {what}", this, n / this)
                 ratios = sorted(a / b for a, b in zip(t["this"], t["other"], strict=True))
-                print(f"    this / --compare-code build time, --jobs {jobs}: {this / other:.3f} (medians); "
-                      f"per round {', '.join(f'{x:.3f}' for x in ratios)}")  # fmt: skip
+                print(f"    this / --compare-code, {what}, --jobs {jobs}: {this / other:.3f} (medians of "
+                      f"{args.rounds}); per round {', '.join(f'{x:.3f}' for x in ratios)}")  # fmt: skip
+        commands = {
+            'python -c "import pyarrow.parquet"': ([sys.executable, "-c", "import pyarrow.parquet"], ROOT),
+            "asl-pipeline --help": ([sys.executable, "-m", "pipeline.cli", "--help"], ROOT),
+        }
+        if args.compare_code:
+            commands["asl-pipeline --help, --compare-code"] = (commands["asl-pipeline --help"][0],
+                                                                args.compare_code.resolve())  # fmt: skip
+        started = startup_seconds(commands, max(args.rounds, 3))
+        bare = started['python -c "import pyarrow.parquet"']
+        for name, seconds in started.items():
+            print(f"(e) start-up, {name:<45}{seconds:>7.2f}s  {seconds / bare:.2f}x the bare import")
         print(f"shards identical across --jobs {','.join(map(str, builds))}: {identical}")
         print(f"bytes on disk: {totals['bytes'] / samples / 1e3:.1f} kB a sample vs L*118*6*2 = "
               f"{ideal / samples / 1e3:.1f} kB ({(bytes_ratio - 1) * 100:+.1f}%)")  # fmt: skip

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from pipeline.demo import generate_sequence, sample_lengths
+from train.checkpoint import build_model, save_checkpoint
+from train.config import TrainConfig
 from train.export import LandmarkClassifier, export_onnx, onnx_session
-from train.loop import TrainConfig, build_model, save_checkpoint
 from train.predict import CheckpointScorer
 from train.tflite import TFLiteClassifier, export_tflite
 

@@ -23,7 +23,7 @@ from pipeline.build import BuildOptions, build_shards
 from pipeline.shards import read_manifest
 from train.augment import AugmentConfig, augment_batch
 from train.data import make_loader
-from train.loop import autocast
+from train.distributed import autocast
 from train.model import SignModel, model_config
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import hashlib
 import io
 import json
@@ -35,7 +34,9 @@ from typing import Any
 import numpy as np
 from joblib import Parallel, delayed
 
+from pipeline.errors import AslError
 from pipeline.features import FEATURES_VERSION, MAX_LEN, N_CHANNELS, REFERENCE_FALLBACK, compact_features
+from pipeline.files import LockHeldError, locked, write_atomic, write_json_atomic
 from pipeline.landmarks import POINT_LANDMARKS, REFERENCE_LANDMARK
 from pipeline.read import MAX_FILE_MB, MB, InputFileError, clip, file_problem, quote, read_file, read_landmarks
 from pipeline.shards import (
@@ -46,14 +47,11 @@ from pipeline.shards import (
     MEMBER_TYPES,
     REJECTS,
     SHARD_STEM,
-    USTAR_NAME_BYTES,
     ShardWriter,
     encode_sample,
     shard_name,
-    ustar_header,
-    write_atomic,
-    write_json_atomic,
 )
+from pipeline.tario import USTAR_NAME_BYTES, ustar_header
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +68,7 @@ INDEX_MAX_BYTES = 1 << 30  # train.csv and the label map (the real ones: 5.6 MB 
 _ASCII_DIGITS = re.compile(r"[0-9]+")
 
 
-class BuildError(RuntimeError):
+class BuildError(AslError, RuntimeError):
     """A problem that stops the build before any work (bad train.csv, options that clash with old shards)."""
 
 
@@ -589,45 +587,14 @@ def _complete(out: Path, task: ShardTask) -> bool:
 
 @contextlib.contextmanager
 def output_lock(out: Path) -> Iterator[None]:
-    """Hold `out/build.lock` for a build: BuildError naming the holder's pid when another build holds it.
-
-    An flock, which the kernel drops when its holder dies (even by SIGKILL): a lock file left
-    behind by a dead build is stale and simply taken over. The pid inside is for the message.
-    """
-    path = out / LOCK
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """Hold `out/build.lock` for a build: BuildError naming the holder's pid when another build holds it."""
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise BuildError(
-                f"{out}: another build-shards (pid {holder}) is writing here; "
-                "wait for it to end or choose another --out"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        # The previous holder removes the file before unlocking: lock the file that is there now.
-        try:
-            mine = os.fstat(fd)
-            now = os.stat(path)
-            if (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino):
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        stale = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        if stale:
-            log.warning("%s: left by build pid %s, which is no longer running; taking it over", path, stale)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            stack.enter_context(locked(out / LOCK))
+        except LockHeldError as exc:
+            raise BuildError(f"{out}: another build-shards (pid {exc.pid}) is writing here; "
+                             "wait for it to end or choose another --out") from None  # fmt: skip
         yield
-    finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
 
 
 def _remove_temporaries(out: Path) -> None:

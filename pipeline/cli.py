@@ -12,12 +12,23 @@ import click
 from tqdm import tqdm
 
 from pipeline import build as build_mod
+from pipeline.errors import AslError
 from pipeline.features import MAX_LEN
 from pipeline.read import clip
 from pipeline.shards import manifest_stats, read_manifest, verify_shards
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """A command group that prints a user error (`AslError`) as one line, exit status 1; a bug keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except AslError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def main(verbose: bool) -> None:
     """Offline stage for the Kaggle asl-signs landmarks: parquet files -> WebDataset shards."""
@@ -98,10 +109,7 @@ def build_shards_cmd(data_dir: Path, out: Path, jobs: int, shard_size: int, fold
             bar.update(files)
             bar.set_postfix(rejected=rejected, refresh=False)
 
-        try:
-            result = build_mod.build_shards(data_dir, out, opts, jobs=jobs, force=force, progress=progress)
-        except build_mod.BuildError as exc:
-            raise click.ClickException(str(exc)) from None
+        result = build_mod.build_shards(data_dir, out, opts, jobs=jobs, force=force, progress=progress)
     totals = result.manifest["totals"]
     if result.built == 0 and result.skipped and not result.manifest_written:
         click.echo(f"{out}: all {result.skipped} shards are complete and match these options; nothing to do.")
@@ -133,12 +141,9 @@ def verify_cmd(shards: str) -> None:
 
     Exit status 1 on any mismatch (each one is listed).
     """
-    try:
-        manifest = read_manifest(shards)
-        with tqdm(total=manifest["totals"]["bytes"], unit="B", unit_scale=True, desc="verify", disable=None) as bar:
-            problems = verify_shards(shards, manifest, progress=bar.update)
-    except (OSError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    manifest = read_manifest(shards)
+    with tqdm(total=manifest["totals"]["bytes"], unit="B", unit_scale=True, desc="verify", disable=None) as bar:
+        problems = verify_shards(shards, manifest, progress=bar.update)
     for p in problems:
         click.echo(f"FAIL {p}", err=True)
     if problems:
@@ -151,10 +156,7 @@ def verify_cmd(shards: str) -> None:
 @click.option("--top", default=10, show_default=True, help="Signs to list at each end of the count ranking.")
 def stats_cmd(shards: str, top: int) -> None:
     """Counts per fold and sign, and the sequence length distribution, from the manifest."""
-    try:
-        stats = manifest_stats(read_manifest(shards), top)
-    except (OSError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    stats = manifest_stats(read_manifest(shards), top)
     totals = stats["totals"]
     click.echo(f"{totals['samples']} samples, {totals['shards']} shards, {totals['bytes'] / 1e6:.1f} MB, "
                f"{totals['rejected']} rejected")  # fmt: skip

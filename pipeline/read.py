@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import AslError
 from pipeline.landmarks import N_RAW, ROW_INDEX, ROW_TYPES, TYPES
 
 _KINDS = {
@@ -39,7 +40,7 @@ DECODED_FACTOR = 2
 _NEEDED = ("frame", "type", "landmark_index", "x", "y", "z")
 
 
-class InputFileError(ValueError):
+class InputFileError(AslError, ValueError):
     """An input file that cannot be read, or is not a regular file of a bounded size; `reason` says why."""
 
     def __init__(self, path: str | Path, reason: str) -> None:

@@ -11,7 +11,8 @@ A sample with key `K` (its sequence_id) is the tar members:
 - `K.json`         sequence_id, participant_id, sign, label, frames (raw), length (stored), fold
 
 Shards are written byte-for-byte deterministically (fixed tar headers) and atomically.
-`decode_compact` is the one validating decoder of a sample's members; `decode_sample` pads its result.
+`decode_compact` is the one validating decoder of a sample's members. The byte level (tar members,
+`.npy`) is `pipeline.tario`; where shards live and how they are read is `pipeline.location`.
 """
 
 from __future__ import annotations
@@ -20,29 +21,20 @@ import contextlib
 import hashlib
 import io
 import json
-import math
 import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from pipeline.features import (
-    FEATURE_SHAPE,
-    MAX_LEN,
-    N_CHANNELS,
-    N_PACKED,
-    pack_missing,
-    pad_features,
-    pad_frames,
-    unpack_missing,
-)
+from pipeline.errors import AslError
+from pipeline.features import MAX_LEN, N_CHANNELS, N_PACKED, pack_missing, pad_features, pad_frames
 from pipeline.landmarks import N_POINTS
 from pipeline.location import STALL_S, Location, LocationError
+from pipeline.tario import TAR_END, TarError, load_npy, member_blocks, npy_bytes, tar_members
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -54,27 +46,20 @@ MEMBER_TYPES = frozenset({"x.npy", "missing.npy", "mask.npy", "cls", "json"})
 _HISTOGRAM_EDGES = (1, 16, 32, 64, 128, 256)  # stored-length bins of `manifest_stats`, below MAX_LEN
 
 
-class ShardError(ValueError):
+class ShardError(AslError, ValueError):
     """A shard that does not match the sample format."""
 
 
-class FeatureRangeError(ValueError):
+class NoManifestError(AslError, FileNotFoundError):
+    """A local shard directory without a manifest (nothing built there yet)."""
+
+
+class FeatureRangeError(AslError, ValueError):
     """Features that the chosen dtype cannot hold (they would be stored as inf); `reason` says which."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-@dataclass
-class Sample:
-    """One decoded sample in the padded form, whichever layout it was stored in."""
-
-    features: np.ndarray  # (384, 118, 6) float32
-    mask: np.ndarray  # (384,) bool
-    missing: np.ndarray  # (384, 118) bool
-    label: int
-    meta: dict[str, Any]
 
 
 def encode_sample(
@@ -109,63 +94,6 @@ def stored_features(compact: np.ndarray, dtype: str) -> np.ndarray:
     return compact.astype(dtype)
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    """Decode `.npy` bytes; object arrays (pickle) are refused. Any malformed data raises ValueError.
-
-    The headers `np.save` writes for plain numeric arrays are parsed directly (numpy parses them with
-    `ast.literal_eval`, the larger part of decoding a small array); any other header goes through
-    numpy's header parser. Either way the data's size is checked against the shape before anything
-    is allocated, so a header claiming an absurd shape is an error, not a MemoryError. The arrays
-    are read-only views of `data`.
-    """
-    fast = _plain_npy(data)
-    return fast if fast is not None else _checked_npy(data)
-
-
-def _checked_npy(data: bytes) -> np.ndarray:
-    f = io.BytesIO(data)
-    try:
-        major, _ = np.lib.format.read_magic(f)
-        if major not in (1, 2):
-            raise ValueError(f"unsupported .npy format version {major}")
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(f)
-    except (ValueError, EOFError, TypeError) as exc:
-        raise ValueError(f"malformed .npy header ({exc})") from None
-    if dtype.hasobject:
-        raise ValueError("object arrays are refused (they would be unpickled)")
-    count, offset = math.prod(shape), f.tell()
-    if len(data) - offset != count * dtype.itemsize:
-        raise ValueError(f".npy header says {dtype} {shape} ({count * dtype.itemsize} bytes), "
-                         f"{len(data) - offset} bytes follow")  # fmt: skip
-    return np.frombuffer(data, dtype, count, offset=offset).reshape(shape, order="F" if fortran_order else "C")
-
-
-_NPY_HEADER = re.compile(rb"\{'descr': '([<|][fiub][1248])', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \} *\n")
-
-
-def _plain_npy(data: bytes) -> np.ndarray | None:
-    """A version-1.0 `.npy` of a numeric dtype in C order whose size matches its shape, else None."""
-    if data[:8] != b"\x93NUMPY\x01\x00" or len(data) < 10:
-        return None
-    end = 10 + int.from_bytes(data[8:10], "little")
-    match = _NPY_HEADER.fullmatch(data, 10, end)
-    if match is None:
-        return None
-    shape = tuple(int(v) for v in match.group(2).split(b",") if v.strip())
-    dtype = np.dtype(match.group(1).decode())
-    count = math.prod(shape)
-    if len(data) - end != count * dtype.itemsize:
-        return None
-    return np.frombuffer(data, dtype, count, offset=end).reshape(shape)
-
-
 class ShardWriter:
     """Writes a tar shard under a temporary name; `close()` renames it into place, `abort()` removes it.
 
@@ -181,9 +109,8 @@ class ShardWriter:
 
     def write(self, members: Iterable[tuple[str, bytes]]) -> None:
         for name, data in members:
-            self._put(ustar_header(name, len(data)))
-            self._put(data)
-            self._put(b"\0" * (-len(data) % 512))
+            for block in member_blocks(name, data):
+                self._put(block)
 
     def _put(self, data: bytes) -> None:
         self._hash.update(data)
@@ -191,7 +118,7 @@ class ShardWriter:
 
     def close(self) -> tuple[int, str]:
         """Finish the shard (end-of-archive blocks, fsync, rename); returns its size and sha256."""
-        self._put(b"\0" * 1024)
+        self._put(TAR_END)
         self._file.flush()
         os.fsync(self._file.fileno())
         size = self._file.tell()
@@ -208,21 +135,6 @@ class ShardWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-USTAR_NAME_BYTES = 100  # the name field of a ustar header; the writer never uses the prefix field
-
-
-def ustar_header(name: str, size: int) -> bytes:
-    """The 512-byte ustar header of a regular file `name` (at most USTAR_NAME_BYTES) of `size` bytes."""
-    raw = name.encode()
-    if len(raw) > USTAR_NAME_BYTES:
-        raise ValueError(f"tar member name longer than {USTAR_NAME_BYTES} bytes: {name!r}")
-    header = b"".join([
-        raw.ljust(100, b"\0"), b"0000644\0", b"0000000\0", b"0000000\0", b"%011o\0" % size, b"00000000000\0",
-        b" " * 8, b"0", b"\0" * 100, b"ustar\x0000", b"\0" * 64, b"0000000\0" * 2, b"\0" * 155,
-    ]).ljust(512, b"\0")  # fmt: skip
-    return header[:148] + b"%06o\0 " % sum(header) + header[156:]
-
-
 def iter_members(source: str | Path | BinaryIO, name: str | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield `(key, {member type: bytes})` per sample of a shard, in order; refuses unknown member types.
 
@@ -236,113 +148,26 @@ def iter_members(source: str | Path | BinaryIO, name: str | None = None) -> Iter
                 source = stack.enter_context(open(source, "rb", buffering=1 << 20))
             except OSError as exc:
                 raise ShardError(f"{name}: not a readable tar shard ({exc.strerror or exc})") from None
-        yield from _grouped(tar_members(source, name), name)
+        try:
+            yield from _grouped(tar_members(source, name), name)
+        except TarError as exc:
+            raise ShardError(f"{name}: not a readable tar shard ({exc.reason})") from None
 
 
 def _grouped(members: Iterator[tuple[str, bytes]], name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Consecutive members of the same key as one sample."""
     key, group = None, {}
-    try:
-        for member, data in members:
-            sample_key, _, ext = member.rpartition("/")[2].partition(".")
-            if ext not in MEMBER_TYPES:
-                raise ShardError(f"{name}: member {member!r} has a refused type {ext!r} (allowed: .npy, .cls, .json)")
-            if sample_key != key and group:
-                yield key, group
-                group = {}
-            key = sample_key
-            group[ext] = data
-    except OSError as exc:  # a read error of the underlying stream
-        raise ShardError(f"{name}: not a readable tar shard ({exc})") from None
+    for member, data in members:
+        sample_key, _, ext = member.rpartition("/")[2].partition(".")
+        if ext not in MEMBER_TYPES:
+            raise ShardError(f"{name}: member {member!r} has a refused type {ext!r} (allowed: .npy, .cls, .json)")
+        if sample_key != key and group:
+            yield key, group
+            group = {}
+        key = sample_key
+        group[ext] = data
     if group:
         yield key, group
-
-
-# Bounds on what a header may claim: a sample's largest member (padded float32 x.npy) is 1.1 MB.
-MAX_MEMBER_BYTES = 64 << 20
-_MAX_NAME_BYTES = 4096
-
-
-def tar_members(f: BinaryIO, path: str | Path) -> Iterator[tuple[str, bytes]]:
-    """`(name, data)` of every regular file in a tar stream (ustar, pax and GNU long names); others refused.
-
-    A small reader instead of `tarfile`, whose per-header Python work costs more than decoding
-    the sample. Headers are checksummed; every size is parsed strictly and bounded
-    (`MAX_MEMBER_BYTES`) before anything is read; truncation and malformed pax records are
-    `ShardError`s naming `path`. The stream is read front to back only (a pipe or a socket works).
-    """
-    long_name, pax = None, {}
-    while True:
-        header = f.read(512)
-        if not header or header == _ZERO_BLOCK:
-            return
-        if len(header) < 512:
-            raise ShardError(f"{path}: not a readable tar shard (truncated header)")
-        size = _header_size(header, path)
-        data = f.read(size)
-        if len(data) < size or len(f.read(-size % 512)) < -size % 512:
-            raise ShardError(f"{path}: not a readable tar shard (truncated member)")
-        kind = header[156:157]
-        if kind == b"x":  # pax extended header: only the path matters here
-            pax = _pax_records(data, path)
-            continue
-        if kind in (b"g", b"L"):
-            if kind == b"L" and size > _MAX_NAME_BYTES:
-                raise ShardError(f"{path}: not a readable tar shard (long name of {size} bytes)")
-            long_name = _text(data.split(b"\0", 1)[0], path) if kind == b"L" else long_name
-            continue
-        name = pax.get("path") or long_name or _header_name(header, path)
-        long_name, pax = None, {}
-        if kind not in (b"0", b"\0"):
-            raise ShardError(f"{path}: member {name!r} is not a regular file")
-        yield name, data
-
-
-_ZERO_BLOCK = bytes(512)
-
-
-def _header_size(header: bytes, path: str | Path) -> int:
-    """The member size of a checksummed header, within `MAX_MEMBER_BYTES`."""
-    try:
-        checksum = int(header[148:156].strip(b"\0 ") or b"0", 8)
-        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-    except ValueError:  # includes GNU base-256 sizes, far beyond any member of ours
-        raise ShardError(f"{path}: not a readable tar shard (bad header)") from None
-    if checksum != sum(header[:148]) + 256 + sum(header[156:]):
-        raise ShardError(f"{path}: not a readable tar shard (header checksum mismatch)")
-    if not 0 <= size <= MAX_MEMBER_BYTES:
-        raise ShardError(f"{path}: not a readable tar shard (member of {size} bytes, over {MAX_MEMBER_BYTES})")
-    return size
-
-
-def _text(raw: bytes, path: str | Path) -> str:
-    try:
-        return raw.decode()
-    except UnicodeDecodeError:
-        raise ShardError(f"{path}: not a readable tar shard (member name or pax record not UTF-8)") from None
-
-
-def _header_name(header: bytes, path: str | Path) -> str:
-    name = _text(header[:100].split(b"\0", 1)[0], path)
-    prefix = _text(header[345:500].split(b"\0", 1)[0], path) if header[257:262] == b"ustar" else ""
-    return f"{prefix}/{name}" if prefix else name
-
-
-def _pax_records(data: bytes, path: str | Path) -> dict[str, str]:
-    """`key=value` records of a pax header ("LEN key=value\\n" each, LEN counting the whole record)."""
-    records, pos = {}, 0
-    while pos < len(data):
-        space = data.find(b" ", pos, pos + 20)
-        length = int(data[pos:space]) if space > pos and data[pos:space].isdigit() else 0
-        end = pos + length
-        if length <= space - pos + 1 or end > len(data) or data[end - 1 : end] != b"\n":
-            raise ShardError(f"{path}: not a readable tar shard (malformed pax record at byte {pos})")
-        key, eq, value = data[space + 1 : end - 1].partition(b"=")
-        if not eq:
-            raise ShardError(f"{path}: not a readable tar shard (malformed pax record at byte {pos})")
-        records[_text(key, path)] = _text(value, path)
-        pos = end
-    return records
 
 
 def decode_compact(members: dict[str, bytes], source: str) -> tuple[np.ndarray, np.ndarray, int]:
@@ -409,44 +234,6 @@ def _label_problem(label: int, meta: Any) -> str | None:
     return None
 
 
-def decode_sample(members: dict[str, bytes], source: str = "") -> Sample:
-    """The padded float32 sample from a sample's members, for either layout (`decode_compact`, then padding)."""
-    x, packed, label = decode_compact(members, source)
-    features, mask = pad_features(x, out=np.empty(FEATURE_SHAPE, dtype=np.float32))
-    missing = unpack_missing(pad_frames(packed, MAX_LEN))
-    return Sample(features, mask, missing, label, json.loads(members["json"]))
-
-
-def iter_samples(path: str | Path) -> Iterator[Sample]:
-    """Every sample of a shard, decoded to the padded float32 form."""
-    for key, members in iter_members(path):
-        yield decode_sample(members, f"{path}:{key}")
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write `data` under a temporary name beside `path`, fsync, then rename over `path`.
-
-    Readers see the old file or the new one, never a part; the fsync makes the rename
-    durable only with complete contents behind it.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write `obj` as indented, key-sorted JSON with `write_atomic`."""
-    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
 def read_manifest(location: str | Path | Location) -> dict[str, Any]:
     """The manifest of a shard location (directory, URL or pipe: template), checked by `manifest_problem`."""
     loc = as_location(location)
@@ -455,7 +242,7 @@ def read_manifest(location: str | Path | Location) -> dict[str, Any]:
         manifest = json.loads(loc.read(MANIFEST))
     except LocationError as exc:
         if loc.is_local and not Path(url).exists():
-            raise FileNotFoundError(f"{url}: no manifest (run `asl-pipeline build-shards` first)") from None
+            raise NoManifestError(f"{url}: no manifest (run `asl-pipeline build-shards` first)") from None
         raise LocationError(f"cannot read the manifest: {exc}") from None
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ShardError(f"{url}: not a JSON manifest ({str(exc)[:200]})") from None
@@ -590,14 +377,6 @@ def shard_samples(data: bytes, entry: dict[str, Any], source: str) -> Iterator[t
         n += 1
     if n != len(expected):
         raise ShardError(f"{source}: holds {n} samples, manifest says {len(expected)}")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_shards(location: str | Path | Location, manifest: dict[str, Any] | None = None,

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from train.loop import TrainConfig, train
+from train.config import TrainConfig
+from train.loop import train
 
 
 def main(shards: str, out: str, reports: str | None = None) -> None:

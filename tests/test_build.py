@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from decoded import file_sha256, iter_samples
 from demo_data import demo_dataset, demo_shards
 
 from pipeline import build as build_mod
@@ -34,7 +35,8 @@ from pipeline.demo import sequence_table
 from pipeline.features import FEATURES_VERSION, MAX_LEN, compact_features, preprocess
 from pipeline.landmarks import N_RAW, POINT_LANDMARKS, TYPE_OFFSETS
 from pipeline.read import read_landmarks
-from pipeline.shards import file_sha256, iter_members, iter_samples, load_npy, verify_shards
+from pipeline.shards import iter_members, verify_shards
+from pipeline.tario import load_npy
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SAMPLE = SHARED / "gislr-sample"

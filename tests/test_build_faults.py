@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
+from decoded import iter_samples
 from demo_data import demo_dataset
 
 from pipeline import build as build_mod
@@ -35,7 +36,7 @@ from pipeline.build import LOCK, MAX_ID_DIGITS, output_lock
 from pipeline.cli import main
 from pipeline.features import compact_features
 from pipeline.read import clip, read_landmarks
-from pipeline.shards import iter_members, iter_samples, verify_shards
+from pipeline.shards import iter_members, verify_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT.parent / "shared" / "gislr-sample"

@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from decoded import file_sha256, iter_samples
 from demo_data import demo_dataset, demo_shards
 
 from pipeline.features import MAX_LEN
 from pipeline.landmarks import N_POINTS
-from pipeline.shards import MANIFEST, ShardError, file_sha256, iter_samples, read_manifest
+from pipeline.shards import MANIFEST, ShardError, read_manifest
 from train.batch import Batch
 from train.data import ShardStream, checked, fold_shards, rank_counts, train_val_folds, worker_counts
 from train.data import make_loader as _make_loader
@@ -392,7 +393,7 @@ def test_fewer_shards_than_workers_times_ranks(few_cat: Catalog, few_shards: Pat
 
 
 def test_fold_selection(cat: Catalog, shards: Path) -> None:
-    from train.loop import TrainConfig
+    from train.config import TrainConfig
 
     assert TrainConfig().val_folds == [0], "validation defaults to fold 0"
     assert train_val_folds(cat.manifest, [0]) == ([1, 2], [0])

@@ -26,8 +26,10 @@ from test_features import CASES
 
 from pipeline.features import compact_features, preprocess
 from pipeline.read import read_landmarks
+from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.cli import main as train_cli
-from train.loop import TrainConfig, load_checkpoint, model_from_checkpoint, train
+from train.config import TrainConfig
+from train.loop import train
 from train.predict import expand_inputs
 
 onnx = pytest.importorskip("onnx", reason="the export extra is not installed: pip install -e '.[export]'")

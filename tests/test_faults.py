@@ -27,10 +27,12 @@ from click.testing import CliRunner
 from demo_data import demo_dataset, demo_shards
 
 from pipeline.cli import main as pipeline_cli
-from pipeline.shards import MANIFEST, ShardError, iter_members, load_npy, read_manifest, ustar_header
+from pipeline.shards import MANIFEST, ShardError, iter_members, read_manifest
+from pipeline.tario import load_npy, ustar_header
+from train.checkpoint import CheckpointError, load_checkpoint
 from train.cli import main as train_cli
+from train.config import TrainConfig
 from train.data import checked, make_loader
-from train.loop import CheckpointError, TrainConfig, load_checkpoint
 from train.model import SignModel, model_config
 
 

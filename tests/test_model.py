@@ -7,7 +7,7 @@ import torch
 
 from pipeline.features import MAX_LEN, N_CHANNELS
 from pipeline.landmarks import N_POINTS
-from train.model import PRESETS, ModelConfig, SignModel, count_parameters, model_config
+from train.model import PRESETS, ModelConfig, SignModel, count_parameters, late_dropout_rate, model_config
 
 N_CLASSES = 250
 
@@ -150,3 +150,32 @@ def test_rejects_too_long_sequences() -> None:
     x, mask = _batch([9], 9)
     with pytest.raises(ValueError):
         model(x, mask)
+
+
+def test_late_dropout_is_settable_and_off_at_zero() -> None:
+    """Rate 0: training output equals eval output (the other dropouts off); rate p: about p of the pooled
+    features are zeroed before the classifier, the rest scaled by 1 / (1 - p)."""
+    model = _tiny(dropout=0.5, drop_path=0.0, attn_dropout=0.0)
+    x, mask = _batch([12] * 64, 12)
+    with torch.no_grad():
+        reference = model.eval()(x, mask)
+        model.train()
+        model.set_late_dropout(0.0)
+        assert torch.equal(model(x, mask), reference)
+        seen = []
+        hook = model.classifier.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        model.set_late_dropout(0.8)
+        model(x, mask)
+        hook.remove()
+        pooled = model.encode(x, mask)
+    zeroed = (seen[0] == 0).float().mean().item()
+    assert 0.75 < zeroed < 0.85
+    kept = seen[0] != 0
+    torch.testing.assert_close(seen[0][kept], pooled[kept] / 0.2)
+    with pytest.raises(ValueError, match=r"late dropout must be in \[0, 1\)"):
+        model.set_late_dropout(1.0)
+
+
+def test_late_dropout_schedule_turns_on_at_its_epoch() -> None:
+    assert [late_dropout_rate(e, 0.8, 15) for e in (0, 14, 15, 40)] == [0.0, 0.0, 0.8, 0.8]
+    assert late_dropout_rate(0, 0.3, 0) == 0.3

@@ -23,7 +23,7 @@ from demo_data import demo_dataset, demo_shards
 from shard_server import serve
 
 from pipeline.cli import main as pipeline_cli
-from pipeline.location import Location, LocationError
+from pipeline.location import SCHEMES, Location, LocationError, Scheme
 from pipeline.shards import read_manifest, read_shard
 from train.cli import main as train_cli
 from train.data import make_loader, train_val_folds
@@ -85,6 +85,39 @@ def test_file_names_that_could_escape_are_refused(name: str) -> None:
     for spec in ("shards", "http://h/asl", "pipe:cat /x/{}"):
         with pytest.raises(ValueError, match="refused file name"):
             Location.parse(spec).url(name)
+
+
+@pytest.mark.parametrize("command", ["verify", "stats"])
+def test_an_unknown_scheme_is_one_line(command: str) -> None:
+    result = invoke(pipeline_cli, [command, "s3://bucket/asl"])
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: s3://bucket/asl: unsupported location scheme 's3'; use a directory or a file:, http:, https: or "
+        "pipe: location, e.g. 'pipe:aws s3 cp s3://bucket/asl/{} -'\n"
+    )
+
+
+def test_a_new_scheme_is_one_reader_and_one_table_entry(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `mem://` kind whose reader serves the files of the shard directory: manifest, verify and shard reads work."""
+    reads = []
+
+    def read_mem(url: str, max_bytes: int | None, stall_s: float) -> bytes:
+        reads.append(url)
+        data = (shards / url.rsplit("/", 1)[1]).read_bytes()
+        if max_bytes is not None and len(data) > max_bytes:
+            raise LocationError(f"{url}: more than the {max_bytes} bytes expected")
+        return data
+
+    monkeypatch.setitem(SCHEMES, "mem", Scheme("mem", read_mem))
+    loc = Location.parse("mem://store/asl/")
+    assert (loc.kind, loc.is_local, loc.url("manifest.json")) == ("mem", False, "mem://store/asl/manifest.json")
+    manifest = read_manifest(loc)
+    assert manifest == read_manifest(shards)
+    entry = manifest["shards"][0]
+    assert read_shard(loc, entry) == (shards / entry["name"]).read_bytes()  # remote: size and sha256 checked
+    result = invoke(pipeline_cli, ["verify", "mem://store/asl"])
+    assert result.exit_code == 0 and f"OK: {len(manifest['shards'])} shards" in result.output, result.output
+    assert reads[:2] == ["mem://store/asl/manifest.json", f"mem://store/asl/{entry['name']}"]
 
 
 @pytest.mark.parametrize("kind", ["dir", "http", "pipe", "file"])

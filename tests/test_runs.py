@@ -21,7 +21,7 @@ from demo_data import demo_dataset, demo_shards
 import train.loop
 from pipeline.shards import read_manifest
 from train.cli import main as train_cli
-from train.loop import curves_figure
+from train.runfiles import curves_figure
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 LR, SEED, EPOCHS, BATCH, LOG_EVERY = 2e-3, 4, 2, 32, 3

@@ -11,25 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from decoded import Sample, decode_sample, iter_samples
 
 from pipeline.features import MAX_LEN, pack_missing, pad_features
+from pipeline.files import write_atomic, write_json_atomic
 from pipeline.shards import (
     FeatureRangeError,
-    Sample,
     ShardError,
     ShardWriter,
     decode_compact,
-    decode_sample,
     encode_sample,
     iter_members,
-    iter_samples,
-    load_npy,
     manifest_stats,
-    npy_bytes,
-    tar_members,
-    write_atomic,
-    write_json_atomic,
 )
+from pipeline.tario import load_npy, npy_bytes, tar_members
 
 SOURCE = "s.tar:1000"
 

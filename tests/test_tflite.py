@@ -21,8 +21,9 @@ from conftest import SAMPLE_FRAMES, SAMPLE_ROOT
 from pipeline.demo import generate_sequence
 from pipeline.landmarks import TYPE_OFFSETS, TYPE_SIZES
 from pipeline.read import read_landmarks
+from train.checkpoint import build_model, save_checkpoint
 from train.cli import main as train_cli
-from train.loop import TrainConfig, build_model, save_checkpoint
+from train.config import TrainConfig
 
 pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
 pytest.importorskip("onnxscript", reason="the export extra is not installed: pip install -e '.[export]'")
@@ -136,7 +137,7 @@ def test_litert_equals_onnx_with_a_part_missing(runners, part: str) -> None:
 
 def test_litert_equals_pytorch(runners, checkpoint: Path) -> None:
     # The independent reference: the PyTorch model on the pipeline's numpy preprocessing (float64 statistics).
-    from train.loop import load_checkpoint, model_from_checkpoint
+    from train.checkpoint import load_checkpoint, model_from_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(checkpoint))
     for xyz in [demo(1), demo(500)] + [read_landmarks(p) for p in REAL_FILES if p.exists()]:

@@ -22,9 +22,12 @@ from demo_data import demo_dataset, demo_shards
 from pipeline.features import preprocess
 from pipeline.read import read_landmarks
 from pipeline.shards import read_manifest
+from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.cli import main as train_cli
+from train.config import TrainConfig
 from train.data import make_loader, train_val_folds
-from train.loop import TrainConfig, gathered_rng, load_checkpoint, model_from_checkpoint, restore_rng, train
+from train.distributed import gathered_rng, restore_rng
+from train.loop import train
 
 BIN = Path(sys.executable).parent
 TESTS = Path(__file__).parent

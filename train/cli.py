@@ -1,13 +1,18 @@
-"""`asl-train`: train on shards, evaluate a checkpoint, predict signs for raw parquet files."""
+"""`asl-train`: train on shards, evaluate a checkpoint, predict signs for raw parquet files.
+
+The training options are generated from `train.config.TrainConfig`'s fields: a new option is one field.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
 import os
 import sys
-from dataclasses import asdict
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,35 +20,75 @@ import click
 import torch.distributed as dist
 from click.core import ParameterSource
 
-from train.model import PRESETS
-from train.report import BACKENDS
+from pipeline.errors import AslError
+from train.config import RESUMABLE, ConfigError, OptionsError, TrainConfig, flag, parse_folds, with_options
+from train.runfiles import run_summary
 
 
-def _folds(value: str) -> list[int]:
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated fold numbers, e.g. 0 or 0,1") from None
+def _parsed(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback that parses an option's text with `parse` (a ConfigError is the option's error)."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        try:
+            return value if value is None else parse(value)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return callback
 
 
-def _val_folds(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
-    """Fold numbers, or [] for `none` (train on every fold)."""
-    if value.strip().lower() == "none":
+def _click_type(f: dataclasses.Field, hint: Any) -> Any:
+    """The click type of a TrainConfig field: its choices, path kind or bounds, else its Python type."""
+    meta = f.metadata
+    if "choices" in meta:
+        return click.Choice(meta["choices"])
+    if "path" in meta:
+        return click.Path(exists=True, dir_okay=False) if meta["path"] == "file" else click.Path()
+    base = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+    if base in (int, float) and ("min" in meta or "max" in meta):
+        kind = click.IntRange if base is int else click.FloatRange
+        return kind(min=meta.get("min"), max=meta.get("max"), min_open=meta.get("min_open", False))
+    return base
+
+
+def _field_options(f: dataclasses.Field, hint: Any) -> list[Callable[[Any], Any]]:
+    """The click options of one TrainConfig field (none for an option of config files only)."""
+    meta, name = f.metadata, f.name
+    if keys := meta.get("keys"):  # a dict of overrides: one option per key, unset unless given
+        return [click.option(flag(k), k, default=None, type=t, help=h) for k, (t, h) in keys.items()]
+    if meta.get("help") is None:
         return []
-    folds = _folds(value)
-    if not folds:
-        raise click.BadParameter(f"{value!r} names no fold; use --val-folds none to train on every fold without "
-                                 "validation, or name folds, e.g. --val-folds 0 or 0,1")  # fmt: skip
-    return folds
+    if hint is bool:
+        return [click.option(f"{flag(name)}/--no-{flag(name)[2:]}", name, default=f.default,
+                             show_default=f.default, help=meta["help"])]  # fmt: skip
+    if "parse" in meta:
+        return [click.option(flag(name), name, default=meta["show"], show_default=True, callback=_parsed(meta["parse"]),
+                             help=meta["help"])]  # fmt: skip
+    return [click.option(flag(name), name, default=f.default, show_default=f.default is not None,
+                         type=_click_type(f, hint), help=meta["help"])]  # fmt: skip
 
 
-def _report_to(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
-    names = [v.strip().lower() for v in value.split(",") if v.strip()]
-    if names == ["none"]:
-        return []
-    if not names or any(n not in BACKENDS for n in names):
-        raise click.BadParameter(f"{value!r}: expected none, or {' or '.join(BACKENDS)} (both: tensorboard,csv)")
-    return names
+def train_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate `command` with an option for each TrainConfig field, in field order."""
+    hints = typing.get_type_hints(TrainConfig)
+    options = [o for f in dataclasses.fields(TrainConfig) for o in _field_options(f, hints[f.name])]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _given(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """The TrainConfig values of the options typed on the command line (the others are left to the base)."""
+    given: dict[str, Any] = {}
+    owner = {k: f.name for f in dataclasses.fields(TrainConfig) for k in f.metadata.get("keys") or ()}
+    for name, value in options.items():
+        if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            continue
+        if name in owner:  # an option for one key of a dict field (--dim: model["dim"])
+            given.setdefault(owner[name], {})[name] = value
+        else:
+            given[name] = value
+    return given
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"],
@@ -52,138 +97,21 @@ def _report_to(ctx: click.Context, param: click.Parameter, value: str) -> list[s
     "--config",
     default=None,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Rerun an experiment: take every option from a run's config.json (RUN/config.json); options given on "
-    "the command line win. Give a new --out.",
+    help="Take the options from a JSON file (a run's RUN/config.json reruns its experiment; a file may hold any "
+    "subset of the options, the others take their defaults); options given on the command line win. Give a new "
+    "--out.",
 )
-@click.option(
-    "--shards",
-    default="shards",
-    show_default=True,
-    help="Shards written by `asl-pipeline build-shards`: a directory, a file:// or http(s):// URL of one, or a "
-    "pipe: command template whose {} stands for a file name (e.g. 'pipe:aws s3 cp s3://bucket/shards/{} -').",
-)
-@click.option(
-    "--val-folds",
-    default="0",
-    show_default=True,
-    callback=_val_folds,
-    help="Validation folds, comma-separated; or none: train on every fold without validation (the result is then "
-    "last.pt, and no best.pt is written).",
-)
-@click.option(
-    "--epochs",
-    default=30,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Epochs to train. With --resume, a larger value extends the run: from its current step on, the learning "
-    "rate follows the warmup + cosine schedule of a run planned for the new length (for 30 -> 40 epochs it "
-    "restarts at about 18% of --lr and decays to 0 at epoch 40); the result differs from a run planned that long.",
-)
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Per rank.")
-@click.option("--lr", default=1e-3, show_default=True, type=float, help="Peak learning rate (AdamW).")
-@click.option("--weight-decay", default=0.05, show_default=True, type=float)
-@click.option("--warmup", default=0.1, show_default=True, type=click.FloatRange(0, 1), help="Warmup fraction.")
-@click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 1))
-@click.option(
-    "--preset",
-    default="default",
-    show_default=True,
-    type=click.Choice(sorted(PRESETS)),
-    help="Model size (default ~1.8M parameters; small for a CPU demo).",
-)
-@click.option("--dim", default=None, type=int, help="Override the preset's width.")
-@click.option("--depth", default=None, type=int, help="Override the preset's number of conv+transformer groups.")
-@click.option("--dropout", default=None, type=float, help="Override the preset's late dropout.")
-@click.option("--drop-path", default=None, type=float, help="Override the preset's drop-path rate.")
-@click.option(
-    "--ema",
-    default=0.0,
-    show_default=True,
-    type=click.FloatRange(0, 1),
-    help="EMA decay of the weights (e.g. 0.999); 0 turns EMA off.",
-)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="DataLoader workers.")
-@click.option(
-    "--out",
-    default="runs/default",
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Run directory: checkpoints, metrics.jsonl, config.json.",
-)
-@click.option("--max-steps", default=None, type=click.IntRange(min=1), help="Stop after this many steps.")
-@click.option(
-    "--save-every",
-    default=0,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Also write last.pt every N steps (0: at epoch ends only).",
-)
-@click.option(
-    "--shard-check",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "sha256", "size"]),
-    help="What every shard read is checked against in the manifest, besides its keys, count and labels: sha256 and "
-    "size, or size only; auto: sha256 for a remote location (http, pipe:), size for a local directory.",
-)
-@click.option(
-    "--io-timeout",
-    default=60.0,
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Seconds without a byte before a remote shard read is abandoned.",
-)
-@click.option(
-    "--io-retries",
-    default=2,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Further attempts at a remote shard read that failed (cut short, stalled, corrupted), after 1 s, 2 s, ...",
-)
-@click.option("--no-augment", is_flag=True, help="Train on the stored features as they are.")
-@click.option("--no-bucket", is_flag=True, help="Pad every batch to 384 frames instead of length bucketing.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option(
-    "--report-to",
-    default="none",
-    show_default=True,
-    callback=_report_to,
-    help="Also log per-step loss, lr and samples/s and the per-epoch metrics to: tensorboard (RUN/tensorboard; "
-    "needs pip install -e '.[tensorboard]'), csv (RUN/steps.csv, RUN/epochs.csv), or both: tensorboard,csv. "
-    "metrics.jsonl and curves.png are always written.",
-)
-@click.option(
-    "--log-every",
-    default=10,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Steps between per-step logs (progress bar and --report-to); epoch ends are always logged.",
-)
-@click.option(
-    "--init-from",
-    default=None,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Start a new run from this checkpoint's trained weights (its EMA weights when it has them), with a new "
-    "optimizer and schedule. The model must have the same architecture (--preset and overrides; dropout may "
-    "differ) and the same label map, unless --new-head.",
-)
-@click.option(
-    "--new-head",
-    is_flag=True,
-    help="With --init-from: a newly initialized classifier head, for shards with another label map.",
-)
+@train_options
 @click.option(
     "--resume",
     default=None,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Continue the run in this directory from its last.pt, with its stored options; only --epochs, "
-    "--max-steps, --save-every, --report-to, --log-every and the shard location and I/O options may change. "
-    "A finished run is extended by a larger --epochs (see --epochs), and refused otherwise.",
+    help=f"Continue the run in this directory from its last.pt, with its stored options; only "
+    f"{', '.join(flag(name) for name in RESUMABLE)} may change. A finished run is extended by a larger --epochs "
+    "(see --epochs), and refused otherwise.",
 )
 @click.pass_context
-def main(ctx: click.Context, **options: Any) -> None:
+def main(ctx: click.Context, config: Path | None, resume: Path | None, **options: Any) -> None:
     """Train a sign classifier on shards (the default command), or run a subcommand.
 
     Multi-GPU: torchrun --nproc_per_node=N $(which asl-train) --shards shards/ ...
@@ -193,12 +121,11 @@ def main(ctx: click.Context, **options: Any) -> None:
         return
     from train.loop import train
 
-    resume = options["resume"]
+    cfg = _train_config(config, resume, _given(ctx, options))
     error = None
     try:
-        cfg = _train_config(ctx, options)
         train(cfg, resume=resume)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (AslError, OSError) as exc:
         error = str(exc)  # raised below: the failed run's frames (DDP among them) must go before the process group
     finally:
         if dist.is_initialized():
@@ -207,80 +134,39 @@ def main(ctx: click.Context, **options: Any) -> None:
     if error is not None:
         raise click.ClickException(error)
     if int(os.environ.get("RANK", "0")) == 0:
-        for line in _run_summary(Path(cfg.out), cfg.report_to):
+        for line in run_summary(Path(cfg.out), cfg.report_to):
             click.echo(line)
 
 
-# Options that set a TrainConfig field of another name; every other option sets the field of its own name.
-FIELD_OF = {"no_augment": "augment", "no_bucket": "bucket", "compile_": "compile", "dim": "model", "depth": "model",
-            "dropout": "model", "drop_path": "model"}  # fmt: skip
+def _train_config(config: Path | None, resume: Path | None, given: dict[str, Any]) -> TrainConfig:
+    """The options `given` over a --config file's, a resumed run's (within the resume rule), or the defaults."""
+    from train.checkpoint import check_resumable, stored_config
 
-
-def _train_config(ctx: click.Context, options: dict[str, Any]) -> Any:
-    """The TrainConfig of the options: given ones over a --config file or a resumed run's, else over the defaults."""
-    from train.loop import RESUMABLE, TrainConfig, resume_config
-
-    values = {k: v for k, v in options.items() if k not in FIELD_OF and k not in ("config", "resume")}
-    values.update(
-        shards=str(options["shards"]), out=str(options["out"]), augment=not options["no_augment"],
-        bucket=not options["no_bucket"], compile=options["compile_"],
-        init_from=str(options["init_from"]) if options["init_from"] else None,
-        model={k: options[k] for k in ("dim", "depth", "dropout", "drop_path") if options[k] is not None},
-    )  # fmt: skip
-    unset = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
-    given = [p for p in ctx.command.params
-             if p.name not in ("config", "resume") and ctx.get_parameter_source(p.name) not in unset]  # fmt: skip
-    changes = {FIELD_OF.get(p.name, p.name): values[FIELD_OF.get(p.name, p.name)] for p in given}
-    config, resume = options["config"], options["resume"]
-    if config and resume:
-        raise click.UsageError("--config starts a new run and --resume continues one: give only one of them")
-    if resume:
-        stored = asdict(resume_config(resume))
-        if "model" in changes:
-            changes["model"] = {**stored["model"], **changes["model"]}
-        if fixed := [p.opts[0] for p in given if (f := FIELD_OF.get(p.name, p.name)) not in RESUMABLE
-                     and changes[f] != stored[f]]:  # fmt: skip
-            raise click.UsageError(f"--resume continues {resume} with its stored options, so {', '.join(fixed)} "
-                                   f"cannot change; to change them, start a new run from its weights with "
-                                   f"--init-from {resume / 'last.pt'}")  # fmt: skip
-        return TrainConfig(**{**stored, **changes})
-    if config:
-        base = asdict(TrainConfig.from_json(config))
-        if "model" in changes:
-            changes["model"] = {**base["model"], **changes["model"]}
-        cfg = TrainConfig(**{**base, **changes})
-    else:
-        cfg = TrainConfig(**values)
-    if cfg.new_head and not cfg.init_from:
-        raise click.UsageError("--new-head needs --init-from: it replaces the head of the weights a run starts from")
+    try:
+        if config and resume:
+            raise OptionsError("--config starts a new run and --resume continues one: give only one of them")
+        base = stored_config(resume) if resume else TrainConfig.from_json(config) if config else TrainConfig()
+        cfg = with_options(base, given)
+        if resume:
+            check_resumable(resume, base, cfg)
+        cfg.check()
+    except OptionsError as exc:
+        raise click.UsageError(str(exc)) from None
+    except AslError as exc:
+        raise click.ClickException(str(exc)) from None
     return cfg
 
 
-def _run_summary(out: Path, report_to: list[str]) -> list[str]:
-    """The last lines of a run: its result (best epoch or, without validation, the last) and where its files are."""
-    from train.loop import best_epoch, read_metrics
-
-    rows = read_metrics(out)
-    if not rows:
-        return [f"no epoch finished -> {out}"]
-    last, best = rows[-1], best_epoch(rows)
-    if best is not None:
-        lines = [f"best epoch {best['epoch']} of {last['epoch']}: validation top-1 {best['val_top1']:.4f}, top-5 "
-                 f"{best['val_top5']:.4f} on {best['val_samples']} samples (what `asl-train evaluate --checkpoint "
-                 f"{out / 'best.pt'}` reports)",
-                 f"  best.pt      {out / 'best.pt'}  (epoch {best['epoch']}, step {best['step']})"]  # fmt: skip
-    else:
-        lines = [f"no validation (--val-folds none): trained on every fold, {last['train_samples']} samples an "
-                 f"epoch; the result is last.pt (no best.pt is written)"]  # fmt: skip
-    lines.append(f"  last.pt      {out / 'last.pt'}  (epoch {last['epoch']}, step {last['step']})")
-    curves = out / "curves.png"
-    lines.append(f"  curves       {curves}" if curves.exists() else
-                 "  curves       not drawn: matplotlib is not installed (pip install -e '.[plot]')")  # fmt: skip
-    if "tensorboard" in report_to:
-        lines.append(f"  tensorboard  {out / 'tensorboard'}  (tensorboard --logdir {out / 'tensorboard'})")
-    if "csv" in report_to:
-        lines.append(f"  csv          {out / 'steps.csv'}, {out / 'epochs.csv'}")
-    return lines
+def _folds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        folds = parse_folds(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if not folds:
+        raise click.BadParameter(f"{value!r} names no fold; e.g. --folds 0 or 0,1")
+    return folds
 
 
 @main.command("evaluate")
@@ -290,7 +176,9 @@ def _run_summary(out: Path, report_to: list[str]) -> list[str]:
     default=None,
     help="Shard location: a directory, URL or pipe: template (default: the one the checkpoint was trained on).",
 )
-@click.option("--folds", default=None, help="Folds to evaluate (default: the checkpoint's validation folds).")
+@click.option(
+    "--folds", default=None, callback=_folds, help="Folds to evaluate (default: the checkpoint's validation folds)."
+)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option(
     "--workers",
@@ -307,7 +195,7 @@ def _run_summary(out: Path, report_to: list[str]) -> list[str]:
     type=click.Choice(["text", "json"]),
     help="json: the whole report as one JSON object on stdout (full-precision numbers).",
 )
-def evaluate_cmd(checkpoint: Path, shards: str | None, folds: str | None, device: str, workers: int | None,
+def evaluate_cmd(checkpoint: Path, shards: str | None, folds: list[int] | None, device: str, workers: int | None,
                  batch_size: int | None, fmt: str) -> None:  # fmt: skip
     """Top-1, top-5, the worst signs and the most confused pairs on validation folds.
 
@@ -316,12 +204,9 @@ def evaluate_cmd(checkpoint: Path, shards: str | None, folds: str | None, device
     """
     from train.predict import evaluation_report
 
-    if folds is not None and not _folds(folds):
-        raise click.BadParameter(f"{folds!r} names no fold; e.g. --folds 0 or 0,1", param_hint="'--folds'")
     try:
-        r = evaluation_report(checkpoint, shards, _folds(folds) if folds else None, device=device, workers=workers,
-                              batch_size=batch_size)  # fmt: skip
-    except (OSError, ValueError) as exc:
+        r = evaluation_report(checkpoint, shards, folds, device=device, workers=workers, batch_size=batch_size)
+    except (AslError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     if fmt == "json":
         click.echo(json.dumps(r, indent=2))
@@ -378,7 +263,6 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: Path | None, onnx_model: Pa
     Give exactly one of --checkpoint or --model. Exit status 1 when any file could not be read
     (the others are still predicted); with --format text its error goes to stderr.
     """
-    from train.export import ExportError
     from train.predict import (
         CheckpointScorer,
         csv_header,
@@ -393,7 +277,7 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: Path | None, onnx_model: Pa
     try:
         files = expand_inputs(inputs)
         scorer = exported_scorer(onnx_model) if onnx_model else CheckpointScorer(checkpoint, device)
-    except (ValueError, ExportError) as exc:
+    except AslError as exc:
         raise click.ClickException(str(exc)) from None
     if fmt == "csv":
         click.echo(csv_header(k))
@@ -456,12 +340,11 @@ def export_cmd(checkpoint: Path, out: Path, fmt: str | None, opset: int | None, 
     built-in sequences (demo signing, T = 1, 2, 450, a hand or the face missing throughout) and on
     the --check files.
     """
-    from pipeline.read import LandmarkFileError
-    from train.export import ExportError, export_model
+    from train.export import export_model
 
     try:
         r = export_model(checkpoint, out, fmt=fmt, opset=opset, use_ema=ema, check_files=check_files)
-    except (ExportError, LandmarkFileError, OSError, ValueError) as exc:  # ValueError: CheckpointError
+    except AslError as exc:
         raise click.ClickException(str(exc)) from None
     worst = max(row.max_prob_diff for row in r.parity)
     click.echo(f"parity: {len(r.parity)} sequences ({min(row.frames for row in r.parity)}.."

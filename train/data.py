@@ -83,7 +83,7 @@ def fold_shards(manifest: dict[str, Any], folds: Iterable[int]) -> list[dict[str
     folds = set(folds)
     known = {f["fold"] for f in manifest["folds"]}
     if not folds <= known:
-        raise ValueError(f"folds {sorted(folds - known)} not in the manifest (has {sorted(known)})")
+        raise ShardError(f"folds {sorted(folds - known)} not in the manifest (has {sorted(known)})")
     return [s for s in manifest["shards"] if s["fold"] in folds and s["samples"]]
 
 
@@ -297,7 +297,7 @@ def make_loader(
     folds = list(folds)
     shards = fold_shards(manifest, folds)
     if not shards:
-        raise ValueError(f"{location}: no samples in folds {sorted(folds)}")
+        raise ShardError(f"{location}: no samples in folds {sorted(folds)}")
     stream = ShardStream(location, shards, batch_size, train, rank, world_size, seed, bucket, **stream_options)
     # Its own generator: creating an iterator must not draw from the global RNG (resume would diverge).
     generator = torch.Generator().manual_seed(seed)

@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import AslError
 from pipeline.features import FEATURES_VERSION, compact_features
+from pipeline.files import write_atomic
 from pipeline.landmarks import N_RAW, TYPE_OFFSETS, TYPE_SIZES
 from pipeline.read import read_landmarks
-from pipeline.shards import write_atomic
-from train.loop import load_checkpoint, model_from_checkpoint
+from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.model import SignModel
 
 INPUT_NAME = "inputs"
@@ -47,7 +48,7 @@ EXTRA_HINT = "pip install -e '.[export]'"
 FORMATS = {".onnx": "onnx", ".tflite": "tflite"}  # suffix -> format of `asl-train export --out`
 
 
-class ExportError(RuntimeError):
+class ExportError(AslError, RuntimeError):
     """The model could not be exported, or the exported file disagrees with the PyTorch model."""
 
 

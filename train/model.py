@@ -43,7 +43,7 @@ class ModelConfig:
     expand: int = 2  # hidden width factor of conv blocks and transformer MLPs
     eca_kernel: int = 5
     top_expand: int = 2  # width factor of the per-frame layer before pooling
-    dropout: float = 0.4  # late dropout before the classifier (trainers may change `model.late_dropout.p`)
+    dropout: float = 0.4  # late dropout before the classifier (a schedule may change it: `set_late_dropout`)
     drop_path: float = 0.2  # per-sample stochastic depth on every residual branch
     attn_dropout: float = 0.2  # dropout on attention weights
     max_len: int = MAX_LEN
@@ -219,3 +219,14 @@ class SignModel(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (B, T, 118, 6) float32, mask (B, T) bool True for real frames -> logits (B, n_classes)."""
         return self.classifier(self.late_dropout(self.encode(x, mask)))  # (B, n_classes)
+
+    def set_late_dropout(self, p: float) -> None:
+        """Set the rate of the dropout before the classifier (a schedule may change it between epochs)."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"late dropout must be in [0, 1), got {p}")
+        self.late_dropout.p = p
+
+
+def late_dropout_rate(epoch: int, rate: float, start: int) -> float:
+    """The late dropout of epoch `epoch` (from 0) under a schedule that turns `rate` on at epoch `start`: 0 before."""
+    return rate if epoch >= start else 0.0

@@ -15,10 +15,13 @@ import numpy as np
 import torch
 
 from pipeline.features import compact_features, pack_missing
-from pipeline.read import LandmarkFileError, read_landmarks
-from pipeline.shards import read_manifest
-from train.data import Decoded, collate, make_loader
-from train.loop import TrainConfig, load_checkpoint, model_from_checkpoint, predict_batches, resolve_device
+from pipeline.read import InputFileError, LandmarkFileError, read_landmarks
+from pipeline.shards import ShardError, read_manifest
+from train.batch import Batch
+from train.checkpoint import load_checkpoint, model_from_checkpoint
+from train.config import ConfigError, TrainConfig
+from train.data import Decoded, checked, collate, make_loader
+from train.distributed import autocast, resolve_device
 
 LIST_PREFIX = "@"  # `@paths.txt` on the command line: the parquet paths listed in paths.txt
 FORMATS = ("text", "json", "csv")
@@ -33,6 +36,17 @@ class Prediction:
     def as_dict(self) -> dict[str, Any]:
         """The JSON form: {"path", "top": [[sign, probability], ...], "error"}."""
         return {"path": self.path, "top": [[s, q] for s, q in self.top], "error": self.error}
+
+
+@torch.no_grad()
+def predict_batches(model: torch.nn.Module, loader: Any, device: torch.device) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """(batch on device, logits) for every batch of a loader, in eval mode."""
+    model.eval()
+    for batch in checked(loader):
+        batch = batch.to(device, non_blocking=device.type == "cuda")
+        with autocast(device):
+            logits = model(batch.x, batch.mask)
+        yield batch, logits.float()
 
 
 class Scorer(Protocol):
@@ -99,7 +113,7 @@ def exported_scorer(path: str | Path) -> OnnxScorer | TFLiteScorer:
         with open(path, "rb") as f:
             head = f.read(8)
     except OSError as exc:
-        raise ValueError(f"{path}: cannot read the model ({exc.strerror or exc})") from None
+        raise InputFileError(path, f"cannot read the model ({exc.strerror or exc})") from None
     return TFLiteScorer(path) if head[4:8] == b"TFL3" else OnnxScorer(path)
 
 
@@ -124,7 +138,7 @@ def _list_lines(path: Path) -> list[Path]:
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:
-        raise ValueError(f"{path}: cannot read the list of files ({exc.strerror or exc})") from None
+        raise InputFileError(path, f"cannot read the list of files ({exc.strerror or exc})") from None
     return [Path(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -133,7 +147,7 @@ def _files_at(path: Path) -> list[Path]:
         return [path]
     found = sorted(path.rglob("*.parquet"))
     if not found:
-        raise ValueError(f"{path}: no *.parquet files under this directory")
+        raise InputFileError(path, "no *.parquet files under this directory")
     return found
 
 
@@ -159,16 +173,6 @@ def iter_predictions(scorer: Scorer, files: Sequence[str | Path], k: int = 5,
                 best = np.argsort(-p, kind="stable")[:k]
                 results[i] = Prediction(chunk[i], [(names[int(j)], float(p[j])) for j in best])
         yield from (results[i] for i in range(len(chunk)))
-
-
-def predict_files(checkpoint: str | Path | Scorer, files: list[str | Path], k: int = 5, device: str = "auto",
-                  batch_size: int = 64) -> list[Prediction]:  # fmt: skip
-    """Top-k signs for raw Kaggle parquet files, through the pipeline's reader and preprocessing.
-
-    `checkpoint`: a training checkpoint's path, or any `Scorer` (e.g. `OnnxScorer` for an exported file).
-    """
-    scorer = checkpoint if hasattr(checkpoint, "probabilities") else CheckpointScorer(checkpoint, device)
-    return list(iter_predictions(scorer, files, k=k, batch_size=batch_size))
 
 
 def csv_header(k: int) -> str:
@@ -212,11 +216,11 @@ def evaluation_report(checkpoint: str | Path, shards: str | Path | None = None, 
     shards = shards or cfg.shards
     folds = folds if folds is not None else cfg.val_folds
     if not folds:
-        raise ValueError(f"{checkpoint} was trained on every fold (--val-folds none), so it has no validation folds; "
+        raise ConfigError(f"{checkpoint} was trained on every fold (--val-folds none), so it has no validation folds; "
                          "pass --folds to choose folds (they were seen in training)")  # fmt: skip
     manifest = read_manifest(shards)  # once: from a URL, every read is a fetch
     if manifest["label_map"] != ckpt["label_map"]:
-        raise ValueError(f"{shards}: its label map is not the one {checkpoint} was trained with")
+        raise ShardError(f"{shards}: its label map is not the one {checkpoint} was trained with")
     model = model_from_checkpoint(ckpt).to(dev)
     names = {v: s for s, v in ckpt["label_map"].items()}
     loader = make_loader(shards, folds, batch_size or cfg.batch_size, train=False, manifest=manifest,

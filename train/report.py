@@ -14,13 +14,18 @@ import io
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.shards import write_atomic
+from pipeline.errors import AslError
+from pipeline.files import write_atomic
 
 BACKENDS = ("tensorboard", "csv")
 TENSORBOARD_MISSING = "--report-to tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'"
 STEP_COLUMNS = ["step", "epoch", "loss", "lr", "samples_per_s"]
 EPOCH_COLUMNS = ["epoch", "step", "train_loss", "train_samples", "lr", "samples_per_s",
                  "val_loss", "val_top1", "val_top5", "val_samples"]  # fmt: skip
+
+
+class BackendError(AslError, RuntimeError):
+    """A backend that is unknown, or whose package is not installed."""
 
 
 class Reporter(Protocol):
@@ -38,7 +43,7 @@ class TensorBoardReporter:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise RuntimeError(TENSORBOARD_MISSING) from None
+            raise BackendError(TENSORBOARD_MISSING) from None
         self.dir = out / "tensorboard"
         # purge_step hides the events a killed session logged after the checkpoint this one resumes from
         self.writer = SummaryWriter(str(self.dir), purge_step=start_step + 1)
@@ -137,9 +142,9 @@ class Reporters:
 def check_backends(names: list[str]) -> None:
     """Refuse unknown backends, and TensorBoard when its package is not installed."""
     if unknown := sorted(set(names) - set(BACKENDS)):
-        raise ValueError(f"unknown --report-to {', '.join(unknown)}; choose from none, {', '.join(BACKENDS)}")
+        raise BackendError(f"unknown --report-to {', '.join(unknown)}; choose from none, {', '.join(BACKENDS)}")
     if "tensorboard" in names and importlib.util.find_spec("tensorboard") is None:
-        raise RuntimeError(TENSORBOARD_MISSING)
+        raise BackendError(TENSORBOARD_MISSING)
 
 
 def open_reporters(names: list[str], out: Path, start_step: int) -> Reporters:

@@ -40,9 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.files import write_atomic
 from pipeline.landmarks import N_RAW
 from pipeline.read import read_landmarks
-from pipeline.shards import write_atomic
+from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.export import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -55,7 +56,6 @@ from train.export import (
     parity_failure,
     parity_rows,
 )
-from train.loop import load_checkpoint, model_from_checkpoint
 
 SIGNATURE = "serving_default"
 TFLITE_HINT = "pip install -e '.[tflite]'"

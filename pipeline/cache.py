@@ -1,0 +1,408 @@
+"""A verified local cache of the shards of remote locations, shared by the processes of one node.
+
+    cache = ShardCache("/local/cache", limit_bytes=50 * 2**30)
+    shards = cache.open("https://data.example.org/asl/shards/", manifest["fingerprint"])
+    data = shards.read(entry["name"], entry["bytes"], entry["sha256"], fetch=lambda: http_chunks(url, entry["bytes"]))
+
+Only remote locations (http(s), `pipe:`) are meant to be cached: the caller decides, and never
+caches a local directory (its shards already are local files; a copy would only cost disk and time).
+
+Layout: `ROOT/<key>/<shard name>` with `ROOT/<key>/location.json` saying which location and build
+the entry directory holds; `key = sha256("<location>|<fingerprint>")[:16]`, so two locations, or two
+builds at one location, never share an entry.
+
+Every read re-checks the cached file against the manifest: size always; sha256 when asked, and also
+whenever the file's mtime differs from the one stamped when it was stored (`.<name>.ok`), so a file
+written to after it was stored is hashed even under a size-only check. A file that fails is dropped
+and fetched again, with one warning.
+
+A fetch streams into a temporary file beside the entry (`.<name>.<pid>.tmp`), is checked for size
+and sha256, then renamed: a process killed mid-fill leaves only the temporary, which the next fill
+of that shard (or the next `open`) removes. Past `limit_bytes`, the least recently read entries (by
+access time, set on every read) are evicted, never one being read, filled or pinned (`pin`) by any
+process.
+
+Locks are `flock`s, released by the kernel when a process dies; the cache directory must be on a
+node-local filesystem (flock over NFS is not reliable). Per entry:
+`.<name>.fill`: exclusive while it is fetched, so the ranks of a node wait for one fetch instead of
+each fetching; `.<name>.use`: shared while it is read or pinned, and taken exclusive (without
+waiting) to evict it.
+
+Failures: a cache directory that is a file, cannot be created or written, a limit that is not
+positive or smaller than a shard are `CacheError`s (one line, at `ShardCache()` or the read): each is
+a setting to correct before a long run, not something to discover later in a traffic bill. A disk
+that fills up (or a filesystem turned read-only) during a run is not: the run goes on uncached, with
+one warning, rather than stop or crowd out the checkpoints that share the disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from pipeline.errors import AslError
+from pipeline.location import Location, LocationError
+from pipeline.read import InputFileError, read_file
+
+log = logging.getLogger(__name__)
+
+CHECKS = ("size", "sha256")
+Fetch = Callable[[], "Iterator[bytes] | bytes"]
+_META = "location.json"
+
+
+class CacheError(AslError, OSError):
+    """A cache directory or limit that cannot be used: one line naming the directory and the reason."""
+
+
+class ShardCache:
+    """A cache directory, optionally bounded to `limit_bytes` in all (every location and build together)."""
+
+    def __init__(self, root: str | Path, limit_bytes: int | None = None) -> None:
+        self.root = Path(root)
+        if limit_bytes is not None and limit_bytes <= 0:
+            raise CacheError(f"{self.root}: the cache limit must be positive, got {limit_bytes} bytes")
+        self.limit_bytes = limit_bytes
+        _check_usable(self.root)
+        free = shutil.disk_usage(self.root).free
+        if limit_bytes is not None and limit_bytes > free + self.size():
+            log.warning("%s: cache limit %s is more than the disk's free space (%s); it fills the disk first",
+                        self.root, _mb(limit_bytes), _mb(free))  # fmt: skip
+
+    def open(self, location: str | Location, fingerprint: str, largest: int = 0) -> CachedShards:
+        """The entries of one location and build; CacheError when `largest` (bytes of the largest shard
+        to be read) cannot fit under the limit."""
+        return CachedShards(self, Location.parse(str(location)), fingerprint, largest)
+
+    def entries(self) -> list[Path]:
+        """The cached shard files of every location and build."""
+        return [p for d in self.root.iterdir() if d.is_dir() for p in d.iterdir() if _is_entry(p)]
+
+    def size(self) -> int:
+        """Bytes held by the cached shard files."""
+        return sum(_size(p) for p in self.entries())
+
+    def evict(self, room: int = 0) -> bool:
+        """Drop least recently read entries until `room` more bytes fit under the limit; False when they
+        cannot (the rest are being read, filled or pinned)."""
+        if self.limit_bytes is None:
+            return True
+        with _locked(self.root / ".evict", fcntl.LOCK_EX):  # one scan at a time: two evictors would overshoot
+            entries = sorted((_last_use(p), _size(p), p) for p in self.entries())
+            total = sum(size for _, size, _ in entries)
+            for _, size, path in entries:
+                if total + room <= self.limit_bytes:
+                    break
+                if _drop_unused(path):
+                    total -= size
+                    log.info("%s: evicted (least recently read; cache limit %s)", path, _mb(self.limit_bytes))
+            return total + room <= self.limit_bytes
+
+
+class CachedShards:
+    """One location's and build's entries in a `ShardCache`; `read` is the only way in."""
+
+    def __init__(self, cache: ShardCache, location: Location, fingerprint: str, largest: int = 0) -> None:
+        self.cache, self.location, self.fingerprint = cache, location, fingerprint
+        key = hashlib.sha256(f"{location.kind}:{location.base}|{fingerprint}".encode()).hexdigest()[:16]
+        self.dir = cache.root / key
+        self._pins: dict[str, int] = {}
+        self._uncached: str | None = None  # why fills are no longer written, once they cannot be
+        self._said: set[str] = set()  # the kinds of warning given, each given once
+        if largest:
+            self._check_fits("a shard", largest)
+        try:
+            self.dir.mkdir(exist_ok=True)
+            _claim(self.dir / _META, {"location": location.spec, "fingerprint": fingerprint})
+        except OSError as exc:
+            raise CacheError(f"{self.dir}: cannot use the cache directory ({exc.strerror or exc})") from None
+        for tmp in self.dir.glob(".*.tmp"):  # left by killed fills; a fill still running holds its lock
+            name = tmp.name[1:].rsplit(".", 2)[0]
+            with contextlib.suppress(BlockingIOError), _locked(self._lock(name, "fill"), fcntl.LOCK_EX | fcntl.LOCK_NB):
+                tmp.unlink(missing_ok=True)
+
+    def path(self, name: str) -> Path:
+        """Where shard `name` is cached (a name a location refuses is refused here too)."""
+        self.location.url(name)
+        return self.dir / name
+
+    def read(self, name: str, size: int, sha256: str, fetch: Fetch, check: str = "size", retries: int = 0) -> bytes:
+        """The bytes of shard `name`: `size` bytes with digest `sha256` (the manifest's entry).
+
+        A cached copy is checked (size, and sha256 with `check="sha256"`); without one, `fetch()`
+        (the file's bytes, or its chunks) is checked for size and sha256, stored and returned. A fetch
+        that fails (LocationError, or a mismatch) is tried again `retries` times, after 1 s, 2 s...
+        """
+        if check not in CHECKS:
+            raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
+        path = self.path(name)
+        self._check_fits(self.location.url(name), size)
+        with _locked(self._lock(name, "use"), fcntl.LOCK_SH):  # no eviction while it is read
+            data = _cached(path, size, sha256, check)
+            if data is None:
+                with _locked(self._lock(name, "fill"), fcntl.LOCK_EX):  # others wait for one fetch
+                    data = _cached(path, size, sha256, check)  # filled by the process we waited for?
+                    if data is None:
+                        data = self._refill(name, path, size, sha256, fetch, retries)
+            with contextlib.suppress(FileNotFoundError):  # the last use, which eviction goes by: the access time
+                os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))  # (the stamp's mtime kept)
+        return data
+
+    def pin(self, names: Iterable[str]) -> None:
+        """Keep these entries from eviction by any process until `unpin` (or this process ends)."""
+        for name in names:
+            if name not in self._pins:
+                fd = os.open(self._lock(name, "use"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                self._pins[name] = fd
+
+    def unpin(self, names: Iterable[str] | None = None) -> None:
+        """Let these entries (default: all this view pinned) be evicted again."""
+        for name in list(self._pins) if names is None else names:
+            fd = self._pins.pop(name, None)
+            if fd is not None:
+                os.close(fd)
+
+    def _refill(self, name: str, path: Path, size: int, sha256: str, fetch: Fetch, retries: int) -> bytes:
+        """Drop a bad entry (saying so), then fetch it, `retries` more times if the fetch fails."""
+        if path.exists() or path.is_symlink():
+            log.warning("%s: cached copy of %s differs from the manifest (size or sha256); fetched again",
+                        path, self.location.url(name))  # fmt: skip
+            path.unlink(missing_ok=True)
+        for tmp in self.dir.glob(f".{name}.*.tmp"):  # we hold its fill lock: any temporary is a killed fill's
+            tmp.unlink(missing_ok=True)
+        for attempt in range(retries + 1):
+            try:
+                return self._fill(name, path, size, sha256, fetch)
+            except LocationError as exc:
+                if attempt == retries:
+                    raise
+                log.warning("%s (attempt %d of %d; retrying)", exc, attempt + 1, retries + 1)
+                time.sleep(2.0**attempt)
+        raise AssertionError("unreachable")
+
+    def _fill(self, name: str, path: Path, size: int, sha256: str, fetch: Fetch) -> bytes:
+        """Fetch, check and (while the cache can take it) store one shard."""
+        url = self.location.url(name)
+        tmp = self.dir / f".{name}.{os.getpid()}.tmp"
+        fd = self._create(tmp, url, size)
+        digest, chunks, total = hashlib.sha256(), [], 0
+        try:
+            got = fetch()
+            with contextlib.closing(_chunks(got)) as stream:
+                for chunk in stream:
+                    total += len(chunk)
+                    if total > size:
+                        raise LocationError(f"{url}: more than the {size} bytes expected")
+                    digest.update(chunk)
+                    chunks.append(chunk)
+                    if fd is not None and not self._write(fd, chunk, url):
+                        fd = _discard(fd, tmp)
+            if total != size:
+                raise LocationError(f"{url}: {total} bytes, manifest says {size} (cut short or altered)")
+            if digest.hexdigest() != sha256:
+                raise LocationError(f"{url}: sha256 differs from the manifest (altered or corrupted)")
+            if fd is not None:
+                try:
+                    os.fsync(fd)  # complete contents behind the rename, even after a crash of the machine
+                    os.close(fd)
+                    fd = None
+                    _write_stamp(path, tmp, sha256)
+                    os.replace(tmp, path)
+                except OSError as exc:
+                    self._stop_caching(url, exc)
+        finally:
+            if fd is not None:
+                os.close(fd)
+            tmp.unlink(missing_ok=True)
+        self.cache.evict()  # concurrent fills may each have made room for themselves only
+        return b"".join(chunks)
+
+    def _create(self, tmp: Path, url: str, size: int) -> int | None:
+        """The temporary file's descriptor, or None when this shard is not to be stored."""
+        if self._uncached is not None:
+            return None
+        if not self.cache.evict(room=size):
+            limit = _mb(self.cache.limit_bytes)
+            self._warn_once("limit", f"{self.cache.root}: the cache limit {limit} is taken by shards being read "
+                            f"or pinned; {url} and others read without caching")  # fmt: skip
+            return None
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            self._stop_caching(url, exc)
+            return None
+
+    def _write(self, fd: int, chunk: bytes, url: str) -> bool:
+        """Write a whole chunk; False (caching stopped, said once) when the disk refuses it."""
+        try:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+            return True
+        except OSError as exc:
+            self._stop_caching(url, exc)
+            return False
+
+    def _stop_caching(self, url: str, exc: OSError) -> None:
+        reason = exc.strerror or str(exc)
+        self._uncached = reason
+        full = " (full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        self._warn_once("write", f"{self.dir}: cannot write the cache{full}: {reason}; reading {url} and the following "
+                        "shards without caching")  # fmt: skip
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._said:
+            self._said.add(kind)
+            log.warning("%s", message)
+
+    def _check_fits(self, what: str, size: int) -> None:
+        limit = self.cache.limit_bytes
+        if limit is not None and size > limit:
+            raise CacheError(f"{self.cache.root}: cache limit {_mb(limit)} is smaller than {what} ({_mb(size)}); "
+                             "raise the limit or leave it unset")  # fmt: skip
+
+    def _lock(self, name: str, kind: str) -> Path:
+        return self.dir / f".{name}.{kind}"
+
+
+def _check_usable(root: Path) -> None:
+    """CacheError unless `root` is (or can be made) a writable directory."""
+    try:
+        if root.exists() and not root.is_dir():
+            raise CacheError(f"{root}: the cache directory is a file, not a directory")
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=root, prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except CacheError:
+        raise
+    except OSError as exc:
+        raise CacheError(f"{root}: cannot write the cache directory ({exc.strerror or exc})") from None
+
+
+def _claim(meta: Path, owner: dict[str, str]) -> None:
+    """Record which location and build an entry directory holds; CacheError if it holds another's."""
+    if meta.exists():
+        try:
+            found = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            found = None
+        if found == owner:
+            return
+        if found is not None:  # a 64-bit key collision, or an edited file: never mix two locations' shards
+            raise CacheError(f"{meta}: entry directory already holds {found.get('location')!r} build "
+                             f"{found.get('fingerprint')!r}; use another cache directory")  # fmt: skip
+    fd, tmp = tempfile.mkstemp(dir=meta.parent, prefix=".location-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(owner, f, indent=1, sort_keys=True)
+        os.replace(tmp, meta)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cached(path: Path, size: int, sha256: str, check: str) -> bytes | None:
+    """The cached file's bytes if it is the manifest's shard (size, and sha256 if asked or if the file was
+    modified since it was stored: its mtime is no longer the stamp's); None otherwise."""
+    try:
+        mtime = os.stat(path).st_mtime_ns
+        data = read_file(path, size)  # the input gate: regular files only, never more than `size` bytes
+    except (InputFileError, OSError):
+        return None  # absent, larger, not a regular file, unreadable: fetched again
+    if len(data) != size:
+        return None
+    if (check == "sha256" or _stamp(path) != f"{size} {mtime} {sha256}") and hashlib.sha256(data).hexdigest() != sha256:
+        return None
+    return data
+
+
+def _write_stamp(path: Path, tmp: Path, sha256: str) -> None:
+    """Record the stored file's size, mtime and digest beside it (`.<name>.ok`): a later write to the file
+    changes its mtime, and the next read then hashes it even when only sizes are checked."""
+    st = os.stat(tmp)
+    stamp = path.with_name(f".{path.name}.ok")
+    staged = stamp.with_name(stamp.name + f".{os.getpid()}")
+    staged.write_text(f"{st.st_size} {st.st_mtime_ns} {sha256}")
+    os.replace(staged, stamp)
+
+
+def _stamp(path: Path) -> str | None:
+    try:
+        return path.with_name(f".{path.name}.ok").read_text()
+    except OSError:
+        return None
+
+
+def _chunks(got: Iterator[bytes] | bytes) -> Iterator[bytes]:
+    """A fetch's result as chunks (closing the fetch's own iterator when abandoned)."""
+    if isinstance(got, bytes | bytearray | memoryview):
+        yield bytes(got)
+        return
+    try:
+        yield from got
+    finally:
+        close = getattr(got, "close", None)
+        if close is not None:
+            close()
+
+
+def _discard(fd: int, tmp: Path) -> None:
+    os.close(fd)
+    tmp.unlink(missing_ok=True)
+    return None
+
+
+def _drop_unused(path: Path) -> bool:
+    """Delete an entry unless some process reads, fills or pins it."""
+    try:
+        with _locked(path.with_name(f".{path.name}.use"), fcntl.LOCK_EX | fcntl.LOCK_NB):
+            path.unlink(missing_ok=True)
+            path.with_name(f".{path.name}.ok").unlink(missing_ok=True)
+            return True
+    except BlockingIOError:
+        return False
+
+
+@contextlib.contextmanager
+def _locked(lock: Path, how: int) -> Iterator[None]:
+    """Hold `flock(how)` on the file `lock` (created if absent; lock files stay: deleting one races its users)."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, how)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _is_entry(path: Path) -> bool:
+    return not path.name.startswith(".") and path.name != _META
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _last_use(path: Path) -> int:
+    try:
+        return path.stat().st_atime_ns
+    except FileNotFoundError:
+        return 0
+
+
+def _mb(n: int | None) -> str:
+    return f"{(n or 0) / 1e6:.1f} MB"

@@ -1,0 +1,88 @@
+"""Files of an `http(s)://` location, streamed over pooled connections (urllib3) instead of a process per file.
+
+One connection pool per process (DataLoader workers are forked: a child never reuses its parent's
+sockets). A read gives up after `stall_s` seconds without a byte, after `deadline_s` seconds in all,
+or past `max_bytes` (it never reads more than `max_bytes + 1` bytes of a body, so an endless or
+oversized body costs one bounded read). Every failure is one `LocationError` line naming the URL.
+Nothing is retried here: whole-file retries stay the caller's (`--io-retries`), with their meaning.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+
+import urllib3
+from urllib3.exceptions import HTTPError, ReadTimeoutError
+
+from pipeline.location import STALL_S, LocationError
+
+_CHUNK = 1 << 20
+CONNECT_S = 15.0  # as the curl reader's --connect-timeout
+_pools: dict[int, urllib3.PoolManager] = {}
+_POOL_PREFIX = re.compile(r"^\w*Connection\w*\([^)]*\): ")
+
+
+def pool() -> urllib3.PoolManager:
+    """This process's connection pool (a forked child gets its own, never its parent's sockets)."""
+    pid = os.getpid()
+    if pid not in _pools:
+        _pools.clear()  # a parent's pool, inherited across fork: drop it without closing the parent's sockets
+        # redirects followed as curl --location does; no hidden retries: a failed read is the caller's to retry
+        retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5, raise_on_redirect=True)
+        _pools[pid] = urllib3.PoolManager(num_pools=8, maxsize=4, retries=retries)
+    return _pools[pid]
+
+
+def http_chunks(url: str, max_bytes: int, stall_s: float = STALL_S, deadline_s: float | None = None) -> Iterator[bytes]:
+    """The body of `url` in chunks; LocationError (naming `url`) on a status other than 200, a stall, the
+    deadline, a body longer than `max_bytes`, or a broken connection. The connection is kept for reuse
+    only after a whole body was read."""
+    start = time.monotonic()
+    try:
+        response = pool().request("GET", url, headers={"Accept-Encoding": "identity"}, preload_content=False,
+                                  decode_content=False, timeout=urllib3.Timeout(connect=min(CONNECT_S, stall_s),
+                                                                                read=stall_s))  # fmt: skip
+    except HTTPError as exc:
+        raise LocationError(f"{url}: {_reason(exc, stall_s)}") from None
+    done = False
+    try:
+        if response.status != 200:
+            raise LocationError(f"{url}: HTTP {response.status} {response.reason or ''}".rstrip())
+        announced = response.headers.get("Content-Length")
+        if announced is not None and announced.isdigit() and int(announced) > max_bytes:
+            raise LocationError(f"{url}: {int(announced)} bytes announced, more than the {max_bytes} expected")
+        total = 0
+        while True:
+            # read1: whatever has arrived, so a trickling server meets the deadline check below
+            chunk = response.read1(min(_CHUNK, max_bytes + 1 - total))
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > max_bytes:
+                raise LocationError(f"{url}: more than the {max_bytes} bytes expected")
+            if deadline_s is not None and time.monotonic() - start > deadline_s:
+                raise LocationError(f"{url}: not read within {deadline_s:g} s; abandoned")
+            yield chunk
+        done = True
+    except HTTPError as exc:
+        raise LocationError(f"{url}: {_reason(exc, stall_s)}") from None
+    finally:
+        if not done:  # a body left unread (error, or the consumer stopped early): this connection is not reusable
+            response.close()
+        response.release_conn()
+
+
+def http_read(url: str, max_bytes: int, stall_s: float = STALL_S, deadline_s: float | None = None) -> bytes:
+    """The whole body of `url` (see `http_chunks`)."""
+    return b"".join(http_chunks(url, max_bytes, stall_s, deadline_s))
+
+
+def _reason(exc: HTTPError, stall_s: float) -> str:
+    """One line for a urllib3 error: a stall says so; otherwise the innermost cause's message."""
+    if isinstance(exc, ReadTimeoutError) or isinstance(getattr(exc, "reason", None), ReadTimeoutError):
+        return f"no data for {stall_s:g} s (stalled server); abandoned"
+    cause = getattr(exc, "reason", None) or exc
+    return _POOL_PREFIX.sub("", str(cause))  # the URL is said once, by the caller
