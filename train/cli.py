@@ -291,9 +291,12 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: Path | None, onnx_model: Pa
 @main.command("export")
 @click.option(
     "--checkpoint",
+    "checkpoints",
     required=True,
+    multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The training checkpoint to export (e.g. runs/NAME/best.pt).",
+    help="The training checkpoint to export (e.g. runs/NAME/best.pt); repeat it for an ensemble in one file "
+    "(its output: the log of the members' mean probability). Members must share one label map.",
 )
 @click.option(
     "--out",
@@ -329,21 +332,23 @@ def predict_cmd(inputs: tuple[str, ...], checkpoint: Path | None, onnx_model: Pa
     type=click.Path(path_type=Path),
     help="A parquet file to add to the parity check (repeat the option for more).",
 )
-def export_cmd(checkpoint: Path, out: Path, fmt: str | None, opset: int | None, ema: bool,
+def export_cmd(checkpoints: tuple[Path, ...], out: Path, fmt: str | None, opset: int | None, ema: bool,
                check_files: tuple[Path, ...]) -> None:  # fmt: skip
     """Write a deployable ONNX or LiteRT (TFLite) model that takes one sequence's raw landmarks.
 
     Input `inputs`: float32 (T, 543, 3), NaN where undetected, any T >= 1; output `outputs`:
-    float32 (n_signs,) logits; the label map is in the file's metadata and in the .json beside it.
-    The preprocessing is inside the graph. Before anything is written, the file's runtime (onnxruntime
-    or ai-edge-litert) must agree with the PyTorch model (same top-1, probabilities within 1e-4) on
+    float32 (n_signs,) logits (several --checkpoint: one file holding every member, whose output is the log
+    of their mean probability); the label map is in the file's metadata and in the .json beside it,
+    written as a pair (a kill leaves the old pair or the new one). The preprocessing is inside the graph.
+    Before anything is written, the file's runtime (onnxruntime or ai-edge-litert) must agree with the
+    PyTorch model or ensemble (same top-1, probabilities within 1e-4) on
     built-in sequences (demo signing, T = 1, 2, 450, a hand or the face missing throughout) and on
     the --check files.
     """
     from train.export import export_model
 
     try:
-        r = export_model(checkpoint, out, fmt=fmt, opset=opset, use_ema=ema, check_files=check_files)
+        r = export_model(checkpoints, out, fmt=fmt, opset=opset, use_ema=ema, check_files=check_files)
     except AslError as exc:
         raise click.ClickException(str(exc)) from None
     worst = max(row.max_prob_diff for row in r.parity)
@@ -351,4 +356,5 @@ def export_cmd(checkpoint: Path, out: Path, fmt: str | None, opset: int | None, 
                f"{max(row.frames for row in r.parity)} frames), top-1 equal, largest probability difference "
                f"{worst:.1e}")  # fmt: skip
     made = f"opset {r.opset}, " if r.opset is not None else ""
+    made += f"{r.members} members, " if r.members > 1 else ""
     click.echo(f"wrote {r.path} ({r.size / 1e6:.2f} MB, {made}{r.weights} weights) and {r.metadata_path}")

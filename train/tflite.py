@@ -29,7 +29,6 @@ runs the file; both come with the `tflite` extra and are imported only when need
 
 from __future__ import annotations
 
-import hashlib
 import json
 import operator
 import os
@@ -40,22 +39,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.files import write_atomic
 from pipeline.landmarks import N_RAW
 from pipeline.read import read_landmarks
-from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.export import (
     INPUT_NAME,
     OUTPUT_NAME,
+    Checkpoints,
     ExportError,
     ExportResult,
     LandmarkClassifier,
     _quiet_exporter,
     builtin_sequences,
-    export_metadata,
+    export_source,
     parity_failure,
     parity_rows,
 )
+from train.modelpair import write_model_pair
 
 SIGNATURE = "serving_default"
 TFLITE_HINT = "pip install -e '.[tflite]'"
@@ -77,9 +76,9 @@ def require_tflite(module: str) -> Any:
 # ---------------------------------------------------------------------------- export
 
 
-def export_tflite(checkpoint: str | Path, out: str | Path, use_ema: bool = True,
+def export_tflite(checkpoint: Checkpoints, out: str | Path, use_ema: bool = True,
                   check_files: Sequence[str | Path] = ()) -> ExportResult:  # fmt: skip
-    """Write `out` (.tflite) and its metadata JSON from a checkpoint, after the parity check passes.
+    """Write `out` (.tflite) and its metadata JSON from a checkpoint (several: an ensemble), after the parity check.
 
     The same check as for ONNX: ai-edge-litert runs the serialized model on the built-in sequences and on
     `check_files`, and must agree with PyTorch on the pipeline's preprocessing; nothing is written otherwise.
@@ -88,21 +87,14 @@ def export_tflite(checkpoint: str | Path, out: str | Path, use_ema: bool = True,
     require_tflite("tensorflow")
     out = Path(out)
     checks = [(str(p), read_landmarks(p)) for p in check_files] + list(builtin_sequences())  # bad files fail first
-    ckpt = load_checkpoint(checkpoint)
-    weights = "ema" if use_ema and ckpt.get("ema") else "model"
-    model = model_from_checkpoint(ckpt, use_ema=use_ema)
-    metadata = export_metadata(ckpt, model, weights)
-    data = tflite_bytes(LandmarkClassifier(model).eval(), metadata)
+    source = export_source(checkpoint, use_ema)
+    data = tflite_bytes(LandmarkClassifier(source.model).eval(), source.metadata)
     runner = TFLiteClassifier(data)
-    parity = parity_rows(runner.logits, model, ckpt["label_map"], checks, runtime="ai-edge-litert")
+    parity = parity_rows(runner.logits, source.model, source.label_map, checks, runtime="ai-edge-litert")
     if any(not r.ok for r in parity):
         raise ExportError(parity_failure(parity, "ai-edge-litert"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, data)
-    meta_path = out.with_suffix(".json")
-    sidecar = {"model": out.name, "sha256": hashlib.sha256(data).hexdigest(), "format": "tflite", **metadata}
-    write_atomic(meta_path, (json.dumps(sidecar, indent=2) + "\n").encode())
-    return ExportResult(out, meta_path, len(data), None, weights, parity)
+    meta_path = write_model_pair(out, data, {"format": "tflite", **source.metadata})
+    return ExportResult(out, meta_path, len(data), None, source.weights, parity, source.members)
 
 
 def tflite_bytes(module: torch.nn.Module, metadata: dict[str, Any]) -> bytes:
@@ -390,6 +382,9 @@ class AtenToTF:
             aten.amax.default: reduce(tf.reduce_max, None),
             aten.any.dim: reduce(tf.reduce_any, None),
             aten._softmax.default: lambda node, x, dim, half: tf.nn.softmax(x, axis=dim),
+            aten._log_softmax.default: lambda node, x, dim, half: tf.nn.log_softmax(x, axis=dim),
+            aten.logsumexp.default: lambda node, x, dims, keepdim=False: tf.reduce_logsumexp(x, dims, keepdim),
+            aten.log.default: same(tf.math.log),
             aten.addmm.default: lambda node, bias, a, b: tf.matmul(a, b) + bias,
             aten.mm.default: lambda node, a, b: tf.matmul(a, b),
             aten.bmm.default: lambda node, a, b: tf.matmul(a, b),
