@@ -188,15 +188,16 @@ def _export(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def test_unknown_suffix(checkpoint: Path, tmp_path: Path) -> None:
-    code, output = _export("--checkpoint", str(checkpoint), "--out", str(tmp_path / "model.pb"))
-    assert (code, output) == (1, f"Error: {tmp_path / 'model.pb'}: unknown model format '.pb'; name the file .onnx "
-                                 "or .tflite, or give --format\n")  # fmt: skip
+@pytest.mark.parametrize("fmt", [None, "tflite"])
+def test_unknown_suffix(checkpoint: Path, tmp_path: Path, fmt: str | None) -> None:
+    out = tmp_path / "model.pb"
+    code, output = _export("--checkpoint", str(checkpoint), "--out", str(out), *(["--format", fmt] if fmt else []))
+    assert (code, output) == (1, f"Error: {out}: not a model file name (.pb); name it *.onnx or *.tflite\n")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_format_option_overrides_the_suffix_and_opset_is_onnx_only(checkpoint: Path, tmp_path: Path) -> None:
-    out = tmp_path / "model.bin"
+def test_opset_is_onnx_only(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model.tflite"
     code, output = _export("--checkpoint", str(checkpoint), "--out", str(out), "--format", "tflite", "--opset", "20")
     assert (code, output) == (1, "Error: --opset applies to ONNX only, not to a .tflite export\n")
     assert list(tmp_path.iterdir()) == []
@@ -300,6 +301,43 @@ def test_an_op_without_lowering_is_named() -> None:
 
     with pytest.raises(ExportError, match=r"^no LiteRT lowering for aten\.cumsum\.default \(node cumsum\); add one"):
         tf.function(lowering, autograph=False).get_concrete_function(tf.TensorSpec([None, 543, 3], tf.float32))
+
+
+# ---------------------------------------------------------------------------- ensembles
+
+
+def test_two_member_ensemble_equals_onnx_and_the_pytorch_ensemble(tmp_path: Path) -> None:
+    from train.ensemble import EnsembleScorer
+    from train.predict import CheckpointScorer
+
+    label_map = {f"sign_{i:02d}": i for i in range(20)}
+    members = []
+    for seed in (0, 1):
+        cfg = TrainConfig(preset="tiny")
+        torch.manual_seed(seed)
+        state = {k: v * 3.0 if v.ndim >= 2 else v for k, v in build_model(cfg, 20).state_dict().items()}
+        members.append(tmp_path / f"m{seed}.pt")
+        save_checkpoint(members[-1], {"model": state, "ema": None, "config": cfg.__dict__, "label_map": label_map,
+                                      "step": seed, "epoch": 0})  # fmt: skip
+    out = tmp_path / "ensemble.tflite"
+    code, output = _export(*(a for m in members for a in ("--checkpoint", str(m))), "--out", str(out))
+    assert code == 0, output
+    assert ", 2 members, model weights) and " in output
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert [m["checkpoint"] for m in sidecar["members"]] == [str(m) for m in members]
+    assert json.loads(metadata_of(out.read_bytes())["members"]) == sidecar["members"]
+    onnx_out = tmp_path / "ensemble.onnx"
+    export_onnx(members, onnx_out)
+    litert, onnx = TFLiteClassifier(out, threads=1), OnnxClassifier(onnx_out)
+    scorers = [CheckpointScorer(m, device="cpu") for m in members]
+    ensemble = EnsembleScorer(scorers, [str(m) for m in members])
+    xyzs = [demo(t) for t in (1, 2, 57, 500)] + [read_landmarks(p) for p in REAL_FILES if p.exists()]
+    for xyz in xyzs:
+        p_lite, p_onnx = softmax(litert.logits(xyz)), softmax(onnx.logits(xyz))
+        p_torch = ensemble.probabilities([xyz])[0]
+        np.testing.assert_allclose(p_torch, np.mean([s.probabilities([xyz])[0] for s in scorers], axis=0), atol=1e-6)
+        assert p_lite.argmax() == p_onnx.argmax() == p_torch.argmax()
+        assert np.abs(p_lite - p_torch).max() <= PROB_TOLERANCE and np.abs(p_lite - p_onnx).max() <= PROB_TOLERANCE
 
 
 # ---------------------------------------------------------------------------- docs/deploy.md
