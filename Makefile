@@ -11,7 +11,7 @@ DEMO_SEQUENCES ?= 2000
 DEMO_SIGNS ?= 25
 DEMO_EPOCHS ?= 20
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup setup-tflite demo test test-tflite lint bench bench-export clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,21 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev,export,tensorboard]"
+	touch $@
+
+# LiteRT export (tensorflow-cpu converts, ai-edge-litert runs) in a venv of its own: TensorFlow is about 1.5 GB,
+# and where it is installed torch's TensorBoard writer changes (a resumed run's purged steps come back), so
+# the main venv never gets it.
+TFLITE_VENV ?= .venv-tflite
+TFLITE_BIN := $(TFLITE_VENV)/bin
+
+setup-tflite: $(TFLITE_VENV)/.installed
+
+$(TFLITE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TFLITE_VENV)
+	$(TFLITE_BIN)/python -m pip install --quiet --upgrade pip
+	$(TFLITE_BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
+	$(TFLITE_BIN)/python -m pip install --quiet -e ".[dev,export,tflite]"
 	touch $@
 
 # The main job: demo data -> shards -> a small model trained on CPU -> evaluation -> prediction -> ONNX export.
@@ -42,7 +57,11 @@ demo: setup
 		$$(ls $(DEMO)/data/train_landmark_files/*/*.parquet | head -n 3)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not tflite"
+
+# The LiteRT export tests (marker `tflite`), on their own time budget; CI runs both targets.
+test-tflite: setup-tflite
+	$(TFLITE_BIN)/python -m pytest -q -m tflite
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -52,6 +71,9 @@ bench: setup
 	$(BIN)/python bench/build.py
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/train_step.py
+
+bench-export: setup-tflite
+	$(TFLITE_BIN)/python bench/export.py
 
 clean:
 	rm -rf $(DEMO) runs

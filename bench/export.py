@@ -1,18 +1,23 @@
-"""Latency of the exported ONNX model against eager PyTorch predict, per sequence on one CPU thread, in one run.
+"""Latency of the exported ONNX and LiteRT models against eager PyTorch, per sequence on one CPU thread, in one run.
 
-    python bench/export.py                          # an untrained default-preset model (250 signs)
-    python bench/export.py --checkpoint runs/X/best.pt --sequences 500
+    python bench/export.py                          # an untrained default-preset model (250 signs), 5-member ensemble
+    python bench/export.py --checkpoint runs/X/best.pt --sequences 500 --members 0
 
 Sequences are demo signing (`pipeline.demo.generate_sequence`) with lengths drawn from the real length
 distribution (`sample_lengths`), kept to 3..384 frames. Each sequence runs through every method in turn
 (interleaved, so machine noise hits all alike), after a warm-up; times are wall-clock per sequence:
 
 - `onnxruntime`: the exported file on the raw (T, 543, 3) landmarks, preprocessing in the graph;
+- `ai-edge-litert`: the `.tflite` export of the same checkpoint, the same way (its signature runner, one thread);
 - `pytorch predict`: what `asl-train predict --checkpoint` does per sequence: the pipeline's numpy
   preprocessing, the collate, the eager model;
-- `pytorch module`: the exported module (`LandmarkClassifier`) run eagerly: preprocessing in torch.
+- `pytorch module`: the exported module (`LandmarkClassifier`) run eagerly: preprocessing in torch;
+- `ensemble ...` (`--members N`, default 5; 0 skips them): one file holding N members (the checkpoint and N - 1
+  more of the same preset, other seeds), through each runtime, and eager PyTorch predict averaging the members.
 
-Targets (issue 10): onnxruntime median <= 10 ms a sequence, >= 3x faster than eager PyTorch predict, file <= 10 MB.
+Targets: onnxruntime median <= 10 ms a sequence, >= 3x faster than eager PyTorch predict, file <= 10 MB;
+LiteRT (the asl-signs competition's limits): p95 <= 100 ms a sequence, file <= 40 MB. Needs the export and
+tflite extras (`make bench-export`).
 """
 
 from __future__ import annotations
@@ -29,18 +34,22 @@ import torch
 from pipeline.demo import generate_sequence, sample_lengths
 from train.checkpoint import build_model, save_checkpoint
 from train.config import TrainConfig
+from train.ensemble import EnsembleScorer
 from train.export import LandmarkClassifier, export_onnx, onnx_session
 from train.predict import CheckpointScorer
+from train.tflite import TFLiteClassifier, export_tflite
 
 TARGET_MS = 10.0
 TARGET_SPEEDUP = 3.0
 TARGET_MB = 10.0
+TARGET_LITERT_MS = 100.0
+TARGET_LITERT_MB = 40.0
 
 
-def untrained_checkpoint(path: Path, preset: str, signs: int) -> Path:
+def untrained_checkpoint(path: Path, preset: str, signs: int, seed: int = 0) -> Path:
     """A checkpoint of a freshly initialized model: timing does not depend on the weights."""
     cfg = TrainConfig(preset=preset)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(cfg, signs)
     label_map = {f"sign_{i:03d}": i for i in range(signs)}
     save_checkpoint(path, {"model": model.state_dict(), "ema": None, "config": cfg.__dict__, "label_map": label_map,
@@ -75,6 +84,7 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--members", type=int, default=5, help="ensemble rows of this many members (0: none)")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -83,7 +93,11 @@ def main() -> None:
     start = time.perf_counter()
     result = export_onnx(ckpt, tmp / "model.onnx")
     export_s = time.perf_counter() - start
+    start = time.perf_counter()
+    lite_result = export_tflite(ckpt, tmp / "model.tflite")
+    lite_export_s = time.perf_counter() - start
     session = onnx_session(result.path, threads=1)
+    litert = TFLiteClassifier(lite_result.path, threads=1)
     scorer = CheckpointScorer(ckpt, device="cpu")
     module = LandmarkClassifier(scorer.model).eval()
 
@@ -93,9 +107,32 @@ def main() -> None:
 
     methods = {
         "onnxruntime": lambda xyz: session.run(["outputs"], {"inputs": xyz}),
+        "ai-edge-litert": litert.logits,
         "pytorch predict": lambda xyz: scorer.probabilities([xyz]),
         "pytorch module": run_module,
     }
+    sizes = {"onnxruntime": result.size, "ai-edge-litert": lite_result.size}
+    if args.members > 1:
+        members = [ckpt] + [untrained_checkpoint(tmp / f"member{k}.pt", args.preset, len(scorer.label_map), seed=k)
+                            for k in range(1, args.members)]  # fmt: skip
+        start = time.perf_counter()
+        ens = export_onnx(members, tmp / "ensemble.onnx")
+        ens_lite = export_tflite(members, tmp / "ensemble.tflite")
+        print(
+            f"{args.members}-member ensemble: export + parity check of both files {time.perf_counter() - start:.1f} s"
+        )
+        ens_session = onnx_session(ens.path, threads=1)
+        ens_litert = TFLiteClassifier(ens_lite.path, threads=1)
+        ens_scorer = EnsembleScorer([CheckpointScorer(m, device="cpu") for m in members], [str(m) for m in members])
+        methods |= {
+            f"ensemble x{args.members} onnxruntime": lambda xyz: ens_session.run(["outputs"], {"inputs": xyz}),
+            f"ensemble x{args.members} ai-edge-litert": ens_litert.logits,
+            f"ensemble x{args.members} pytorch predict": lambda xyz: ens_scorer.probabilities([xyz]),
+        }
+        sizes |= {
+            f"ensemble x{args.members} onnxruntime": ens.size,
+            f"ensemble x{args.members} ai-edge-litert": ens_lite.size,
+        }
     seqs = sequences(args.sequences, args.seed)
     times = latencies(methods, seqs, args.warmup)
     frames = np.array([len(s) for s in seqs])
@@ -103,22 +140,26 @@ def main() -> None:
     params = sum(p.numel() for p in scorer.model.parameters())
     source = ckpt if args.checkpoint else f"untrained preset {args.preset!r}"
     print(f"{source}: {params / 1e6:.2f} M parameters, {len(scorer.label_map)} signs; "
-          f"export + parity check {export_s:.1f} s")  # fmt: skip
+          f"export + parity check: ONNX {export_s:.1f} s, LiteRT {lite_export_s:.1f} s")  # fmt: skip
     print(f"{len(seqs)} sequences, {frames.min()}..{frames.max()} frames (median {np.median(frames):.0f}, "
           f"mean {frames.mean():.1f}), one thread, {args.warmup} warm-up")  # fmt: skip
     base = np.median(times["onnxruntime"])
-    print(f"{'method':<18} {'median ms':>10} {'p95 ms':>8} {'mean ms':>8} {'median vs onnxruntime':>22}")
+    print(f"{'method':<34} {'median ms':>10} {'p95 ms':>8} {'mean ms':>8} {'median vs onnxruntime':>22} {'file MB':>8}")
     for name, t in times.items():
         med = np.median(t)
-        print(f"{name:<18} {med * 1e3:>10.2f} {np.percentile(t, 95) * 1e3:>8.2f} {t.mean() * 1e3:>8.2f} "
-              f"{med / base:>21.2f}x")  # fmt: skip
-    mb = result.size / 1e6
+        size = f"{sizes[name] / 1e6:.2f}" if name in sizes else "-"
+        print(f"{name:<34} {med * 1e3:>10.2f} {np.percentile(t, 95) * 1e3:>8.2f} {t.mean() * 1e3:>8.2f} "
+              f"{med / base:>21.2f}x {size:>8}")  # fmt: skip
+    mb, lite_mb = result.size / 1e6, lite_result.size / 1e6
     speedup = np.median(times["pytorch predict"]) / base
-    print(f"file size {mb:.2f} MB (opset {result.opset})")
+    lite_p95 = np.percentile(times["ai-edge-litert"], 95) * 1e3
+    print(f"file size: ONNX {mb:.2f} MB (opset {result.opset}), LiteRT {lite_mb:.2f} MB ({lite_mb / mb:.2f}x)")
     for label, ok, value in (
         (f"onnxruntime median <= {TARGET_MS:g} ms", base * 1e3 <= TARGET_MS, f"{base * 1e3:.2f} ms"),
         (f">= {TARGET_SPEEDUP:g}x faster than eager PyTorch predict", speedup >= TARGET_SPEEDUP, f"{speedup:.2f}x"),
         (f"file <= {TARGET_MB:g} MB", mb <= TARGET_MB, f"{mb:.2f} MB"),
+        (f"LiteRT p95 <= {TARGET_LITERT_MS:g} ms", lite_p95 <= TARGET_LITERT_MS, f"{lite_p95:.2f} ms"),
+        (f"LiteRT file <= {TARGET_LITERT_MB:g} MB", lite_mb <= TARGET_LITERT_MB, f"{lite_mb:.2f} MB"),
     ):
         print(f"target: {label} -> {value} {'PASS' if ok else 'MISS'}")
 

@@ -318,8 +318,8 @@ def evaluate_cmd(checkpoints: tuple[Path, ...], shards: str | None, folds: list[
     "onnx_models",
     multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A file written by `asl-train export` (.onnx): predict with onnxruntime (the export extra). Repeat it "
-    "for an ensemble, as --checkpoint.",
+    help="A file written by `asl-train export`: .onnx runs with onnxruntime (the export extra), .tflite with "
+    "ai-edge-litert (the tflite extra); the file's contents decide, not its name. Repeat it for an ensemble.",
 )
 @click.option("--top", "k", default=5, show_default=True, type=click.IntRange(min=1), help="Signs per file.")
 @click.option(
@@ -353,14 +353,14 @@ def predict_cmd(inputs: tuple[str, ...], checkpoints: tuple[Path, ...], onnx_mod
         expand_inputs,
         format_prediction,
         iter_predictions,
-        onnx_scorer,
+        model_scorer,
     )
 
     if bool(checkpoints) == bool(onnx_models):
         raise click.UsageError("give exactly one of --checkpoint or --model (either may be repeated for an ensemble)")
     try:
         files = expand_inputs(inputs)
-        scorer = onnx_scorer(onnx_models) if onnx_models else CheckpointScorer(checkpoints, device)
+        scorer = model_scorer(onnx_models) if onnx_models else CheckpointScorer(checkpoints, device)
     except AslError as exc:
         raise click.ClickException(str(exc)) from None
     if fmt == "csv":
@@ -375,22 +375,33 @@ def predict_cmd(inputs: tuple[str, ...], checkpoints: tuple[Path, ...], onnx_mod
 @main.command("export")
 @click.option(
     "--checkpoint",
+    "checkpoints",
     required=True,
+    multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The training checkpoint to export (e.g. runs/NAME/best.pt).",
+    help="The training checkpoint to export (e.g. runs/NAME/best.pt); repeat it for an ensemble in one file "
+    "(its output: the log of the members' mean probability). Members must share one label map.",
 )
 @click.option(
     "--out",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The ONNX file to write (e.g. model.onnx); its metadata goes beside it with .json (model.json).",
+    help="The file to write: model.onnx (ONNX) or model.tflite (LiteRT, the tflite extra); its metadata goes "
+    "beside it with .json (model.json).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default=None,
+    type=click.Choice(["onnx", "tflite"]),
+    help="The format to write (default: the one --out's suffix names).",
 )
 @click.option(
     "--opset",
     default=None,
     type=click.IntRange(min=18),
     help="ONNX opset version (default: the exporter's, 20 with torch 2.13; 18 to 22 pass the parity check, 23 "
-    "does not: onnxruntime 1.32's Attention kernel refuses the model's key-padding mask).",
+    "does not: onnxruntime 1.32's Attention kernel refuses the model's key-padding mask). ONNX only.",
 )
 @click.option(
     "--ema/--no-ema",
@@ -405,23 +416,29 @@ def predict_cmd(inputs: tuple[str, ...], checkpoints: tuple[Path, ...], onnx_mod
     type=click.Path(path_type=Path),
     help="A parquet file to add to the parity check (repeat the option for more).",
 )
-def export_cmd(checkpoint: Path, out: Path, opset: int | None, ema: bool, check_files: tuple[Path, ...]) -> None:
-    """Write a deployable ONNX model that takes one sequence's raw landmarks.
+def export_cmd(checkpoints: tuple[Path, ...], out: Path, fmt: str | None, opset: int | None, ema: bool,
+               check_files: tuple[Path, ...]) -> None:  # fmt: skip
+    """Write a deployable ONNX or LiteRT (TFLite) model that takes one sequence's raw landmarks.
 
     Input `inputs`: float32 (T, 543, 3), NaN where undetected, any T >= 1; output `outputs`:
-    float32 (n_signs,) logits; the label map is in the file's metadata and in the .json beside it.
-    The preprocessing is inside the graph. Before anything is written, onnxruntime must agree with
-    the PyTorch model (same top-1, probabilities within 1e-4) on built-in sequences (demo signing,
-    T = 1, 2, 450, a hand or the face missing throughout) and on the --check files.
+    float32 (n_signs,) logits (several --checkpoint: one file holding every member, whose output is the log
+    of their mean probability); the label map is in the file's metadata and in the .json beside it,
+    written as a pair (a kill leaves the old pair or the new one). The preprocessing is inside the graph.
+    Before anything is written, the file's runtime (onnxruntime or ai-edge-litert) must agree with the
+    PyTorch model or ensemble (same top-1, probabilities within 1e-4) on
+    built-in sequences (demo signing, T = 1, 2, 450, a hand or the face missing throughout) and on
+    the --check files.
     """
-    from train.export import export_onnx
+    from train.export import export_model
 
     try:
-        r = export_onnx(checkpoint, out, opset=opset, use_ema=ema, check_files=check_files)
-    except (AslError, OSError) as exc:
+        r = export_model(checkpoints, out, fmt=fmt, opset=opset, use_ema=ema, check_files=check_files)
+    except AslError as exc:
         raise click.ClickException(str(exc)) from None
     worst = max(row.max_prob_diff for row in r.parity)
     click.echo(f"parity: {len(r.parity)} sequences ({min(row.frames for row in r.parity)}.."
                f"{max(row.frames for row in r.parity)} frames), top-1 equal, largest probability difference "
                f"{worst:.1e}")  # fmt: skip
-    click.echo(f"wrote {r.path} ({r.size / 1e6:.2f} MB, opset {r.opset}, {r.weights} weights) and {r.metadata_path}")
+    made = f"opset {r.opset}, " if r.opset is not None else ""
+    made += f"{r.members} members, " if r.members > 1 else ""
+    click.echo(f"wrote {r.path} ({r.size / 1e6:.2f} MB, {made}{r.weights} weights) and {r.metadata_path}")

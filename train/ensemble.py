@@ -14,7 +14,7 @@ from train.model import SignModel
 
 
 class EnsembleError(AslError, ValueError):
-    """Members that cannot form an ensemble; the message names the files."""
+    """Checkpoints or models that cannot make one ensemble; the message names two of them."""
 
 
 def label_map_difference(a: dict[str, int], b: dict[str, int]) -> str | None:
@@ -35,7 +35,9 @@ def shared_label_map(members: Sequence[tuple[str, dict[str, int]]]) -> dict[str,
     first, label_map = members[0]
     for name, other in members[1:]:
         if (why := label_map_difference(label_map, other)) is not None:
-            raise EnsembleError(f"{first} and {name} have different label maps ({why}); members must share one")
+            raise EnsembleError(
+                f"{first} and {name} have different label maps ({why}); ensemble members must share one"
+            )
     return label_map
 
 

@@ -1,4 +1,4 @@
-"""Deployable models: a checkpoint as one ONNX file that takes the raw landmarks of one sequence.
+"""Deployable models: checkpoints as one ONNX file taking the raw landmarks of one sequence (LiteRT: `train.tflite`).
 
 The graph holds the whole route after the reader, from the same code the pipeline and the trainer
 run: `pipeline.features.compact_features` (landmark selection, normalization with NaN-aware
@@ -6,9 +6,11 @@ statistics over the whole sequence, truncation at 384, dx/dx2, NaN -> 0) applied
 then the network. Contract of the file:
 
 - input `inputs`: float32 `(T, 543, 3)`, NaN for undetected points, any `T >= 1`;
-- output `outputs`: float32 `(n_signs,)` logits;
-- `metadata_props` hold the label map (`label_map`, JSON `{sign: index}`) and how the file was made;
-  the same, with the file's sha256, is written beside it as JSON (`model.onnx` -> `model.json`).
+- output `outputs`: float32 `(n_signs,)` logits; for an ensemble of several checkpoints (one file holding
+  every member), the log of the members' mean probability, so that a softmax gives the mean;
+- `metadata_props` hold the label map (`label_map`, JSON `{sign: index}`) and how the file was made (for an
+  ensemble, `members`); the same, with the file's sha256, is written beside it as JSON (`model.onnx` ->
+  `model.json`), the two as one pair (`train.modelpair`).
 
 onnx, onnxscript and onnxruntime come with the `export` extra and are imported only when needed.
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import sys
@@ -34,17 +35,20 @@ from torch import nn
 
 from pipeline.errors import AslError
 from pipeline.features import FEATURES_VERSION, compact_features
-from pipeline.files import write_atomic
 from pipeline.landmarks import N_RAW, TYPE_OFFSETS, TYPE_SIZES
 from pipeline.read import read_landmarks
 from train.checkpoint import load_checkpoint, model_from_checkpoint
+from train.ensemble import EnsembleModel, shared_label_map
 from train.model import SignModel
+from train.modelpair import write_model_pair
 
 INPUT_NAME = "inputs"
 OUTPUT_NAME = "outputs"
 FRAMES_AXIS = "frames"  # name of the dynamic first axis of `inputs` in the ONNX file
 PROB_TOLERANCE = 1e-4  # largest difference of probabilities the parity check accepts
 EXTRA_HINT = "pip install -e '.[export]'"
+FORMATS = {".onnx": "onnx", ".tflite": "tflite"}  # suffix -> format of `asl-train export --out`
+Checkpoints = str | Path | Sequence[str | Path]  # one checkpoint, or the members of an ensemble
 
 
 class ExportError(AslError, RuntimeError):
@@ -58,7 +62,7 @@ class LandmarkClassifier(nn.Module):
     With `fast_convs`, the network's Conv1d layers run as the equivalent Conv2d (`Conv1dAs2d`).
     """
 
-    def __init__(self, model: SignModel, fast_convs: bool = False) -> None:
+    def __init__(self, model: SignModel | EnsembleModel, fast_convs: bool = False) -> None:
         super().__init__()
         self.model = with_conv2d(model) if fast_convs else model
 
@@ -100,27 +104,39 @@ def with_conv2d(model: nn.Module) -> nn.Module:
 
 @dataclass
 class ParityRow:
-    """One sequence of the parity check: onnxruntime against the PyTorch model on the pipeline's features."""
+    """One sequence of the parity check: the exported file's runtime against PyTorch on the pipeline's features."""
 
     name: str
     frames: int
     top1_torch: str
-    top1_onnx: str
+    top1_export: str
     max_prob_diff: float
 
     @property
     def ok(self) -> bool:
-        return self.top1_torch == self.top1_onnx and self.max_prob_diff <= PROB_TOLERANCE
+        return self.top1_torch == self.top1_export and self.max_prob_diff <= PROB_TOLERANCE
 
 
 @dataclass
 class ExportResult:
     path: Path
     metadata_path: Path
-    size: int  # bytes of the ONNX file
-    opset: int
-    weights: str  # "ema" or "model"
+    size: int  # bytes of the exported file
+    opset: int | None  # ONNX only
+    weights: str  # "ema" or "model" (an ensemble: each member's, e.g. "ema+model" when they differ)
     parity: list[ParityRow] = field(default_factory=list)
+    members: int = 1
+
+
+@dataclass
+class ExportSource:
+    """What an export turns into a file: one model or an ensemble, its label map and the metadata to store."""
+
+    model: SignModel | EnsembleModel
+    label_map: dict[str, int]
+    metadata: dict[str, Any]
+    weights: str
+    members: int
 
 
 def require(module: str) -> Any:
@@ -136,9 +152,56 @@ def require(module: str) -> Any:
 # ---------------------------------------------------------------------------- export
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, opset: int | None = None, use_ema: bool = True,
+def export_model(checkpoint: Checkpoints, out: str | Path, fmt: str | None = None, opset: int | None = None,
+                 use_ema: bool = True, check_files: Sequence[str | Path] = ()) -> ExportResult:  # fmt: skip
+    """Export in the format `out`'s suffix names (.onnx, .tflite; `train.tflite` for LiteRT); several checkpoints
+    make one ensemble file. The format and the output directory are checked before any work."""
+    fmt = export_format(out, fmt)
+    if fmt == "tflite" and opset is not None:
+        raise ExportError("--opset applies to ONNX only, not to a .tflite export")
+    check_writable(out)
+    if fmt == "tflite":
+        from train.tflite import export_tflite
+
+        return export_tflite(checkpoint, out, use_ema=use_ema, check_files=check_files)
+    return export_onnx(checkpoint, out, opset=opset, use_ema=use_ema, check_files=check_files)
+
+
+def export_format(out: str | Path, fmt: str | None = None) -> str:
+    """The format that `out`'s suffix names; `fmt`, when given, must be the same one.
+
+    The suffix is required even with `fmt`: any other name (`m.json`, `best.pt`) could be a file that is not a
+    model, and `m.json` would be the model's own metadata.
+    """
+    if fmt is not None and fmt not in FORMATS.values():
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS.values())}")
+    suffix = Path(out).suffix.lower()
+    if suffix not in FORMATS:
+        raise ExportError(f"{out}: not a model file name ({suffix or 'no suffix'}); name it "
+                          f"{' or '.join('*' + s for s in FORMATS)}")  # fmt: skip
+    if fmt is not None and FORMATS[suffix] != fmt:
+        raise ExportError(f"{out}: the suffix {suffix} names the {FORMATS[suffix]} format, not --format {fmt}")
+    return FORMATS[suffix]
+
+
+def check_writable(out: str | Path) -> None:
+    """Fail now, in one line, when `out` cannot be written: a file is tried in its nearest existing directory."""
+    import tempfile
+
+    out = Path(out)
+    base = out.absolute().parent
+    while not base.exists():  # the missing directories are made only when the file is written
+        base = base.parent
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as exc:  # NotADirectoryError when a file stands where a directory should be
+        raise ExportError(f"{out}: cannot write the output ({exc.strerror or exc})") from None
+
+
+def export_onnx(checkpoint: Checkpoints, out: str | Path, opset: int | None = None, use_ema: bool = True,
                 check_files: Sequence[str | Path] = ()) -> ExportResult:  # fmt: skip
-    """Write `out` (.onnx) and its metadata JSON from a checkpoint, after a parity check passes.
+    """Write `out` (.onnx) and its metadata JSON from a checkpoint (several: an ensemble), after a parity check.
 
     The check runs the serialized model with onnxruntime on built-in sequences (demo signing of several
     lengths and the edge cases: T = 1, 2, past 384, a hand or the face missing throughout) and on
@@ -148,11 +211,57 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int | None = Non
         require(module)
     out = Path(out)
     checks = [(str(p), read_landmarks(p)) for p in check_files] + list(builtin_sequences())  # bad files fail first
-    ckpt = load_checkpoint(checkpoint)
-    weights = "ema" if use_ema and ckpt.get("ema") else "model"
-    model = model_from_checkpoint(ckpt, use_ema=use_ema)
+    source = export_source(checkpoint, use_ema)
+    data, opset_used = onnx_bytes(LandmarkClassifier(source.model, fast_convs=True).eval(), source.metadata, opset)
+    session = onnx_session(data)
+    parity = parity_rows(session, source.model, source.label_map, checks)
+    if any(not r.ok for r in parity):
+        raise ExportError(parity_failure(parity))
+    meta_path = write_model_pair(out, data, {"opset": opset_used, **source.metadata})
+    return ExportResult(out, meta_path, len(data), opset_used, source.weights, parity, source.members)
+
+
+def export_source(checkpoint: Checkpoints, use_ema: bool = True) -> ExportSource:
+    """The model to export: one checkpoint's, or an `EnsembleModel` of several sharing one label map and max_len.
+
+    Every checkpoint is loaded and checked before any model is built; a mismatch is one line naming two files.
+    """
+    paths = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
+    if not paths:
+        raise ExportError("nothing to export: give at least one checkpoint")
+    ckpts = [load_checkpoint(p) for p in paths]
+    label_map = shared_label_map([(str(p), c["label_map"]) for p, c in zip(paths, ckpts, strict=True)])
+    models = [model_from_checkpoint(c, use_ema=use_ema) for c in ckpts]
+    weights = ["ema" if use_ema and c.get("ema") else "model" for c in ckpts]
+    if len(paths) == 1:
+        return ExportSource(models[0], label_map, export_metadata(ckpts[0], models[0], weights[0]), weights[0], 1)
+    for p, m in zip(paths[1:], models[1:], strict=True):
+        if m.cfg.max_len != models[0].cfg.max_len:  # one graph truncates every member's input alike
+            raise ExportError(f"{paths[0]} and {p} truncate sequences at different lengths ({models[0].cfg.max_len} "
+                              f"and {m.cfg.max_len} frames); ensemble members must share max_len")  # fmt: skip
+    ensemble = EnsembleModel(models).eval()
+    metadata = export_metadata(ckpts[0], models[0], weights[0])
+    metadata["output"] = (f"{OUTPUT_NAME}: float32 ({len(label_map)},) log of the mean probability of "
+                          f"{len(models)} members (softmax gives the mean), indexed by label_map")  # fmt: skip
+    for key in ("preset", "weights", "step", "epoch"):  # per member, below
+        del metadata[key]
+    metadata["members"] = [
+        {
+            "checkpoint": str(p),
+            "preset": c["config"].get("preset"),
+            "weights": w,
+            "step": c.get("step"),
+            "epoch": c.get("epoch"),
+        }  # fmt: skip
+        for p, c, w in zip(paths, ckpts, weights, strict=True)
+    ]
+    return ExportSource(ensemble, label_map, metadata, "+".join(dict.fromkeys(weights)), len(models))
+
+
+def export_metadata(ckpt: dict[str, Any], model: SignModel, weights: str) -> dict[str, Any]:
+    """What an exported file says about itself: its contract, label map and the checkpoint it was made from."""
     label_map: dict[str, int] = ckpt["label_map"]
-    metadata = {
+    return {
         "label_map": label_map,
         "input": f"{INPUT_NAME}: float32 ({FRAMES_AXIS}, {N_RAW}, 3) raw landmarks, NaN where undetected, "
         f"{FRAMES_AXIS} >= 1",
@@ -164,23 +273,15 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int | None = Non
         "step": ckpt.get("step"),
         "epoch": ckpt.get("epoch"),
     }
-    data, opset_used = onnx_bytes(LandmarkClassifier(model, fast_convs=True).eval(), metadata, opset)
-    session = onnx_session(data)
-    parity = parity_rows(session, model, label_map, checks)
+
+
+def parity_failure(parity: Sequence[ParityRow], runtime: str = "onnxruntime") -> str:
+    """The one-line error for a failed parity check, naming the worst sequence."""
     bad = [r for r in parity if not r.ok]
-    if bad:
-        worst = max(bad, key=lambda r: r.max_prob_diff)
-        raise ExportError(
-            f"parity check failed on {len(bad)} of {len(parity)} sequences, e.g. {worst.name} ({worst.frames} frames): "
-            f"top-1 {worst.top1_onnx!r} (onnxruntime) vs {worst.top1_torch!r} (PyTorch), largest probability "
-            f"difference {worst.max_prob_diff:.2e} (tolerance {PROB_TOLERANCE:g}); nothing was written"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, data)
-    meta_path = out.with_suffix(".json")
-    sidecar = {"model": out.name, "sha256": hashlib.sha256(data).hexdigest(), "opset": opset_used, **metadata}
-    write_atomic(meta_path, (json.dumps(sidecar, indent=2) + "\n").encode())
-    return ExportResult(out, meta_path, len(data), opset_used, weights, parity)
+    worst = max(bad, key=lambda r: r.max_prob_diff)
+    return (f"parity check failed on {len(bad)} of {len(parity)} sequences, e.g. {worst.name} ({worst.frames} "
+            f"frames): top-1 {worst.top1_export!r} ({runtime}) vs {worst.top1_torch!r} (PyTorch), largest probability "
+            f"difference {worst.max_prob_diff:.2e} (tolerance {PROB_TOLERANCE:g}); nothing was written")  # fmt: skip
 
 
 def onnx_bytes(module: nn.Module, metadata: dict[str, Any], opset: int | None = None) -> tuple[bytes, int]:
@@ -252,8 +353,9 @@ def builtin_sequences() -> Iterator[tuple[str, np.ndarray]]:
     yield "face missing in every frame", xyz
 
 
-def torch_logits(model: SignModel, xyz: np.ndarray) -> np.ndarray:
-    """(n_signs,) logits of the PyTorch model on the pipeline's numpy preprocessing of one sequence."""
+def torch_logits(model: SignModel | EnsembleModel, xyz: np.ndarray) -> np.ndarray:
+    """(n_signs,) logits of the PyTorch model on the pipeline's numpy preprocessing of one sequence (an ensemble:
+    the log of its members' mean probability)."""
     x, _ = compact_features(xyz, model.cfg.max_len)  # (L, 118, 6)
     with torch.no_grad():
         return model(torch.from_numpy(x)[None], torch.ones(1, len(x), dtype=torch.bool))[0].numpy()
@@ -264,17 +366,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def parity_rows(session: Any, model: SignModel, label_map: dict[str, int],
-                sequences: Sequence[tuple[str, np.ndarray]]) -> list[ParityRow]:  # fmt: skip
-    """Compare onnxruntime's probabilities with the PyTorch model's on every sequence."""
+def parity_rows(session: Any, model: SignModel | EnsembleModel, label_map: dict[str, int],
+                sequences: Sequence[tuple[str, np.ndarray]],
+                runtime: str = "onnxruntime") -> list[ParityRow]:  # fmt: skip
+    """Compare the exported file's probabilities with the PyTorch model's on every sequence.
+
+    `session`: an onnxruntime session, or any callable (T, 543, 3) -> logits that runs the file (`runtime`)."""
     names = {v: s for s, v in label_map.items()}
+    run = session if callable(session) else lambda xyz: session.run([OUTPUT_NAME], {INPUT_NAME: xyz})[0]
     rows = []
     for name, xyz in sequences:
         p_torch = softmax(torch_logits(model, xyz))
         try:
-            p_onnx = softmax(session.run([OUTPUT_NAME], {INPUT_NAME: xyz})[0])
-        except Exception as exc:  # onnxruntime's own error classes share no useful base
-            raise ExportError(f"onnxruntime cannot run the exported model on '{name}' ({len(xyz)} frames): "
+            p_onnx = softmax(run(xyz))
+        except Exception as exc:  # the runtimes' own error classes share no useful base
+            raise ExportError(f"{runtime} cannot run the exported model on '{name}' ({len(xyz)} frames): "
                               f"{str(exc).splitlines()[0][:300]}; nothing was written") from None  # fmt: skip
         rows.append(ParityRow(name, len(xyz), names[int(p_torch.argmax())], names[int(p_onnx.argmax())],
                               float(np.abs(p_torch - p_onnx).max())))  # fmt: skip

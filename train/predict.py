@@ -1,4 +1,4 @@
-"""Inference: raw parquet files -> top-k signs (with a checkpoint or an exported ONNX file), and a validation report."""
+"""Inference: raw parquet files -> top-k signs (a checkpoint, an exported ONNX or LiteRT file); validation reports."""
 
 from __future__ import annotations
 
@@ -122,9 +122,34 @@ class OnnxScorer:
         return np.stack([softmax(self.model.logits(xyz)) for xyz in sequences])
 
 
-def onnx_scorer(paths: Sequence[str | Path]) -> Scorer:
+class TFLiteScorer:
+    """A `.tflite` file written by `asl-train export`, run by ai-edge-litert one sequence at a time."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        from train.tflite import TFLiteClassifier
+
+        self.model = TFLiteClassifier(path, threads)
+        self.label_map = self.model.label_map
+
+    def probabilities(self, sequences: list[np.ndarray]) -> np.ndarray:
+        from train.export import softmax
+
+        return np.stack([softmax(self.model.logits(xyz)) for xyz in sequences])
+
+
+def exported_scorer(path: str | Path) -> OnnxScorer | TFLiteScorer:
+    """The scorer for an exported file, chosen by its contents: LiteRT's flatbuffers say `TFL3` at byte 4."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise InputFileError(path, f"cannot read the model ({exc.strerror or exc})") from None
+    return TFLiteScorer(path) if head[4:8] == b"TFL3" else OnnxScorer(path)
+
+
+def model_scorer(paths: Sequence[str | Path]) -> Scorer:
     """An exported model, or the ensemble of several (the mean of their probabilities; one label map)."""
-    members = [OnnxScorer(p) for p in paths]
+    members = [exported_scorer(p) for p in paths]
     return members[0] if len(members) == 1 else EnsembleScorer(members, [str(p) for p in paths])
 
 
