@@ -80,12 +80,12 @@ class Run:
     ema: torch.optim.swa_utils.AveragedModel | None
     aug_cfg: AugmentConfig
     generator: torch.Generator
-    sums: torch.Tensor  # the epoch's loss * samples and samples (over a resume too), and this session's samples
+    sums: torch.Tensor  # the epoch's loss * samples and samples (over a resume too), and samples since start
     step: int = 0
     epoch: int = 0  # epochs finished
-    skip: int = 0  # batches of the current epoch trained before the checkpoint this session resumed from
+    skip: int = 0  # batches of the current epoch trained before the checkpoint this process resumed from
     best: float = -1.0  # best validation top-1 so far
-    consumed: int = 0  # batches this session trained
+    consumed: int = 0  # batches this process trained
     reporters: Reporters = field(default_factory=lambda: Reporters([]))
     awp: AWP | None = None  # --awp: the adversarial step on the weights, from its start epoch
     trained: np.ndarray | None = None  # uint8 per training sample id: 1 once this rank trained it this epoch

@@ -52,7 +52,7 @@ class TensorBoardReporter:
         except ImportError:
             raise BackendError(TENSORBOARD_MISSING) from None
         self.dir = out / "tensorboard"
-        # purge_step hides the events a killed session logged after the checkpoint this one resumes from
+        # purge_step hides the events a killed run logged after the checkpoint this one resumes from
         self.writer = SummaryWriter(str(self.dir), purge_step=start_step + 1)
 
     def log_step(self, step: int, values: dict[str, float]) -> None:
