@@ -76,9 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data-dir", type=Path, help="reuse this Kaggle-layout directory instead of generating one")
     ap.add_argument("--work-dir", type=Path, help="where to put generated data and shards (default: a temp dir)")
     ap.add_argument("--scale", type=int, default=10, help="rows multiplier for the peak-memory build (default 10)")
-    ap.add_argument("--shard-size", type=int, default=100,
-                    help="build-shards --shard-size (default 100: 20 shards for 2,000 files, so that every worker "
-                         "stays busy; the CLI's default 500 gives 2,000 files only 5 shards)")  # fmt: skip
+    ap.add_argument(
+        "--shard-size",
+        type=int,
+        default=100,
+        help="build-shards --shard-size (default 100: 20 shards for 2,000 files, so that every worker "
+        "stays busy; the CLI's default 500 gives 2,000 files only 5 shards)",
+    )
     ap.add_argument("--signs", type=int, default=25)
     ap.add_argument("--participants", type=int, default=10)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -118,8 +122,14 @@ def ensure_data(args: argparse.Namespace, work: Path) -> Path:
         print(f"reusing {data}")
         return data
     start = time.perf_counter()
-    write_demo_dataset(data, sequences=args.sequences, signs=args.signs, participants=args.participants, seed=0,
-                       jobs=os.cpu_count() or 1)  # fmt: skip
+    write_demo_dataset(
+        data,
+        sequences=args.sequences,
+        signs=args.signs,
+        participants=args.participants,
+        seed=0,
+        jobs=os.cpu_count() or 1,
+    )
     print(f"generated {args.sequences} demo sequences in {time.perf_counter() - start:.1f}s -> {data}")
     return data
 
@@ -219,8 +229,21 @@ def whole_build(code: Path, data: Path, out: Path, jobs: int, shard_size: int) -
     """Wall seconds of one fresh `build-shards` process of the checkout `code`, start-up included."""
     if out.exists():
         shutil.rmtree(out)
-    argv = [sys.executable, "-m", "pipeline.cli", "build-shards", "--data-dir", str(data), "--out", str(out),
-            "--jobs", str(jobs), "--shard-size", str(shard_size), "--force"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "build-shards",
+        "--data-dir",
+        str(data),
+        "--out",
+        str(out),
+        "--jobs",
+        str(jobs),
+        "--shard-size",
+        str(shard_size),
+        "--force",
+    ]
     start = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=code, env=_env(code))
     seconds = time.perf_counter() - start
@@ -320,9 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         big_samples = big["manifest"]["totals"]["samples"]
 
         print()
-        print(f"build-shards benchmark: {n} files ({samples} written, {totals['rejected']} rejected), "
-              f"mean stored length {totals['real_frames'] / max(samples, 1):.1f} frames, "
-              f"{os.cpu_count()} CPUs, shard size {args.shard_size}")  # fmt: skip
+        print(
+            f"build-shards benchmark: {n} files ({samples} written, {totals['rejected']} rejected), "
+            f"mean stored length {totals['real_frames'] / max(samples, 1):.1f} frames, "
+            f"{os.cpu_count()} CPUs, shard size {args.shard_size}"
+        )
         print(f"{'measure':<46}{'seconds':>9}{'files/s':>10}{'x bare read':>13}{'x baseline':>12}{'peak RSS':>11}")
 
         def line(name: str, seconds: float, rate: float, rss: str = "") -> None:
@@ -334,12 +359,18 @@ def main(argv: list[str] | None = None) -> int:
             rss = f"{b['maxrss_kb'] / 1024:.0f} MB"
             line(f"(c) build-shards --jobs {jobs}, whole process", b["wall"], n / b["wall"], rss)
             line("    the same, in-process (the build's own timer)", b["seconds"], n / b["seconds"])
-        line(f"    build-shards --jobs {ref_jobs}, {big_samples} rows (x{args.scale}), whole", big["wall"],
-             big_samples / big["wall"], f"{big_rss:.0f} MB")  # fmt: skip
+        line(
+            f"    build-shards --jobs {ref_jobs}, {big_samples} rows (x{args.scale}), whole",
+            big["wall"],
+            big_samples / big["wall"],
+            f"{big_rss:.0f} MB",
+        )
         line("    the same, in-process", big["seconds"], big_samples / big["seconds"])
         rows_planned, t_plan = plan_seconds(scaled)
-        print(f"    plan stage (train.csv, label map and file checks), {rows_planned} rows, 1 process: "
-              f"{t_plan:.2f}s = {t_plan / rows_planned * 1e6:.1f} us a row")  # fmt: skip
+        print(
+            f"    plan stage (train.csv, label map and file checks), {rows_planned} rows, 1 process: "
+            f"{t_plan:.2f}s = {t_plan / rows_planned * 1e6:.1f} us a row"
+        )
         if args.compare_code:
             compared = compare_code(data, work, args)
             for (measure, jobs), t in compared.items():
@@ -348,37 +379,55 @@ def main(argv: list[str] | None = None) -> int:
                 line(f"(d) --compare-code, --jobs {jobs}, {what}", other, n / other)
                 line(f"    this checkout, --jobs {jobs}, {what}", this, n / this)
                 ratios = sorted(a / b for a, b in zip(t["this"], t["other"], strict=True))
-                print(f"    this / --compare-code, {what}, --jobs {jobs}: {this / other:.3f} (medians of "
-                      f"{args.rounds}); per round {', '.join(f'{x:.3f}' for x in ratios)}")  # fmt: skip
+                print(
+                    f"    this / --compare-code, {what}, --jobs {jobs}: {this / other:.3f} (medians of "
+                    f"{args.rounds}); per round {', '.join(f'{x:.3f}' for x in ratios)}"
+                )
         commands = {
             'python -c "import pyarrow.parquet"': ([sys.executable, "-c", "import pyarrow.parquet"], ROOT),
             "asl-pipeline --help": ([sys.executable, "-m", "pipeline.cli", "--help"], ROOT),
         }
         if args.compare_code:
-            commands["asl-pipeline --help, --compare-code"] = (commands["asl-pipeline --help"][0],
-                                                                args.compare_code.resolve())  # fmt: skip
+            commands["asl-pipeline --help, --compare-code"] = (
+                commands["asl-pipeline --help"][0],
+                args.compare_code.resolve(),
+            )
         started = startup_seconds(commands, max(args.rounds, 3))
         bare = started['python -c "import pyarrow.parquet"']
         for name, seconds in started.items():
             print(f"(e) start-up, {name:<45}{seconds:>7.2f}s  {seconds / bare:.2f}x the bare import")
         print(f"shards identical across --jobs {','.join(map(str, builds))}: {identical}")
-        print(f"bytes on disk: {totals['bytes'] / samples / 1e3:.1f} kB a sample vs L*118*6*2 = "
-              f"{ideal / samples / 1e3:.1f} kB ({(bytes_ratio - 1) * 100:+.1f}%)")  # fmt: skip
+        print(
+            f"bytes on disk: {totals['bytes'] / samples / 1e3:.1f} kB a sample vs L*118*6*2 = "
+            f"{ideal / samples / 1e3:.1f} kB ({(bytes_ratio - 1) * 100:+.1f}%)"
+        )
 
         ref_rate = n / builds[ref_jobs]["seconds"]
         print()
         print("targets:")
         checks = [
-            (f"--jobs {ref_jobs} >= {TARGET_VS_READ}x the 1-process bare read rate",
-             f"{ref_rate / read_rate:.2f}x", ref_rate / read_rate >= TARGET_VS_READ),
-            (f"--jobs {ref_jobs} >= {TARGET_VS_BASELINE:.0f}x the per-sample baseline",
-             f"{ref_rate / base_rate:.2f}x", ref_rate / base_rate >= TARGET_VS_BASELINE),
-            (f"bytes a sample within {TARGET_BYTES:.0%} of L*118*6*2 (float16 compact)",
-             f"{(bytes_ratio - 1) * 100:+.1f}%", abs(bytes_ratio - 1) <= TARGET_BYTES),
-            (f"peak RSS flat: {n} vs {big_samples} rows within {TARGET_MEMORY:.2f}x",
-             f"{small_rss:.0f} -> {big_rss:.0f} MB ({rss_ratio:.2f}x)", rss_ratio <= TARGET_MEMORY),
+            (
+                f"--jobs {ref_jobs} >= {TARGET_VS_READ}x the 1-process bare read rate",
+                f"{ref_rate / read_rate:.2f}x",
+                ref_rate / read_rate >= TARGET_VS_READ,
+            ),
+            (
+                f"--jobs {ref_jobs} >= {TARGET_VS_BASELINE:.0f}x the per-sample baseline",
+                f"{ref_rate / base_rate:.2f}x",
+                ref_rate / base_rate >= TARGET_VS_BASELINE,
+            ),
+            (
+                f"bytes a sample within {TARGET_BYTES:.0%} of L*118*6*2 (float16 compact)",
+                f"{(bytes_ratio - 1) * 100:+.1f}%",
+                abs(bytes_ratio - 1) <= TARGET_BYTES,
+            ),
+            (
+                f"peak RSS flat: {n} vs {big_samples} rows within {TARGET_MEMORY:.2f}x",
+                f"{small_rss:.0f} -> {big_rss:.0f} MB ({rss_ratio:.2f}x)",
+                rss_ratio <= TARGET_MEMORY,
+            ),
             ("shards byte-identical whatever --jobs", str(identical), identical),
-        ]  # fmt: skip
+        ]
         for name, value, ok in checks:
             print(f"  {verdict(ok)}  {name:<58} {value}")
         print(f"\ntotal benchmark time {time.perf_counter() - total_start:.0f}s; work dir {work}")

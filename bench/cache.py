@@ -76,8 +76,9 @@ def http_server(directory: Path) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(port), str(directory)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVER, str(port), str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -127,8 +128,9 @@ def read_rates(shards: Path, url: str, manifest: dict[str, Any], cache_root: Pat
     return best
 
 
-def loader_rates(args: argparse.Namespace, shards: Path, url: str, manifest: dict[str, Any],
-                 work: Path) -> dict[str, float]:  # fmt: skip
+def loader_rates(
+    args: argparse.Namespace, shards: Path, url: str, manifest: dict[str, Any], work: Path
+) -> dict[str, float]:
     """Samples/s of full training epochs (2 workers), best of `--rounds` interleaved rounds."""
     folds, bsz = [f["fold"] for f in manifest["folds"]], args.batch_size
     best: dict[str, float] = {}

@@ -52,8 +52,17 @@ def untrained_checkpoint(path: Path, preset: str, signs: int, seed: int = 0) -> 
     torch.manual_seed(seed)
     model = build_model(cfg, signs)
     label_map = {f"sign_{i:03d}": i for i in range(signs)}
-    save_checkpoint(path, {"model": model.state_dict(), "ema": None, "config": cfg.__dict__, "label_map": label_map,
-                           "step": 0, "epoch": 0})  # fmt: skip
+    save_checkpoint(
+        path,
+        {
+            "model": model.state_dict(),
+            "ema": None,
+            "config": cfg.__dict__,
+            "label_map": label_map,
+            "step": 0,
+            "epoch": 0,
+        },
+    )
     return path
 
 
@@ -113,8 +122,10 @@ def main() -> None:
     }
     sizes = {"onnxruntime": result.size, "ai-edge-litert": lite_result.size}
     if args.members > 1:
-        members = [ckpt] + [untrained_checkpoint(tmp / f"member{k}.pt", args.preset, len(scorer.label_map), seed=k)
-                            for k in range(1, args.members)]  # fmt: skip
+        members = [ckpt] + [
+            untrained_checkpoint(tmp / f"member{k}.pt", args.preset, len(scorer.label_map), seed=k)
+            for k in range(1, args.members)
+        ]
         start = time.perf_counter()
         ens = export_onnx(members, tmp / "ensemble.onnx")
         ens_lite = export_tflite(members, tmp / "ensemble.tflite")
@@ -139,17 +150,23 @@ def main() -> None:
 
     params = sum(p.numel() for p in scorer.model.parameters())
     source = ckpt if args.checkpoint else f"untrained preset {args.preset!r}"
-    print(f"{source}: {params / 1e6:.2f} M parameters, {len(scorer.label_map)} signs; "
-          f"export + parity check: ONNX {export_s:.1f} s, LiteRT {lite_export_s:.1f} s")  # fmt: skip
-    print(f"{len(seqs)} sequences, {frames.min()}..{frames.max()} frames (median {np.median(frames):.0f}, "
-          f"mean {frames.mean():.1f}), one thread, {args.warmup} warm-up")  # fmt: skip
+    print(
+        f"{source}: {params / 1e6:.2f} M parameters, {len(scorer.label_map)} signs; "
+        f"export + parity check: ONNX {export_s:.1f} s, LiteRT {lite_export_s:.1f} s"
+    )
+    print(
+        f"{len(seqs)} sequences, {frames.min()}..{frames.max()} frames (median {np.median(frames):.0f}, "
+        f"mean {frames.mean():.1f}), one thread, {args.warmup} warm-up"
+    )
     base = np.median(times["onnxruntime"])
     print(f"{'method':<34} {'median ms':>10} {'p95 ms':>8} {'mean ms':>8} {'median vs onnxruntime':>22} {'file MB':>8}")
     for name, t in times.items():
         med = np.median(t)
         size = f"{sizes[name] / 1e6:.2f}" if name in sizes else "-"
-        print(f"{name:<34} {med * 1e3:>10.2f} {np.percentile(t, 95) * 1e3:>8.2f} {t.mean() * 1e3:>8.2f} "
-              f"{med / base:>21.2f}x {size:>8}")  # fmt: skip
+        print(
+            f"{name:<34} {med * 1e3:>10.2f} {np.percentile(t, 95) * 1e3:>8.2f} {t.mean() * 1e3:>8.2f} "
+            f"{med / base:>21.2f}x {size:>8}"
+        )
     mb, lite_mb = result.size / 1e6, lite_result.size / 1e6
     speedup = np.median(times["pytorch predict"]) / base
     lite_p95 = np.percentile(times["ai-edge-litert"], 95) * 1e3

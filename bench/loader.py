@@ -134,8 +134,9 @@ def timed_epoch(
     loader = make_loader(shards, folds, batch_size, train=True, workers=workers, seed=0, bucket=bucket)
     stream = loader.dataset
     if repeat > 1 or stream_cls is not ShardStream or stream_options:
-        stream = stream_cls(stream.location, stream.shards * repeat, batch_size, train=True, seed=0, bucket=bucket,
-                            **stream_options)  # fmt: skip
+        stream = stream_cls(
+            stream.location, stream.shards * repeat, batch_size, train=True, seed=0, bucket=bucket, **stream_options
+        )
         loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
     stream.set_epoch(at)
     samples = batches = processed = real = 0
@@ -230,8 +231,15 @@ def source_rows(args: argparse.Namespace, shards: Path, folds: list[int]) -> lis
     }
     for key, name in names.items():
         per = rates[key]
-        rows.append(Row(f"loader/worker, {name}", per, "samples/s/worker", f">= {TARGET_PER_WORKER:,.0f}",
-                        per >= TARGET_PER_WORKER))  # fmt: skip
+        rows.append(
+            Row(
+                f"loader/worker, {name}",
+                per,
+                "samples/s/worker",
+                f">= {TARGET_PER_WORKER:,.0f}",
+                per >= TARGET_PER_WORKER,
+            )
+        )
     for where, sha, size in (("local", "sha256", "size"), ("http", "http", "http-size")):
         hashing = rates[sha] / rates[size]
         rows.append(Row(f"sha256 / size check, {where} (hashing cost)", hashing, "x", ">= 0.90", hashing >= 0.9))
@@ -424,9 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", help="build the demo data and shards here (kept) instead of a temporary dir")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=2, help="timed loader epochs per setting (best is kept)")
-    parser.add_argument("--repeat", type=int, default=10,
-                        help="list every shard this many times in the timed epochs (2,000 x 10 = 20,000 samples, so "
-                             "that worker start-up weighs as in a full-size epoch)")  # fmt: skip
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=10,
+        help="list every shard this many times in the timed epochs (2,000 x 10 = 20,000 samples, so "
+        "that worker start-up weighs as in a full-size epoch)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for the augmentation")
     parser.add_argument("--jobs", type=int, default=2, help="processes for building the demo data and shards")
     parser.add_argument("--quick", action="store_true", help="smaller data and fewer repetitions: a smoke test")

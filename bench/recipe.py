@@ -84,8 +84,16 @@ def main() -> None:
         ensure_demo(tmp / "data", args.sequences, args.signs)
         shards = tmp / "shards"
         build_shards(tmp / "data", shards, BuildOptions(folds=5), jobs=2)
-    base = {"shards": str(shards), "preset": args.preset, "epochs": args.epochs, "batch_size": args.batch_size,
-            "lr": args.lr, "workers": args.workers, "val_folds": [0], "device": "auto"}  # fmt: skip
+    base = {
+        "shards": str(shards),
+        "preset": args.preset,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "workers": args.workers,
+        "val_folds": [0],
+        "device": "auto",
+    }
     results: dict[str, list[tuple[float, float]]] = {}
     for name in rows:
         results[name] = [run_row(name, base, args.epochs, seed, tmp / "runs") for seed in range(args.seeds)]
@@ -96,8 +104,10 @@ def main() -> None:
     print(f"{'row':<16} {'top-1 (mean ± std)':>20} {'vs default':>11} {'s/epoch':>8} {'time ratio':>11}")
     for name in rows:
         mean, std = statistics.mean(top1[name]), statistics.pstdev(top1[name])
-        print(f"{name:<16} {mean:>12.4f} ± {std:.4f} {mean - ref_top1:>+11.4f} {epoch_s[name]:>8.2f} "
-              f"{epoch_s[name] / ref_s:>10.2f}x")  # fmt: skip
+        print(
+            f"{name:<16} {mean:>12.4f} ± {std:.4f} {mean - ref_top1:>+11.4f} {epoch_s[name]:>8.2f} "
+            f"{epoch_s[name] / ref_s:>10.2f}x"
+        )
 
 
 if __name__ == "__main__":

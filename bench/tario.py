@@ -83,8 +83,15 @@ def tarfile_shard(members: list[tuple[str, bytes]]) -> bytes:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (len(data), 0, 0o644, 0,
-                                                                                            0, "", "")  # fmt: skip
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                len(data),
+                0,
+                0o644,
+                0,
+                0,
+                "",
+                "",
+            )
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
@@ -117,17 +124,20 @@ def main() -> None:
     assert all(tarfile_members(b) == list(tar_members(io.BytesIO(b), "b")) == webdataset_members(b) for b in blobs)
     assert all(np.array_equal(load_npy(d), numpy_npy(d)) for d in npys)
 
-    reads = best({
-        "tar_members (ours)": lambda: [list(tar_members(io.BytesIO(b), "b")) for b in blobs],
-        "tarfile, mode r|": lambda: [tarfile_members(b) for b in blobs],
-        "webdataset tar_file_iterator": lambda: [webdataset_members(b) for b in blobs],
-        "load_npy (ours)": lambda: [load_npy(d) for d in npys],
-        "np.lib.format.read_array": lambda: [numpy_npy(d) for d in npys],
-        "sample: iter_members + decode_compact": lambda: [our_samples(b) for b in blobs],
-        "sample: tarfile + read_array": lambda: [library_samples(b) for b in blobs],
-        "ustar_header (ours)": lambda: [ustar_header(n, len(d)) for n, d in members],
-        "tarfile TarInfo.tobuf": lambda: [tarfile_header(n, len(d)) for n, d in members],
-    }, args.rounds)  # fmt: skip
+    reads = best(
+        {
+            "tar_members (ours)": lambda: [list(tar_members(io.BytesIO(b), "b")) for b in blobs],
+            "tarfile, mode r|": lambda: [tarfile_members(b) for b in blobs],
+            "webdataset tar_file_iterator": lambda: [webdataset_members(b) for b in blobs],
+            "load_npy (ours)": lambda: [load_npy(d) for d in npys],
+            "np.lib.format.read_array": lambda: [numpy_npy(d) for d in npys],
+            "sample: iter_members + decode_compact": lambda: [our_samples(b) for b in blobs],
+            "sample: tarfile + read_array": lambda: [library_samples(b) for b in blobs],
+            "ustar_header (ours)": lambda: [ustar_header(n, len(d)) for n, d in members],
+            "tarfile TarInfo.tobuf": lambda: [tarfile_header(n, len(d)) for n, d in members],
+        },
+        args.rounds,
+    )
     pairs = [
         ("tar read", "tar_members (ours)", ["tarfile, mode r|", "webdataset tar_file_iterator"], samples),
         (".npy decode", "load_npy (ours)", ["np.lib.format.read_array"], samples),
@@ -135,8 +145,10 @@ def main() -> None:
         ("tar header", "ustar_header (ours)", ["tarfile TarInfo.tobuf"], samples),
     ]
     mb = sum(map(len, blobs)) / 1e6
-    print(f"{len(blobs)} shards, {samples} samples, {len(members)} members ({len(npys)} .npy), {mb:.1f} MB in memory; "
-          f"best of {args.rounds} rounds")  # fmt: skip
+    print(
+        f"{len(blobs)} shards, {samples} samples, {len(members)} members ({len(npys)} .npy), {mb:.1f} MB in memory; "
+        f"best of {args.rounds} rounds"
+    )
     print(f"{'row':<14}{'method':<40}{'us a sample':>12}{'x ours':>9}")
     for row, ours, others, n in pairs:
         for name in [ours, *others]:
@@ -145,9 +157,11 @@ def main() -> None:
     ours_shard = b"".join(b for n, d in members[:40] for b in member_blocks(n, d)) + bytes(1024)
     theirs = tarfile_shard(members[:40])
     headers_equal = all(ustar_header(n, len(d)) == tarfile_header(n, len(d)) for n, d in members[:40])
-    print(f"tarfile headers equal to the shards' headers: {headers_equal}; whole archive equal: "
-          f"{theirs == ours_shard} ({len(theirs)} vs {len(ours_shard)} bytes); tarfile deterministic run to run: "
-          f"{tarfile_shard(members[:40]) == theirs}")  # fmt: skip
+    print(
+        f"tarfile headers equal to the shards' headers: {headers_equal}; whole archive equal: "
+        f"{theirs == ours_shard} ({len(theirs)} vs {len(ours_shard)} bytes); tarfile deterministic run to run: "
+        f"{tarfile_shard(members[:40]) == theirs}"
+    )
     if not headers_equal:
         name, size = members[0][0], len(members[0][1])
         h_ours, h_lib = ustar_header(name, size), tarfile_header(name, size)

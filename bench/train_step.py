@@ -29,8 +29,15 @@ from train.model import SignModel, model_config
 
 def measure(shards: Path, args: argparse.Namespace, device: torch.device, bucket: bool, compile_: bool) -> dict:
     manifest = read_manifest(shards)
-    loader = make_loader(shards, [f["fold"] for f in manifest["folds"]], args.batch_size, train=True,
-                         workers=args.workers, bucket=bucket, pin_memory=device.type == "cuda")  # fmt: skip
+    loader = make_loader(
+        shards,
+        [f["fold"] for f in manifest["folds"]],
+        args.batch_size,
+        train=True,
+        workers=args.workers,
+        bucket=bucket,
+        pin_memory=device.type == "cuda",
+    )
     model = SignModel(model_config(args.preset, len(manifest["label_map"]))).to(device)
     net = torch.compile(model, dynamic=True) if compile_ else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -84,8 +91,10 @@ def main() -> None:
     runs = [("cpu", torch.device("cpu"), False)]
     if torch.cuda.is_available():
         runs += [("cuda bf16", torch.device("cuda"), False), ("cuda bf16 compiled", torch.device("cuda"), True)]
-    print(f"preset {args.preset}, batch {args.batch_size}, {args.steps} steps after {args.warmup} warm-up, "
-          f"{args.workers} workers")  # fmt: skip
+    print(
+        f"preset {args.preset}, batch {args.batch_size}, {args.steps} steps after {args.warmup} warm-up, "
+        f"{args.workers} workers"
+    )
     print(f"{'device':<20} {'batches':<10} {'samples/s':>10} {'vs fixed 384':>13} {'data wait':>10}")
     for name, device, compile_ in runs:
         fixed = measure(shards, args, device, bucket=False, compile_=compile_)

@@ -524,10 +524,18 @@ def build_one_shard(task: ShardTask, out: Path, opts: BuildOptions) -> dict[str,
         writer.abort()
         raise
     sidecar = {
-        "name": task.name, "fold": task.fold, "inputs": task.inputs, "samples": len(ids), "bytes": size,
-        "sha256": sha, "sequence_ids": ids, "labels": labels, "frames": frames, "lengths": lengths,
+        "name": task.name,
+        "fold": task.fold,
+        "inputs": task.inputs,
+        "samples": len(ids),
+        "bytes": size,
+        "sha256": sha,
+        "sequence_ids": ids,
+        "labels": labels,
+        "frames": frames,
+        "lengths": lengths,
         "rejects": rejects,
-    }  # fmt: skip
+    }
     write_json_atomic(_sidecar_path(out, task), sidecar)
     return sidecar
 
@@ -539,9 +547,14 @@ def _sample_members(row: Row, fold: int, opts: BuildOptions) -> tuple[list[tuple
     xyz = read_landmarks(row.source, coords="xy", max_bytes=opts.max_file_mb * MB)  # z is never used
     compact, missing = compact_features(xyz)
     meta = {
-        "sequence_id": row.sequence_id, "participant_id": row.participant_id, "sign": row.sign,
-        "label": row.label, "frames": len(xyz), "length": len(compact), "fold": fold,
-    }  # fmt: skip
+        "sequence_id": row.sequence_id,
+        "participant_id": row.participant_id,
+        "sign": row.sign,
+        "label": row.label,
+        "frames": len(xyz),
+        "length": len(compact),
+        "fold": fold,
+    }
     members = encode_sample(row.sequence_id, compact, missing, meta, opts.layout, opts.dtype)
     ustar_header(max((name for name, _ in members), key=len), 0)  # the writer's name check, before any byte
     return members, len(xyz), len(compact)
@@ -597,8 +610,19 @@ def _sidecar_path(out: Path, task_or_name: ShardTask | str) -> Path:
     return out / (name.removesuffix(".tar") + ".json")
 
 
-_SIDECAR_KEYS = ("name", "fold", "inputs", "samples", "bytes", "sha256", "sequence_ids", "labels", "frames", "lengths",
-                 "rejects")  # fmt: skip
+_SIDECAR_KEYS = (
+    "name",
+    "fold",
+    "inputs",
+    "samples",
+    "bytes",
+    "sha256",
+    "sequence_ids",
+    "labels",
+    "frames",
+    "lengths",
+    "rejects",
+)
 
 
 def _complete(out: Path, task: ShardTask) -> bool:
@@ -622,8 +646,10 @@ def output_lock(out: Path) -> Iterator[None]:
         try:
             stack.enter_context(locked(out / LOCK))
         except LockHeldError as exc:
-            raise BuildError(f"{out}: another build-shards (pid {exc.pid}) is writing here; "
-                             "wait for it to end or choose another --out") from None  # fmt: skip
+            raise BuildError(
+                f"{out}: another build-shards (pid {exc.pid}) is writing here; "
+                "wait for it to end or choose another --out"
+            ) from None
         yield
 
 
@@ -697,7 +723,7 @@ def _manifest(
         "shards": [
             {k: s[k] for k in ("name", "fold", "samples", "bytes", "sha256", "sequence_ids", "labels", "lengths")}
             for s in sidecars
-        ],  # fmt: skip
+        ],
         "totals": {
             "samples": int(len(lengths)),
             "shards": len(sidecars),

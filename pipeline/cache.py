@@ -77,8 +77,12 @@ class ShardCache:
         _check_usable(self.root)
         free = shutil.disk_usage(self.root).free
         if limit_bytes is not None and limit_bytes > free + self.size():
-            log.warning("%s: cache limit %s is more than the disk's free space (%s); it fills the disk first",
-                        self.root, _mb(limit_bytes), _mb(free))  # fmt: skip
+            log.warning(
+                "%s: cache limit %s is more than the disk's free space (%s); it fills the disk first",
+                self.root,
+                _mb(limit_bytes),
+                _mb(free),
+            )
 
     def open(self, location: str | Location, fingerprint: str, largest: int = 0) -> CachedShards:
         """The entries of one location and build; CacheError when `largest` (bytes of the largest shard
@@ -177,8 +181,11 @@ class CachedShards:
     def _refill(self, name: str, path: Path, size: int, sha256: str, fetch: Fetch, retries: int) -> bytes:
         """Drop a bad entry (saying so), then fetch it, `retries` more times if the fetch fails."""
         if path.exists() or path.is_symlink():
-            log.warning("%s: cached copy of %s differs from the manifest (size or sha256); fetched again",
-                        path, self.location.url(name))  # fmt: skip
+            log.warning(
+                "%s: cached copy of %s differs from the manifest (size or sha256); fetched again",
+                path,
+                self.location.url(name),
+            )
             path.unlink(missing_ok=True)
         for tmp in self.dir.glob(f".{name}.*.tmp"):  # we hold its fill lock: any temporary is a killed fill's
             tmp.unlink(missing_ok=True)
@@ -235,8 +242,11 @@ class CachedShards:
             return None
         if not self.cache.evict(room=size):
             limit = _mb(self.cache.limit_bytes)
-            self._warn_once("limit", f"{self.cache.root}: the cache limit {limit} is taken by shards being read "
-                            f"or pinned; {url} and others read without caching")  # fmt: skip
+            self._warn_once(
+                "limit",
+                f"{self.cache.root}: the cache limit {limit} is taken by shards being read "
+                f"or pinned; {url} and others read without caching",
+            )
             return None
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -259,8 +269,11 @@ class CachedShards:
         reason = exc.strerror or str(exc)
         self._uncached = reason
         full = " (full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        self._warn_once("write", f"{self.dir}: cannot write the cache{full}: {reason}; reading {url} and the following "
-                        "shards without caching")  # fmt: skip
+        self._warn_once(
+            "write",
+            f"{self.dir}: cannot write the cache{full}: {reason}; reading {url} and the following "
+            "shards without caching",
+        )
 
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._said:
@@ -270,15 +283,18 @@ class CachedShards:
     def _check_fits(self, what: str, size: int) -> None:
         limit = self.cache.limit_bytes
         if limit is not None and size > limit:
-            raise CacheError(f"{self.cache.root}: cache limit {_mb(limit)} is smaller than {what} ({_mb(size)}); "
-                             "raise the limit or leave it unset")  # fmt: skip
+            raise CacheError(
+                f"{self.cache.root}: cache limit {_mb(limit)} is smaller than {what} ({_mb(size)}); "
+                "raise the limit or leave it unset"
+            )
 
     def _lock(self, name: str, kind: str) -> Path:
         return self.dir / f".{name}.{kind}"
 
 
-def cache_view(cache_dir: str | Path | None, limit_gb: float | None, location: str | Location,
-               manifest: dict[str, Any]) -> CachedShards | None:  # fmt: skip
+def cache_view(
+    cache_dir: str | Path | None, limit_gb: float | None, location: str | Location, manifest: dict[str, Any]
+) -> CachedShards | None:
     """The cache of `location`'s shards under `cache_dir` (`--cache-dir`, `--cache-limit` in GB), or None without
     a cache directory or for a local directory (never cached: its shards already are local files).
 
@@ -320,8 +336,10 @@ def _claim(meta: Path, owner: dict[str, str]) -> None:
         if found == owner:
             return
         if found is not None:  # a 64-bit key collision, or an edited file: never mix two locations' shards
-            raise CacheError(f"{meta}: entry directory already holds {found.get('location')!r} build "
-                             f"{found.get('fingerprint')!r}; use another cache directory")  # fmt: skip
+            raise CacheError(
+                f"{meta}: entry directory already holds {found.get('location')!r} build "
+                f"{found.get('fingerprint')!r}; use another cache directory"
+            )
     fd, tmp = tempfile.mkstemp(dir=meta.parent, prefix=".location-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:

@@ -86,8 +86,18 @@ def _valid_folds(folds: int) -> int:
     help="Reject landmark files larger than this (MiB; the real ones are under 10).",
 )
 @click.option("--force", is_flag=True, help="Delete shards built with other options or inputs and rebuild.")
-def build_shards_cmd(data_dir: Path, out: Path, jobs: int, shard_size: int, folds: int, dtype: str, layout: str,
-                     limit: int | None, max_file_mb: int, force: bool) -> None:  # fmt: skip
+def build_shards_cmd(
+    data_dir: Path,
+    out: Path,
+    jobs: int,
+    shard_size: int,
+    folds: int,
+    dtype: str,
+    layout: str,
+    limit: int | None,
+    max_file_mb: int,
+    force: bool,
+) -> None:
     """Preprocess every sequence into (L, 118, 6) features and write fold-tagged tar shards.
 
     Resumable: a rerun builds only missing or incomplete shards; an identical rerun does
@@ -97,8 +107,9 @@ def build_shards_cmd(data_dir: Path, out: Path, jobs: int, shard_size: int, fold
     map, options that clash with existing shards, another build writing to OUT, or OUT not
     writable or full.
     """
-    opts = build_mod.BuildOptions(shard_size=shard_size, folds=folds, dtype=dtype, layout=layout, limit=limit,
-                                  max_file_mb=max_file_mb)  # fmt: skip
+    opts = build_mod.BuildOptions(
+        shard_size=shard_size, folds=folds, dtype=dtype, layout=layout, limit=limit, max_file_mb=max_file_mb
+    )
     jobs = jobs if jobs > 0 else (os.cpu_count() or 1)
     start = time.perf_counter()
     with tqdm(unit="file", desc="build-shards", dynamic_ncols=True, disable=None) as bar:
@@ -138,17 +149,36 @@ LOCATION_HELP = (
 
 @main.command("verify", epilog=LOCATION_HELP)
 @click.argument("shards", default="shards")
-@click.option("--cache-dir", default=None, type=click.Path(path_type=Path),
-              help="Read remote shards through this shard cache (as asl-train --cache-dir); cached copies are hashed, "
-              "and fetched again when they differ from the manifest.")  # fmt: skip
-@click.option("--cache-limit", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="GB the cache may hold (default: no limit); least recently read shards are evicted.")  # fmt: skip
-@click.option("--io-timeout", default=STALL_S, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Seconds without a byte before a remote read is abandoned.")  # fmt: skip
-@click.option("--io-min-rate", default=MIN_RATE / 1000, show_default=True, type=click.FloatRange(min=0),
-              help="kB/s a remote read must average after its first --io-timeout s; 0: no such limit.")  # fmt: skip
-def verify_cmd(shards: str, cache_dir: Path | None, cache_limit: float | None, io_timeout: float,
-               io_min_rate: float) -> None:  # fmt: skip
+@click.option(
+    "--cache-dir",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Read remote shards through this shard cache (as asl-train --cache-dir); cached copies are hashed, "
+    "and fetched again when they differ from the manifest.",
+)
+@click.option(
+    "--cache-limit",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="GB the cache may hold (default: no limit); least recently read shards are evicted.",
+)
+@click.option(
+    "--io-timeout",
+    default=STALL_S,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds without a byte before a remote read is abandoned.",
+)
+@click.option(
+    "--io-min-rate",
+    default=MIN_RATE / 1000,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="kB/s a remote read must average after its first --io-timeout s; 0: no such limit.",
+)
+def verify_cmd(
+    shards: str, cache_dir: Path | None, cache_limit: float | None, io_timeout: float, io_min_rate: float
+) -> None:
     """Check every shard against the manifest: size, sha256, sample count, keys, labels and shapes.
 
     Exit status 1 on any mismatch (each one is listed).
@@ -175,8 +205,10 @@ def stats_cmd(shards: str, top: int) -> None:
     """Counts per fold and sign, and the sequence length distribution, from the manifest."""
     stats = manifest_stats(read_manifest(shards), top, source=as_location(shards).url(MANIFEST))
     totals = stats["totals"]
-    click.echo(f"{totals['samples']} samples, {totals['shards']} shards, {totals['bytes'] / 1e6:.1f} MB, "
-               f"{totals['rejected']} rejected")  # fmt: skip
+    click.echo(
+        f"{totals['samples']} samples, {totals['shards']} shards, {totals['bytes'] / 1e6:.1f} MB, "
+        f"{totals['rejected']} rejected"
+    )
     click.echo("fold  samples  shards  participants")
     for fold, samples, shards, participants in stats["folds"]:
         click.echo(f"{fold:>4}  {samples:>7}  {shards:>6}  {participants}")
@@ -184,8 +216,10 @@ def stats_cmd(shards: str, top: int) -> None:
     click.echo("fewest: " + ", ".join(f"{n} {c}" for n, c in stats["fewest"]))
     lengths = stats["lengths"]
     if lengths.get("count"):
-        click.echo("frames: " + ", ".join(f"{k} {lengths[k]}" for k in
-                                          ("min", "p25", "median", "mean", "p75", "p95", "p99", "max")))  # fmt: skip
+        click.echo(
+            "frames: "
+            + ", ".join(f"{k} {lengths[k]}" for k in ("min", "p25", "median", "mean", "p75", "p95", "p99", "max"))
+        )
         click.echo(f"truncated to {MAX_LEN}: {lengths['truncated']}")
         click.echo("stored length histogram: " + ", ".join(f"[{a},{b}) {n}" for a, b, n in stats["histogram"]))
 
@@ -203,8 +237,7 @@ def demo_data_cmd(out: Path, sequences: int, signs: int, participants: int, seed
 
     jobs = jobs if jobs > 0 else (os.cpu_count() or 1)
     start = time.perf_counter()
-    summary = write_demo_dataset(out, sequences=sequences, signs=signs, participants=participants, seed=seed,
-                                 jobs=jobs)  # fmt: skip
+    summary = write_demo_dataset(out, sequences=sequences, signs=signs, participants=participants, seed=seed, jobs=jobs)
     click.echo(f"{summary} in {time.perf_counter() - start:.1f}s")
 
 

@@ -39,16 +39,22 @@ def pool() -> urllib3.PoolManager:
     return _pools[pid]
 
 
-def http_chunks(url: str, max_bytes: int, stall_s: float = STALL_S, deadline_s: float | None = None,
-                min_rate: float = 0.0) -> Iterator[bytes]:  # fmt: skip
+def http_chunks(
+    url: str, max_bytes: int, stall_s: float = STALL_S, deadline_s: float | None = None, min_rate: float = 0.0
+) -> Iterator[bytes]:
     """The body of `url` in chunks; LocationError (naming `url`) on a status other than 200, a stall, the
     deadline, an average rate below `min_rate` (after the first `stall_s`), a body longer than `max_bytes`,
     or a broken connection. The connection is kept for reuse only after a whole body was read."""
     start, pace = time.monotonic(), Pace(stall_s, min_rate)
     try:
-        response = pool().request("GET", url, headers={"Accept-Encoding": "identity"}, preload_content=False,
-                                  decode_content=False, timeout=urllib3.Timeout(connect=min(CONNECT_S, stall_s),
-                                                                                read=stall_s))  # fmt: skip
+        response = pool().request(
+            "GET",
+            url,
+            headers={"Accept-Encoding": "identity"},
+            preload_content=False,
+            decode_content=False,
+            timeout=urllib3.Timeout(connect=min(CONNECT_S, stall_s), read=stall_s),
+        )
     except HTTPError as exc:
         raise LocationError(f"{url}: {_reason(exc, stall_s)}") from None
     done = False
@@ -82,8 +88,9 @@ def http_chunks(url: str, max_bytes: int, stall_s: float = STALL_S, deadline_s: 
         response.release_conn()
 
 
-def http_read(url: str, max_bytes: int, stall_s: float = STALL_S, deadline_s: float | None = None,
-              min_rate: float = 0.0) -> bytes:  # fmt: skip
+def http_read(
+    url: str, max_bytes: int, stall_s: float = STALL_S, deadline_s: float | None = None, min_rate: float = 0.0
+) -> bytes:
     """The whole body of `url` (see `http_chunks`)."""
     return b"".join(http_chunks(url, max_bytes, stall_s, deadline_s, min_rate))
 

@@ -45,8 +45,7 @@ REFERENCE_LANDMARK = 17
 # Where each group sits inside the 118 selected points.
 GROUP_SLICES: dict[str, slice] = {}
 _start = 0
-for _name, _group in (("lip", LIP), ("lhand", LHAND), ("rhand", RHAND),
-                      ("nose", NOSE), ("reye", REYE), ("leye", LEYE)):  # fmt: skip
+for _name, _group in (("lip", LIP), ("lhand", LHAND), ("rhand", RHAND), ("nose", NOSE), ("reye", REYE), ("leye", LEYE)):
     GROUP_SLICES[_name] = slice(_start, _start + len(_group))
     _start += len(_group)
 

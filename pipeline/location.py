@@ -84,8 +84,10 @@ class Pace:
         return self.stall_s + size / self.min_rate if self.min_rate else math.inf
 
     def too_slow(self, url: str, received: int, elapsed: float) -> LocationError:
-        return LocationError(f"{url}: {received} bytes in {elapsed:.0f} s, below the minimum rate of "
-                             f"{self.min_rate / 1000:g} kB/s (--io-min-rate); abandoned")  # fmt: skip
+        return LocationError(
+            f"{url}: {received} bytes in {elapsed:.0f} s, below the minimum rate of "
+            f"{self.min_rate / 1000:g} kB/s (--io-min-rate); abandoned"
+        )
 
 
 @dataclass(frozen=True)
@@ -217,8 +219,14 @@ def read_command(url: str, argv: list[str] | str, max_bytes: int | None, pace: P
     shell = isinstance(argv, str)
     what = "the pipe: command" if shell else argv[0]
     try:
-        proc = subprocess.Popen(argv, shell=shell, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            argv,
+            shell=shell,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
     except OSError as exc:
         raise LocationError(f"{url}: cannot run {'the shell' if shell else argv[0]} ({exc.strerror or exc})") from None
     _running[proc.pid] = os.getpid()
@@ -359,8 +367,10 @@ def _file_url_path(spec: str) -> str:
 def _pipe_template(spec: str) -> str:
     """The command template of a `pipe:` location, which must say where the file name goes."""
     if "{}" not in spec:
-        raise LocationSpecError(f"{spec}: a pipe: location needs {{}} where the file name goes, "
-                                "e.g. 'pipe:aws s3 cp s3://bucket/shards/{} -'")  # fmt: skip
+        raise LocationSpecError(
+            f"{spec}: a pipe: location needs {{}} where the file name goes, "
+            "e.g. 'pipe:aws s3 cp s3://bucket/shards/{} -'"
+        )
     return spec[len("pipe:") :]
 
 

@@ -63,8 +63,13 @@ def file_problem(st: os.stat_result, max_bytes: int) -> str | None:
 
 
 def _file_kind(mode: int) -> str:
-    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]  # fmt: skip
+    kinds = [
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
     return next((name for test, name in kinds if test(mode)), "a special file")
 
 
@@ -210,8 +215,11 @@ def _decoded_size_problem(metadata: pq.FileMetaData, max_bytes: int) -> str | No
             f"{rows} rows ({rows // N_RAW} frames) decode to more than the {max_bytes / MB:g} MB limit allows "
             f"(--max-file-mb; at most {bound // BYTES_PER_ROW // N_RAW} frames)"
         )
-    chunks = (group.column(i) for group in map(metadata.row_group, range(metadata.num_row_groups))
-              for i in range(group.num_columns))  # fmt: skip
+    chunks = (
+        group.column(i)
+        for group in map(metadata.row_group, range(metadata.num_row_groups))
+        for i in range(group.num_columns)
+    )
     unpacked = sum(c.total_uncompressed_size for c in chunks if c.path_in_schema in _NEEDED)
     if unpacked > bound:
         return (

@@ -361,8 +361,12 @@ def max_shard_bytes(entry: dict[str, Any], config: dict[str, Any], longest_sign:
         frames = np.full_like(frames, MAX_LEN)
     itemsize = np.dtype(config["dtype"]).itemsize
     header = _NPY_HEADER_MAX
-    sizes = [header + frames * N_POINTS * N_CHANNELS * itemsize, header + frames * N_PACKED, np.full_like(frames, 20),
-             np.full_like(frames, 1024 + 6 * longest_sign)]  # fmt: skip  # x, missing, cls, json (\uXXXX escapes)
+    sizes = [
+        header + frames * N_POINTS * N_CHANNELS * itemsize,
+        header + frames * N_PACKED,
+        np.full_like(frames, 20),
+        np.full_like(frames, 1024 + 6 * longest_sign),
+    ]  # x, missing, cls, json (\uXXXX escapes)
     if config["layout"] == "padded":
         sizes.append(np.full_like(frames, header + MAX_LEN))
     # each member: its header, its data rounded up to 512-byte blocks, and room for a pax header per sample
@@ -378,8 +382,15 @@ def _size_problem(entry: dict[str, Any], config: dict[str, Any], longest_sign: i
     return None
 
 
-def read_shard(location: Location, entry: dict[str, Any], check: str = "auto", stall_s: float = STALL_S,
-               retries: int = 0, min_rate: float = MIN_RATE, cache: CachedShards | None = None) -> bytes:  # fmt: skip
+def read_shard(
+    location: Location,
+    entry: dict[str, Any],
+    check: str = "auto",
+    stall_s: float = STALL_S,
+    retries: int = 0,
+    min_rate: float = MIN_RATE,
+    cache: CachedShards | None = None,
+) -> bytes:
     """The bytes of one shard of the manifest: exactly its size and, with `check="sha256"`, its digest.
 
     `check="auto"` hashes what crosses a wire (http, pipe:) and not a local directory, whose
@@ -395,8 +406,14 @@ def read_shard(location: Location, entry: dict[str, Any], check: str = "auto", s
         raise ValueError(f"check must be one of {SHARD_CHECKS}, got {check!r}")
     if cache is not None and not location.is_local:
         name, size = entry["name"], entry["bytes"]
-        return cache.read(name, size, entry["sha256"], lambda: location.chunks(name, size, stall_s, min_rate),
-                          check="sha256" if check == "sha256" else "size", retries=retries)  # fmt: skip
+        return cache.read(
+            name,
+            size,
+            entry["sha256"],
+            lambda: location.chunks(name, size, stall_s, min_rate),
+            check="sha256" if check == "sha256" else "size",
+            retries=retries,
+        )
     if check == "auto":
         check = "size" if location.is_local else "sha256"
 
@@ -407,8 +424,9 @@ def read_shard(location: Location, entry: dict[str, Any], check: str = "auto", s
             return "sha256 differs from the manifest (altered or corrupted)"
         return None
 
-    return location.read(entry["name"], max_bytes=entry["bytes"], check=problem, stall_s=stall_s, retries=retries,
-                         min_rate=min_rate)  # fmt: skip
+    return location.read(
+        entry["name"], max_bytes=entry["bytes"], check=problem, stall_s=stall_s, retries=retries, min_rate=min_rate
+    )
 
 
 SHARD_CHECKS = ("auto", "sha256", "size")
@@ -427,9 +445,14 @@ def shard_samples(data: bytes, entry: dict[str, Any], source: str) -> Iterator[t
         raise ShardError(f"{source}: holds {n} samples, manifest says {len(expected)}")
 
 
-def verify_shards(location: str | Path | Location, manifest: dict[str, Any] | None = None,
-                  progress: Callable[[int], None] | None = None, stall_s: float = STALL_S, min_rate: float = MIN_RATE,
-                  cache: CachedShards | None = None) -> list[str]:  # fmt: skip
+def verify_shards(
+    location: str | Path | Location,
+    manifest: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+    stall_s: float = STALL_S,
+    min_rate: float = MIN_RATE,
+    cache: CachedShards | None = None,
+) -> list[str]:
     """Check every shard against the manifest (read from `location` unless given); returns the problems found.
 
     Size, sha256, then every sample decoded: keys, order and count, labels, layout. `progress(bytes)`
@@ -445,8 +468,12 @@ def verify_shards(location: str | Path | Location, manifest: dict[str, Any] | No
             if cache is not None and not loc.is_local:
                 data = read_shard(loc, entry, "sha256", stall_s, 0, min_rate, cache)
             else:
-                data = loc.read(entry["name"], max_bytes=None if loc.is_local else entry["bytes"], stall_s=stall_s,
-                                min_rate=min_rate)  # fmt: skip
+                data = loc.read(
+                    entry["name"],
+                    max_bytes=None if loc.is_local else entry["bytes"],
+                    stall_s=stall_s,
+                    min_rate=min_rate,
+                )
         except LocationError as exc:
             problems.append(str(exc))
             continue

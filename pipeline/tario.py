@@ -43,10 +43,23 @@ def ustar_header(name: str, size: int) -> bytes:
     raw = name.encode()
     if len(raw) > USTAR_NAME_BYTES:
         raise ValueError(f"tar member name longer than {USTAR_NAME_BYTES} bytes: {name!r}")
-    header = b"".join([
-        raw.ljust(100, b"\0"), b"0000644\0", b"0000000\0", b"0000000\0", b"%011o\0" % size, b"00000000000\0",
-        b" " * 8, b"0", b"\0" * 100, b"ustar\x0000", b"\0" * 64, b"0000000\0" * 2, b"\0" * 155,
-    ]).ljust(512, b"\0")  # fmt: skip
+    header = b"".join(
+        [
+            raw.ljust(100, b"\0"),
+            b"0000644\0",
+            b"0000000\0",
+            b"0000000\0",
+            b"%011o\0" % size,
+            b"00000000000\0",
+            b" " * 8,
+            b"0",
+            b"\0" * 100,
+            b"ustar\x0000",
+            b"\0" * 64,
+            b"0000000\0" * 2,
+            b"\0" * 155,
+        ]
+    ).ljust(512, b"\0")
     return header[:148] + b"%06o\0 " % sum(header) + header[156:]
 
 
@@ -174,8 +187,9 @@ def _checked_npy(data: bytes) -> np.ndarray:
         raise ValueError("object arrays are refused (they would be unpickled)")
     count, offset = math.prod(shape), f.tell()
     if len(data) - offset != count * dtype.itemsize:
-        raise ValueError(f".npy header says {dtype} {shape} ({count * dtype.itemsize} bytes), "
-                         f"{len(data) - offset} bytes follow")  # fmt: skip
+        raise ValueError(
+            f".npy header says {dtype} {shape} ({count * dtype.itemsize} bytes), {len(data) - offset} bytes follow"
+        )
     return np.frombuffer(data, dtype, count, offset=offset).reshape(shape, order="F" if fortran_order else "C")
 
 

@@ -27,9 +27,15 @@ def main(shards: str, out: str, reports: str | None = None) -> None:
     result = train(cfg)
     flat = torch.cat([p.detach().flatten() for p in result.model.parameters()])
     rank = dist.get_rank()
-    report = {"rank": rank, "world": dist.get_world_size(), "batches": result.batches,
-              "step": result.metrics["step"], "val_samples": result.metrics["val_samples"], "out": out,
-              "sha256": hashlib.sha256(flat.numpy().tobytes()).hexdigest()}  # fmt: skip
+    report = {
+        "rank": rank,
+        "world": dist.get_world_size(),
+        "batches": result.batches,
+        "step": result.metrics["step"],
+        "val_samples": result.metrics["val_samples"],
+        "out": out,
+        "sha256": hashlib.sha256(flat.numpy().tobytes()).hexdigest(),
+    }
     Path(reports, f"ddp_rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()
     if rank == 0:  # the checkpoint holds each rank's own RNG states, for an exact resume of every rank

@@ -20,8 +20,9 @@ def demo_dataset(base: Path, sequences: int = 300, signs: int = 5, participants:
     return _CACHE[key]
 
 
-def demo_shards(base: Path, data_dir: Path, shard_size: int = 40, folds: int = 3, dtype: str = "float16",
-                layout: str = "compact") -> Path:  # fmt: skip
+def demo_shards(
+    base: Path, data_dir: Path, shard_size: int = 40, folds: int = 3, dtype: str = "float16", layout: str = "compact"
+) -> Path:
     """Shards built from `data_dir` (reused for the same arguments); treat them as read-only."""
     key = ("shards", str(data_dir), shard_size, folds, dtype, layout)
     if key not in _CACHE:

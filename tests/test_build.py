@@ -337,7 +337,7 @@ def _bad_label_maps(signs: list[str]) -> dict[str, tuple[str, str]]:
         "bool": (json.dumps({signs[0]: False}), f"index of {signs[0]!r} is False, expected an integer"),
         "list": (json.dumps(signs), "expected a non-empty JSON object of sign -> index"),
         "empty": ("{}", "expected a non-empty JSON object of sign -> index"),
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize("case", ["gap", "repeat", "from-1", "negative", "string", "float", "bool", "list", "empty"])
@@ -523,8 +523,9 @@ def test_idempotent_rerun_does_no_work(tmp_path: Path, demo_dir: Path, compact_s
             assert after[name] == stamp, f"{name} was rewritten"
     assert without_created(manifest_of(out)) == without_created(manifest_of(compact_shards))
 
-    runner = cli("build-shards", "--data-dir", demo_dir, "--out", out, "--jobs", "2", "--shard-size", "10",
-                 "--folds", "3")  # fmt: skip
+    runner = cli(
+        "build-shards", "--data-dir", demo_dir, "--out", out, "--jobs", "2", "--shard-size", "10", "--folds", "3"
+    )
     assert runner.exit_code == 0, runner.output
     assert "nothing to do" in runner.output
     assert {n: s for n, s in snapshot(out).items() if n.endswith(".tar")} == {
@@ -681,8 +682,22 @@ def test_unknown_directory_with_tars_refused(tmp_path: Path, tiny_dir: Path):
 def test_killed_build_resumes_to_the_full_set(tmp_path: Path, demo_dir: Path, compact_shards: Path):
     out = tmp_path / "out"
     log = tmp_path / "build.log"
-    cmd = [sys.executable, "-m", "pipeline.cli", "build-shards", "--data-dir", str(demo_dir), "--out", str(out),
-           "--jobs", "1", "--shard-size", str(KILL_OPTS.shard_size), "--folds", str(KILL_OPTS.folds)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "build-shards",
+        "--data-dir",
+        str(demo_dir),
+        "--out",
+        str(out),
+        "--jobs",
+        "1",
+        "--shard-size",
+        str(KILL_OPTS.shard_size),
+        "--folds",
+        str(KILL_OPTS.folds),
+    ]
     total = len(manifest_of(compact_shards)["shards"])
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
@@ -696,8 +711,10 @@ def test_killed_build_resumes_to_the_full_set(tmp_path: Path, demo_dir: Path, co
             else:
                 proc.kill()
                 proc.wait()
-                pytest.fail(f"build exited (rc {proc.returncode}) or stalled before 3 shards were complete; "
-                            f"use a larger dataset or smaller --shard-size. Log:\n{log.read_text()}")  # fmt: skip
+                pytest.fail(
+                    f"build exited (rc {proc.returncode}) or stalled before 3 shards were complete; "
+                    f"use a larger dataset or smaller --shard-size. Log:\n{log.read_text()}"
+                )
             proc.wait(timeout=30)
         finally:
             if proc.poll() is None:
@@ -901,8 +918,10 @@ def test_features_beyond_float16_rejected_with_a_reason(tmp_path: Path):
         block = slice(TYPE_OFFSETS[hand], TYPE_OFFSETS[hand] + 21)
         extreme[:, block] = 0.1 + rng.normal(0, 1e-6, (4, 21, 3))
     normal = rng.uniform(0, 1, (5, N_RAW, 3)).astype(np.float32)
-    rows = [("train_landmark_files/1/100.parquet", "1", "100", "a", extreme),
-            ("train_landmark_files/2/200.parquet", "2", "200", "b", normal)]  # fmt: skip
+    rows = [
+        ("train_landmark_files/1/100.parquet", "1", "100", "a", extreme),
+        ("train_landmark_files/2/200.parquet", "2", "200", "b", normal),
+    ]
     for rel, *_, xyz in rows:
         _write_sequence(data, rel, xyz)
     write_csv(data, [dict(zip(("path", "participant_id", "sequence_id", "sign"), r[:4], strict=True)) for r in rows])
@@ -921,8 +940,19 @@ def test_features_beyond_float16_rejected_with_a_reason(tmp_path: Path):
     assert [i for e in manifest["shards"] for i in e["sequence_ids"]] == ["200"]
     assert verify_shards(tmp_path / "f16") == []
 
-    full = cli("build-shards", "--data-dir", data, "--out", tmp_path / "f32", "--jobs", "1", "--folds", "2",
-               "--dtype", "float32")  # fmt: skip
+    full = cli(
+        "build-shards",
+        "--data-dir",
+        data,
+        "--out",
+        tmp_path / "f32",
+        "--jobs",
+        "1",
+        "--folds",
+        "2",
+        "--dtype",
+        "float32",
+    )
     assert full.exit_code == 0, full.output
     sample = next(
         s for tar in (tmp_path / "f32").glob("*.tar") for s in iter_samples(tar) if s.meta["sequence_id"] == "100"

@@ -439,22 +439,42 @@ INDEX_CASES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "csv-empty": ("train.csv", _csv(b""), "empty (expected the header path,participant_id,sequence_id,sign"),
     "csv-blank-lines": ("train.csv", _csv(b"\n\n\n"), "empty (expected the header"),
     "csv-header-only": ("train.csv", _csv(HEADER), "no rows after the header"),
-    "csv-not-utf8": ("train.csv", _csv(GOOD_CSV + b"train_landmark_files/1/\xff.parquet,1,7,hello\n"),
-                     "not UTF-8 text (byte 0xff on line 5)"),
-    "csv-latin1-header": ("train.csv", _csv(b"p\xe4th,participant_id,sequence_id,sign\n"),
-                          "not UTF-8 text (byte 0xe4 on line 1)"),
-    "csv-unterminated-quote": ("train.csv", _csv(GOOD_CSV + b'"train_landmark_files/1/7.parquet,1,7,hello\n'),
-                               "malformed CSV in the row starting at line 5: unexpected end of data "
-                               "(an unterminated quote?)"),
-    "csv-text-after-quote": ("train.csv", _csv(HEADER + b'"a"b,1,7,hello\n' + GOOD_CSV[len(HEADER):]),
-                             "malformed CSV in the row starting at line 2: ',' expected after '\"'"),
-    "csv-missing-column": ("train.csv", _csv(b"path,participant_id,sign\na,1,hello\n"),
-                           "missing column(s) sequence_id (has: path, participant_id, sign)"),
-    "csv-repeated-column": ("train.csv", _csv(b"path,participant_id,sequence_id,sign,sign\na,1,7,hello,x\n"),
-                            "column 'sign' appears more than once in the header"),
+    "csv-not-utf8": (
+        "train.csv",
+        _csv(GOOD_CSV + b"train_landmark_files/1/\xff.parquet,1,7,hello\n"),
+        "not UTF-8 text (byte 0xff on line 5)",
+    ),
+    "csv-latin1-header": (
+        "train.csv",
+        _csv(b"p\xe4th,participant_id,sequence_id,sign\n"),
+        "not UTF-8 text (byte 0xe4 on line 1)",
+    ),
+    "csv-unterminated-quote": (
+        "train.csv",
+        _csv(GOOD_CSV + b'"train_landmark_files/1/7.parquet,1,7,hello\n'),
+        "malformed CSV in the row starting at line 5: unexpected end of data (an unterminated quote?)",
+    ),
+    "csv-text-after-quote": (
+        "train.csv",
+        _csv(HEADER + b'"a"b,1,7,hello\n' + GOOD_CSV[len(HEADER) :]),
+        "malformed CSV in the row starting at line 2: ',' expected after '\"'",
+    ),
+    "csv-missing-column": (
+        "train.csv",
+        _csv(b"path,participant_id,sign\na,1,hello\n"),
+        "missing column(s) sequence_id (has: path, participant_id, sign)",
+    ),
+    "csv-repeated-column": (
+        "train.csv",
+        _csv(b"path,participant_id,sequence_id,sign,sign\na,1,7,hello,x\n"),
+        "column 'sign' appears more than once in the header",
+    ),
     "csv-binary": ("train.csv", _csv(bytes(range(256)) * 4), "not UTF-8 text (byte 0x80 on line 2)"),
-    "csv-nul-byte": ("train.csv", _csv(GOOD_CSV + b"train_landmark_files/1/7\0.parquet,1,7,hello\n"),
-                     "not a text file (a NUL byte on line 5)"),
+    "csv-nul-byte": (
+        "train.csv",
+        _csv(GOOD_CSV + b"train_landmark_files/1/7\0.parquet,1,7,hello\n"),
+        "not a text file (a NUL byte on line 5)",
+    ),
     "csv-directory": ("train.csv", _as_directory("train.csv"), "not a regular file (a directory)"),
     "csv-fifo": ("train.csv", _as_fifo("train.csv"), "not a regular file (a FIFO)"),
     "csv-dev-zero": ("train.csv", _as_link("train.csv", "/dev/zero"), "not a regular file (a character device)"),
@@ -464,13 +484,16 @@ INDEX_CASES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "map-truncated": (LABEL_MAP, _label_map(b'{"hello": 0,'), "not valid JSON (Expecting property name"),
     "map-deeply-nested": (LABEL_MAP, _label_map(b"[" * 200_000 + b"]" * 200_000), "not valid JSON (nested too deeply)"),
     "map-nested-object": (LABEL_MAP, _label_map(b'{"hello": {"a": 0}}'), "index of 'hello' is {'a': 0}"),
-    "map-repeated-sign": (LABEL_MAP, _label_map(b'{"hello": 0, "cloud": 1, "white": 2, "hello": 3}'),
-                          "sign 'hello' appears more than once"),
+    "map-repeated-sign": (
+        LABEL_MAP,
+        _label_map(b'{"hello": 0, "cloud": 1, "white": 2, "hello": 3}'),
+        "sign 'hello' appears more than once",
+    ),
     "map-nan": (LABEL_MAP, _label_map(b'{"hello": NaN}'), "index of 'hello' is nan, expected an integer"),
     "map-directory": (LABEL_MAP, _as_directory(LABEL_MAP), "not a regular file (a directory)"),
     "map-fifo": (LABEL_MAP, _as_fifo(LABEL_MAP), "not a regular file (a FIFO)"),
     "map-broken-link": (LABEL_MAP, _as_link(LABEL_MAP, "nowhere.json"), "file not found"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(INDEX_CASES))
@@ -508,8 +531,22 @@ def test_one_fold_is_refused_with_what_to_do_instead(tmp_path: Path, data: Path)
 
 
 def _cli_command(data: Path, out: Path, jobs: int = 1) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "build-shards", "--data-dir", str(data), "--out", str(out),
-            "--jobs", str(jobs), "--shard-size", "2", "--folds", "2"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "build-shards",
+        "--data-dir",
+        str(data),
+        "--out",
+        str(out),
+        "--jobs",
+        str(jobs),
+        "--shard-size",
+        "2",
+        "--folds",
+        "2",
+    ]
 
 
 def _run(cmd: list[str], preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
@@ -648,8 +685,10 @@ def test_two_builds_at_once_never_crash_and_agree_with_one_plan(tmp_path: Path):
     """Started together: each either builds or refuses at once; the result is one consistent build."""
     data = demo_dataset(tmp_path, sequences=120, signs=4, participants=4, seed=3)
     out = tmp_path / "out"
-    procs = [subprocess.Popen(_cli_command(data, out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]  # fmt: skip
+    procs = [
+        subprocess.Popen(_cli_command(data, out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     results = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=120)

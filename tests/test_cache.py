@@ -72,22 +72,29 @@ def test_a_miss_is_fetched_once_then_read_from_the_cache(tmp_path: Path) -> None
     assert shards.dir == tmp_path / key
     assert (tmp_path / key / entry(0)["name"]).read_bytes() == blob(0)
     assert json.loads((tmp_path / key / "location.json").read_text()) == {"location": LOC + "/", "fingerprint": FP}
-    assert sorted(p.name for p in shards.dir.iterdir() if not p.name.startswith(".")) == [entry(0)["name"],
-                                                                                          "location.json"]  # fmt: skip
+    assert sorted(p.name for p in shards.dir.iterdir() if not p.name.startswith(".")) == [
+        entry(0)["name"],
+        "location.json",
+    ]
 
 
 def test_two_locations_or_two_builds_never_share_an_entry(tmp_path: Path) -> None:
     cache, source = ShardCache(tmp_path), Source()
-    views = [cache.open(LOC, FP), cache.open(LOC, "build-2"), cache.open("http://other.example/asl", FP),
-             cache.open("pipe:cat /data/{}", FP)]  # fmt: skip
+    views = [
+        cache.open(LOC, FP),
+        cache.open(LOC, "build-2"),
+        cache.open("http://other.example/asl", FP),
+        cache.open("pipe:cat /data/{}", FP),
+    ]
     for view in views:
         assert read(view, 0, source) == blob(0)
     assert len(source.calls) == 4
     assert len({v.dir for v in views}) == 4
 
 
-def test_an_altered_entry_is_dropped_fetched_again_and_said_once(tmp_path: Path,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+def test_an_altered_entry_is_dropped_fetched_again_and_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     shards, source = ShardCache(tmp_path).open(LOC, FP), Source()
     read(shards, 0, source)
     path = shards.path(entry(0)["name"])
@@ -116,9 +123,11 @@ def test_an_altered_entry_is_dropped_fetched_again_and_said_once(tmp_path: Path,
 def test_a_bad_fetch_is_an_error_naming_the_shard_and_stores_nothing(tmp_path: Path) -> None:
     shards, source = ShardCache(tmp_path).open(LOC, FP), Source()
     name = entry(0)["name"]
-    for data, reason in [(blob(1), "sha256 differs from the manifest (altered or corrupted)"),
-                         (blob(0)[:-5], f"{SIZE - 5} bytes, manifest says {SIZE} (cut short or altered)"),
-                         (blob(0) + b"x", f"more than the {SIZE} bytes expected")]:  # fmt: skip
+    for data, reason in [
+        (blob(1), "sha256 differs from the manifest (altered or corrupted)"),
+        (blob(0)[:-5], f"{SIZE - 5} bytes, manifest says {SIZE} (cut short or altered)"),
+        (blob(0) + b"x", f"more than the {SIZE} bytes expected"),
+    ]:
         source.data[name] = data
         with pytest.raises(LocationError) as info:
             read(shards, 0, source)
@@ -171,8 +180,9 @@ def _reader(root: str, i: int, log_path: str, barrier) -> None:  # noqa: ANN001 
 def test_ranks_of_a_node_wait_for_one_fetch(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("fork")
     barrier, log_path = ctx.Barrier(4), tmp_path / "fetches"
-    children = [ctx.Process(target=_reader, args=(str(tmp_path / "cache"), 3, str(log_path), barrier))
-                for _ in range(4)]  # fmt: skip
+    children = [
+        ctx.Process(target=_reader, args=(str(tmp_path / "cache"), 3, str(log_path), barrier)) for _ in range(4)
+    ]
     for child in children:
         child.start()
     for child in children:
@@ -327,8 +337,9 @@ def test_a_limit_smaller_than_a_shard_is_one_line(tmp_path: Path) -> None:
         ShardCache(tmp_path, limit_bytes=0)
 
 
-def test_a_full_disk_goes_on_uncached_with_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+def test_a_full_disk_goes_on_uncached_with_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     shards, source = ShardCache(tmp_path).open(LOC, FP), Source()
     real_write, writes = os.write, []
 
@@ -369,8 +380,9 @@ def test_three_epochs_over_http_send_one_request_per_shard(tmp_path_factory: pyt
         shards = cache.open(url, manifest["fingerprint"])
         for _ in range(3):
             for e in manifest["shards"]:
-                data = shards.read(e["name"], e["bytes"], e["sha256"], lambda e=e: http_chunks(url + e["name"],
-                                                                                              e["bytes"]))  # fmt: skip
+                data = shards.read(
+                    e["name"], e["bytes"], e["sha256"], lambda e=e: http_chunks(url + e["name"], e["bytes"])
+                )
                 assert data == (location / e["name"]).read_bytes()
         assert sorted(requests) == sorted(e["name"] for e in manifest["shards"])
         assert len(connections) == 1

@@ -121,8 +121,9 @@ def test_zip_layouts_torch_does_not_write_are_refused(tmp_path: Path, extra: dic
         load_checkpoint(_write(tmp_path, data))
 
 
-def test_a_fifo_and_an_oversized_file_are_refused_without_reading(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_a_fifo_and_an_oversized_file_are_refused_without_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fifo = tmp_path / "fifo.pt"
     os.mkfifo(fifo)  # no writer: opening it for reading would block forever
     with pytest.raises(CheckpointError, match="not a regular file"):
@@ -146,9 +147,9 @@ def test_a_fifo_and_an_oversized_file_are_refused_without_reading(tmp_path: Path
         ({}, {"a": 0, "b": 5}, "its label map does not number its signs 0..n-1"),
     ],
 )
-def test_stored_configs_outside_sane_bounds_are_refused_before_building(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                        changes: dict, label_map: dict | None,
-                                                                        message: str) -> None:  # fmt: skip
+def test_stored_configs_outside_sane_bounds_are_refused_before_building(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changes: dict, label_map: dict | None, message: str
+) -> None:
     ckpt = _tiny_checkpoint(**changes)
     if label_map is not None:
         ckpt["label_map"] = label_map
@@ -164,15 +165,18 @@ def test_stored_configs_outside_sane_bounds_are_refused_before_building(tmp_path
 
 
 def test_commands_refuse_a_crafted_checkpoint_in_one_line(tmp_path: Path) -> None:
-    shards = demo_shards(tmp_path, demo_dataset(tmp_path, sequences=300, signs=5, participants=6), shard_size=40,
-                         folds=3)  # fmt: skip
+    shards = demo_shards(
+        tmp_path, demo_dataset(tmp_path, sequences=300, signs=5, participants=6), shard_size=40, folds=3
+    )
     path = tmp_path / "huge.pt"
     save_checkpoint(path, _tiny_checkpoint(model={"dim": 40_000}))
     bomb = _write(tmp_path, _archive(_shared_tuples(40)), "bomb.pt")
     for checkpoint in (path, bomb):
         run = ["--shards", str(shards), "--preset", "tiny", "--workers", "0", "--device", "cpu", "--out"]
-        for args in (["predict", "--checkpoint", str(checkpoint), str(tmp_path / "a.parquet")],
-                     ["--init-from", str(checkpoint), *run, str(tmp_path / "run")]):  # fmt: skip
+        for args in (
+            ["predict", "--checkpoint", str(checkpoint), str(tmp_path / "a.parquet")],
+            ["--init-from", str(checkpoint), *run, str(tmp_path / "run")],
+        ):
             result = CliRunner().invoke(train_cli, args)
             assert result.exit_code == 1, result.output
             assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output

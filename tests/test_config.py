@@ -80,8 +80,9 @@ def test_the_command_line_wins_over_a_partial_config_file(captured: list[TrainCo
     args = ["--config", str(path), "--lr", "0.1", "--depth", "2", "--val-folds", "none", "--out", str(tmp_path / "r")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    expected = TrainConfig(out=str(tmp_path / "r"), epochs=3, lr=0.1, augment=False, model={"dim": 48, "depth": 2},
-                           val_folds=[])  # fmt: skip
+    expected = TrainConfig(
+        out=str(tmp_path / "r"), epochs=3, lr=0.1, augment=False, model={"dim": 48, "depth": 2}, val_folds=[]
+    )
     assert captured == [expected]
     # a flag pair sets a boolean back from the file's value
     CliRunner().invoke(main, [*args, "--augment"])

@@ -52,12 +52,14 @@ def _samples(n: int = 400, folds: int = 5, seed: int = 0) -> tuple[pl.DataFrame,
     skill = np.array([participants.index(p) for p in who]) / 5.0
     logits[np.arange(n), label] += skill
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    samples = pl.DataFrame({
-        "sequence_id": [str(1_000_000 + 13 * i) for i in range(n)],
-        "participant_id": who.tolist(),
-        "fold": [fold_of[p] for p in who],
-        "sign": [SIGNS[k] for k in label],
-    })  # fmt: skip
+    samples = pl.DataFrame(
+        {
+            "sequence_id": [str(1_000_000 + 13 * i) for i in range(n)],
+            "participant_id": who.tolist(),
+            "fold": [fold_of[p] for p in who],
+            "sign": [SIGNS[k] for k in label],
+        }
+    )
     return samples, probs.astype(np.float32)
 
 
@@ -106,8 +108,9 @@ def test_predictions_table_ranks_by_probability_ties_to_the_lower_label(oof: pl.
 
 
 def test_fewer_signs_than_five_leave_null_columns_and_still_count() -> None:
-    samples = pl.DataFrame({"sequence_id": ["a", "b"], "participant_id": ["1", "2"], "fold": [0, 1],
-                            "sign": ["x", "y"]})  # fmt: skip
+    samples = pl.DataFrame(
+        {"sequence_id": ["a", "b"], "participant_id": ["1", "2"], "fold": [0, 1], "sign": ["x", "y"]}
+    )
     table = predictions_table(samples, np.array([[0.9, 0.1], [0.8, 0.2]]), {"x": 0, "y": 1})
     assert table["pred_3"].null_count() == 2
     report = cv_report(table)
@@ -150,8 +153,15 @@ def test_parse_folds(text: str, folds: list[int]) -> None:
     assert parse_folds(text) == folds
 
 
-@pytest.mark.parametrize(("text", "message"), [("0,,2", "expected fold numbers"), ("a", "expected fold numbers"),
-                                               ("-1", "expected fold numbers"), ("1,1", "named twice")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("0,,2", "expected fold numbers"),
+        ("a", "expected fold numbers"),
+        ("-1", "expected fold numbers"),
+        ("1,1", "named twice"),
+    ],
+)
 def test_parse_folds_refuses(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_folds(text)
@@ -176,8 +186,17 @@ def test_cv_folds_checks_the_manifest() -> None:
 def _checkpoint(path: Path, epoch: int, step: int, batch_in_epoch: int = 0) -> None:
     cfg = TrainConfig(preset="tiny")
     model = build_model(cfg, 3)
-    torch.save({"model": model.state_dict(), "config": asdict(cfg), "label_map": {"a": 0, "b": 1, "c": 2},
-                "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch}, path)  # fmt: skip
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "config": asdict(cfg),
+            "label_map": {"a": 0, "b": 1, "c": 2},
+            "epoch": epoch,
+            "step": step,
+            "batch_in_epoch": batch_in_epoch,
+        },
+        path,
+    )
 
 
 def test_fold_state_from_the_checkpoint_not_the_metrics(tmp_path: Path) -> None:
@@ -207,8 +226,22 @@ def test_fold_state_from_the_checkpoint_not_the_metrics(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------- asl-train cv on demo data
 
-CV_ARGS = ["--preset", "tiny", "--epochs", "3", "--batch-size", "16", "--lr", "3e-3", "--workers", "0",
-           "--device", "cpu", "--save-every", "2"]  # fmt: skip
+CV_ARGS = [
+    "--preset",
+    "tiny",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "16",
+    "--lr",
+    "3e-3",
+    "--workers",
+    "0",
+    "--device",
+    "cpu",
+    "--save-every",
+    "2",
+]
 UNSEEN = 2  # participants kept out of the cross-validation: the ensemble's test set
 
 
@@ -244,11 +277,18 @@ def cv_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     shards = demo_shards(base, _subset(data, base / "cv-data", set(everyone) - unseen), shard_size=20, folds=5)
     test_shards = demo_shards(base, _subset(data, base / "test-data", unseen), shard_size=20, folds=2)
     out = base / "cv"
-    result = CliRunner().invoke(train_cli, ["cv", "--shards", str(shards), "--out", str(out), *CV_ARGS],
-                                catch_exceptions=False)  # fmt: skip
+    result = CliRunner().invoke(
+        train_cli, ["cv", "--shards", str(shards), "--out", str(out), *CV_ARGS], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
-    return {"out": out, "shards": shards, "test_shards": test_shards, "truth": truth, "unseen": unseen,
-            "output": result.output}  # fmt: skip
+    return {
+        "out": out,
+        "shards": shards,
+        "test_shards": test_shards,
+        "truth": truth,
+        "unseen": unseen,
+        "output": result.output,
+    }
 
 
 def test_cv_writes_fold_runs_a_report_and_one_oof_row_per_sample(cv_run: dict) -> None:
@@ -260,10 +300,14 @@ def test_cv_writes_fold_runs_a_report_and_one_oof_row_per_sample(cv_run: dict) -
         assert (run / "best.pt").exists() and (run / "last.pt").exists()
         assert json.loads((run / "config.json").read_text())["val_folds"] == [fold["fold"]]
         # the fold's score is the best epoch's validation, and what evaluate gives for its best.pt
-        best = max((json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()),
-                   key=lambda r: r["val_top1"])  # fmt: skip
-        assert (fold["top1"], fold["top5"], fold["samples"]) == (best["val_top1"], best["val_top5"],
-                                                                 best["val_samples"])  # fmt: skip
+        best = max(
+            (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()), key=lambda r: r["val_top1"]
+        )
+        assert (fold["top1"], fold["top5"], fold["samples"]) == (
+            best["val_top1"],
+            best["val_top5"],
+            best["val_samples"],
+        )
     top1 = [f["top1"] for f in report["folds"]]
     assert report["top1_mean"] == pytest.approx(np.mean(top1), abs=1e-12)
     assert report["top1_std"] == pytest.approx(np.std(top1), abs=1e-12)
@@ -277,8 +321,11 @@ def test_cv_writes_fold_runs_a_report_and_one_oof_row_per_sample(cv_run: dict) -
     fold_of = {key: s["fold"] for s in manifest["shards"] for key in s["sequence_ids"]}
     for row in oof.iter_rows(named=True):  # the loader carried each sample's participant and sign through
         source = truth[row["sequence_id"]]
-        assert (row["participant_id"], row["sign"], row["fold"]) == (source["participant_id"], source["sign"],
-                                                                     fold_of[row["sequence_id"]])  # fmt: skip
+        assert (row["participant_id"], row["sign"], row["fold"]) == (
+            source["participant_id"],
+            source["sign"],
+            fold_of[row["sequence_id"]],
+        )
     participants = {p for f in manifest["folds"] for p in map(str, f["participants"])}
     assert set(report["participants"]) == participants
     assert all(v["samples"] >= 1 for v in report["participants"].values())
@@ -287,8 +334,17 @@ def test_cv_writes_fold_runs_a_report_and_one_oof_row_per_sample(cv_run: dict) -
 def test_evaluate_reports_participants_as_the_cv_does(cv_run: dict, tmp_path: Path) -> None:
     out = cv_run["out"]
     plot = tmp_path / "confusion.png"
-    args = ["evaluate", "--checkpoint", str(out / "fold1" / "best.pt"), "--device", "cpu", "--format", "json",
-            "--plot", str(plot)]  # fmt: skip
+    args = [
+        "evaluate",
+        "--checkpoint",
+        str(out / "fold1" / "best.pt"),
+        "--device",
+        "cpu",
+        "--format",
+        "json",
+        "--plot",
+        str(plot),
+    ]
     result = CliRunner().invoke(train_cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.split("\nwrote")[0])
@@ -302,8 +358,9 @@ def test_evaluate_reports_participants_as_the_cv_does(cv_run: dict, tmp_path: Pa
     assert sum(map(sum, confusion["counts"])) <= report["samples"] and len(confusion["signs"]) <= 15
 
 
-def test_a_stop_in_a_later_fold_and_a_rerun_give_the_same_report(cv_run: dict, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_a_stop_in_a_later_fold_and_a_rerun_give_the_same_report(
+    cv_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     reference, out = cv_run["out"], tmp_path / "cv"
     out.mkdir()
     for k in (0, 1):  # the folds before the stop, as an uninterrupted run left them
@@ -343,14 +400,17 @@ def test_fold_ensemble_on_unseen_participants(cv_run: dict) -> None:
     np.testing.assert_allclose(ensemble.probabilities, mean, atol=1e-6)
     single_top1 = [float((s.top(1)[:, 0] == s.labels).mean()) for s in singles]
     ensemble_top1 = float((ensemble.top(1)[:, 0] == ensemble.labels).mean())
-    print(f"unseen participants: ensemble top-1 {ensemble_top1:.4f}, single models {np.round(single_top1, 4)} "
-          f"(mean {np.mean(single_top1):.4f}), margin {ensemble_top1 - np.mean(single_top1):+.4f}")  # fmt: skip
+    print(
+        f"unseen participants: ensemble top-1 {ensemble_top1:.4f}, single models {np.round(single_top1, 4)} "
+        f"(mean {np.mean(single_top1):.4f}), margin {ensemble_top1 - np.mean(single_top1):+.4f}"
+    )
 
 
 def test_cv_refuses_val_folds_and_one_fold_shards_in_one_line(cv_run: dict, tmp_path: Path) -> None:
     out = tmp_path / "cv"
-    result = CliRunner().invoke(train_cli, ["cv", "--shards", str(cv_run["shards"]), "--out", str(out),
-                                            "--val-folds", "1"])  # fmt: skip
+    result = CliRunner().invoke(
+        train_cli, ["cv", "--shards", str(cv_run["shards"]), "--out", str(out), "--val-folds", "1"]
+    )
     assert result.exit_code == 2 and "--val-folds has no meaning under cv" in result.output
     data = demo_dataset(tmp_path, sequences=12, signs=2, participants=1, seed=4)
     one = demo_shards(tmp_path, data, shard_size=20, folds=2)  # one participant: one fold holds every sample
@@ -361,8 +421,10 @@ def test_cv_refuses_val_folds_and_one_fold_shards_in_one_line(cv_run: dict, tmp_
         "with --folds 5"
     ]
     assert not out.exists()
-    result = CliRunner().invoke(train_cli, ["cv", "--shards", str(cv_run["shards"]), "--out", str(out), *CV_ARGS,
-                                            "--awp", "0.2", "--awp-from", "3"])  # fmt: skip
+    result = CliRunner().invoke(
+        train_cli,
+        ["cv", "--shards", str(cv_run["shards"]), "--out", str(out), *CV_ARGS, "--awp", "0.2", "--awp-from", "3"],
+    )
     assert result.exit_code == 2 and result.output.strip().splitlines()[-1] == (
         "Error: --awp-from 3 is not below --epochs 3: the piece would never start"
     )

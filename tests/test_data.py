@@ -108,8 +108,10 @@ class Catalog:
         for combo in itertools.combinations(sorted(counts), size):
             if (sum(counts[f] for f in combo) % divisible_by == 0) == divisible:
                 return list(combo)
-        raise AssertionError(f"demo data has no {size} folds with a count {'' if divisible else 'not '}divisible "
-                             f"by {divisible_by}: {counts} (change the demo_dataset arguments)")  # fmt: skip
+        raise AssertionError(
+            f"demo data has no {size} folds with a count {'' if divisible else 'not '}divisible "
+            f"by {divisible_by}: {counts} (change the demo_dataset arguments)"
+        )
 
 
 def epoch(loader: torch.utils.data.DataLoader, cat: Catalog, at: int | None = None) -> list[list[str]]:
@@ -210,16 +212,20 @@ def test_epoch_ranges_split_every_sample_over_ranks_and_workers() -> None:
             for worker, want in enumerate(worker_counts(share, workers, batch)):
                 got = _slot_positions(stream, rank, worker, workers)
                 if len(got) != want:
-                    failures.append(f"N={n} shards={sizes} ranks={ranks} workers={workers} batch={batch} "
-                                    f"train={train}: rank {rank} worker {worker} reads {len(got)} samples, "
-                                    f"its share is {want}")  # fmt: skip
+                    failures.append(
+                        f"N={n} shards={sizes} ranks={ranks} workers={workers} batch={batch} "
+                        f"train={train}: rank {rank} worker {worker} reads {len(got)} samples, "
+                        f"its share is {want}"
+                    )
                 seen.update(got)
         everything = {(f"s{i}", j) for i, k in enumerate(sizes) for j in range(k)}
         repeats = ranks * math.ceil(n / ranks) - n if train else 0
         if set(seen) != everything or sum(seen.values()) != n + repeats or max(seen.values()) > 2:
-            failures.append(f"N={n} shards={sizes} ranks={ranks} workers={workers} batch={batch} train={train}: "
-                            f"{sum(seen.values())} reads of {len(seen)} distinct samples, expected "
-                            f"{n} + {repeats} repeats")  # fmt: skip
+            failures.append(
+                f"N={n} shards={sizes} ranks={ranks} workers={workers} batch={batch} train={train}: "
+                f"{sum(seen.values())} reads of {len(seen)} distinct samples, expected "
+                f"{n} + {repeats} repeats"
+            )
     assert not failures, f"{len(failures)} failing configurations, e.g.\n" + "\n".join(failures[:5])
 
 
@@ -254,8 +260,9 @@ def test_training_epoch_every_sample_once_and_equal_batch_counts(
     assert (len(expected) % RANKS == 0) == divisible
     per_rank, lengths = [], []
     for rank in range(RANKS):
-        loader = make_loader(shards, folds, batch_size, train=True, workers=workers, rank=rank, world_size=RANKS,
-                             seed=SEED)  # fmt: skip
+        loader = make_loader(
+            shards, folds, batch_size, train=True, workers=workers, rank=rank, world_size=RANKS, seed=SEED
+        )
         batches = epoch(loader, cat, at=1)
         ids = flat(batches)
         assert len(batches) == len(loader), (
@@ -293,8 +300,9 @@ def test_validation_every_sample_exactly_once_and_deterministic(
     for rank in range(RANKS):
 
         def run(at: int, rank: int = rank) -> list[list[str]]:
-            loader = make_loader(shards, folds, 16, train=False, workers=workers, rank=rank, world_size=RANKS,
-                                 seed=SEED)  # fmt: skip
+            loader = make_loader(
+                shards, folds, 16, train=False, workers=workers, rank=rank, world_size=RANKS, seed=SEED
+            )
             batches = epoch(loader, cat, at=at)
             assert len(batches) == len(loader)
             return batches

@@ -63,8 +63,17 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def checkpoint(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("export-run")
     shards = demo_shards(base, data_dir, shard_size=40, folds=3)
-    cfg = TrainConfig(shards=str(shards), out=str(base / "run"), preset="tiny", epochs=1, batch_size=32, workers=0,
-                      device="cpu", ema=0.9, lr=3e-3)  # fmt: skip
+    cfg = TrainConfig(
+        shards=str(shards),
+        out=str(base / "run"),
+        preset="tiny",
+        epochs=1,
+        batch_size=32,
+        workers=0,
+        device="cpu",
+        ema=0.9,
+        lr=3e-3,
+    )
     train(cfg)
     return base / "run" / "last.pt"
 
@@ -166,8 +175,21 @@ def test_onnx_equals_pytorch_on_demo_files(exported: tuple[Path, object], ema_mo
     assert len(lengths) > 5  # many lengths, not one shape
 
 
-EDGE_CASES = ["T1", "T2", "T3", "T384", "T385", "T500", "late_shift_500", "hands_missing", "face_missing", "all_nan",
-              "single_point", "identical_points", "x_or_y_only_missing"]  # fmt: skip
+EDGE_CASES = [
+    "T1",
+    "T2",
+    "T3",
+    "T384",
+    "T385",
+    "T500",
+    "late_shift_500",
+    "hands_missing",
+    "face_missing",
+    "all_nan",
+    "single_point",
+    "identical_points",
+    "x_or_y_only_missing",
+]
 
 
 @pytest.mark.parametrize("name", EDGE_CASES)
@@ -230,8 +252,21 @@ def test_torch_module_is_the_pipeline_route(ema_model, fast_convs: bool) -> None
 def test_cli_export_no_ema_opset_18(checkpoint: Path, tmp_path: Path, shared_dir: Path) -> None:
     out = tmp_path / "sub" / "raw.onnx"
     path = REAL_FILES[0]
-    result = CliRunner().invoke(train_cli, ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--no-ema",
-                                            "--opset", "18", "--check", str(path)])  # fmt: skip
+    result = CliRunner().invoke(
+        train_cli,
+        [
+            "export",
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--no-ema",
+            "--opset",
+            "18",
+            "--check",
+            str(path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert f"wrote {out} (" in result.output and "opset 18, model weights" in result.output
     assert "parity: 11 sequences (1..450 frames), top-1 equal" in result.output
@@ -257,8 +292,9 @@ def test_failed_parity_writes_nothing(checkpoint: Path, tmp_path: Path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_onnxruntime_failure_is_one_line_and_writes_nothing(checkpoint: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_onnxruntime_failure_is_one_line_and_writes_nothing(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # As `--opset 23` does with onnxruntime 1.32 (its Attention kernel refuses the model's key mask); faked here,
     # so the test does not depend on a runtime version.
     import train.export as export
@@ -272,8 +308,10 @@ def test_onnxruntime_failure_is_one_line_and_writes_nothing(checkpoint: Path, tm
     out = tmp_path / "model.onnx"
     result = CliRunner().invoke(train_cli, ["export", "--checkpoint", str(checkpoint), "--out", str(out)])
     assert result.exit_code == 1
-    assert result.output == ("Error: onnxruntime cannot run the exported model on 'demo 23 frames' (23 frames): "
-                             "[ONNXRuntimeError] : 1 : FAIL : kernel refused; nothing was written\n")  # fmt: skip
+    assert result.output == (
+        "Error: onnxruntime cannot run the exported model on 'demo 23 frames' (23 frames): "
+        "[ONNXRuntimeError] : 1 : FAIL : kernel refused; nothing was written\n"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -303,8 +341,11 @@ def test_parity_rows_measure_the_difference(ema_model) -> None:
     (same,) = parity_rows(Session(0.0), ema_model, labels, [("a", xyz)])
     assert same.ok and same.max_prob_diff == 0.0 and same.frames == 50
     (off,) = parity_rows(Session(0.05), ema_model, labels, [("a", xyz)])
-    p = softmax(ema_model(torch.from_numpy(compact_features(xyz)[0])[None], torch.ones(1, 50, dtype=torch.bool))[0]
-                .detach().numpy())  # fmt: skip
+    p = softmax(
+        ema_model(torch.from_numpy(compact_features(xyz)[0])[None], torch.ones(1, 50, dtype=torch.bool))[0]
+        .detach()
+        .numpy()
+    )
     shifted = p.copy()
     shifted[0] *= np.exp(0.05)
     expected = np.abs(shifted / shifted.sum() - p).max()
@@ -315,8 +356,9 @@ def test_parity_rows_measure_the_difference(ema_model) -> None:
 def test_unreadable_check_file_fails_before_exporting(checkpoint: Path, tmp_path: Path, bad_dir: Path) -> None:
     bad = bad_dir / "webcam_no_row_id.parquet"
     out = tmp_path / "model.onnx"
-    result = CliRunner().invoke(train_cli, ["export", "--checkpoint", str(checkpoint), "--out", str(out),
-                                            "--check", str(bad)])  # fmt: skip
+    result = CliRunner().invoke(
+        train_cli, ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--check", str(bad)]
+    )
     assert result.exit_code == 1
     assert (
         result.output.strip()
@@ -337,8 +379,9 @@ def test_predict_json_model_equals_checkpoint(exported, checkpoint: Path, data_d
     files = [str(f) for f in demo_files(data_dir, 6)] + [str(p) for p in REAL_FILES if p.exists()]
     files.insert(2, str(bad_dir / "webcam_no_row_id.parquet"))
     code_m, out_m, _ = _predict("--model", str(exported[0]), *files, "--format", "json", "--top", "3")
-    code_c, out_c, _ = _predict("--checkpoint", str(checkpoint), *files, "--format", "json", "--top", "3",
-                                "--device", "cpu")  # fmt: skip
+    code_c, out_c, _ = _predict(
+        "--checkpoint", str(checkpoint), *files, "--format", "json", "--top", "3", "--device", "cpu"
+    )
     assert code_m == code_c == 1  # one unreadable file
     rows_m = [json.loads(line) for line in out_m.splitlines()]
     rows_c = [json.loads(line) for line in out_c.splitlines()]
@@ -371,8 +414,10 @@ def test_predict_csv(exported, data_dir: Path, bad_dir: Path) -> None:
     rows = list(csv.reader(out.splitlines()))
     assert rows[0] == ["path", "sign_1", "probability_1", "sign_2", "probability_2", "error"]
     assert [r[0] for r in rows[1:]] == files
-    jsonl = [json.loads(line) for line in _predict("--model", str(exported[0]), *files, "--format", "json",
-                                                   "--top", "2")[1].splitlines()]  # fmt: skip
+    jsonl = [
+        json.loads(line)
+        for line in _predict("--model", str(exported[0]), *files, "--format", "json", "--top", "2")[1].splitlines()
+    ]
     for row, obj in zip(rows[1:], jsonl, strict=True):
         assert len(row) == 6
         assert row[1::2][:2] == [s for s, _ in obj["top"]] or not obj["top"]
@@ -460,9 +505,17 @@ def test_core_install_does_not_need_the_export_extra(tmp_path: Path) -> None:
     )
     (tmp_path / "m.onnx").write_bytes(b"")
     (tmp_path / "c.pt").write_bytes(b"")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
     hint = "it comes with the export extra: pip install -e '.[export]'"
-    assert proc.stdout.splitlines() == [f"1 Error: onnxruntime is not installed; {hint}",
-                                        f"1 Error: onnxscript is not installed; {hint}"]  # fmt: skip
+    assert proc.stdout.splitlines() == [
+        f"1 Error: onnxruntime is not installed; {hint}",
+        f"1 Error: onnxscript is not installed; {hint}",
+    ]
     assert not (tmp_path / "o.onnx").exists()

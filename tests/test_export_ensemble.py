@@ -45,8 +45,17 @@ def member(path: Path, seed: int, label_map: dict[str, int] = LABEL_MAP) -> Path
     torch.manual_seed(seed)
     model = build_model(cfg, len(label_map))
     state = {k: v * 3.0 if v.ndim >= 2 else v for k, v in model.state_dict().items()}
-    save_checkpoint(path, {"model": state, "ema": None, "config": cfg.__dict__, "label_map": label_map,
-                           "step": 100 + seed, "epoch": seed})  # fmt: skip
+    save_checkpoint(
+        path,
+        {
+            "model": state,
+            "ema": None,
+            "config": cfg.__dict__,
+            "label_map": label_map,
+            "step": 100 + seed,
+            "epoch": seed,
+        },
+    )
     return path
 
 
@@ -90,8 +99,10 @@ def test_ensemble_file_holds_every_member(exported: tuple[Path, str], members: l
     sidecar = json.loads(metadata_path(path).read_text())
     assert sidecar["sha256"] == hashlib.sha256(data).hexdigest() and sidecar["model"] == "ensemble.onnx"
     assert sidecar["label_map"] == LABEL_MAP
-    assert sidecar["members"] == [{"checkpoint": str(m), "preset": "tiny", "weights": "model", "step": 100 + k,
-                                   "epoch": k} for k, m in enumerate(members)]  # fmt: skip
+    assert sidecar["members"] == [
+        {"checkpoint": str(m), "preset": "tiny", "weights": "model", "step": 100 + k, "epoch": k}
+        for k, m in enumerate(members)
+    ]
     assert "log of the mean probability of 3 members" in sidecar["output"]
     props = OnnxClassifier(path).session.get_modelmeta().custom_metadata_map
     assert json.loads(props["members"]) == sidecar["members"] and json.loads(props["label_map"]) == LABEL_MAP
@@ -115,8 +126,9 @@ def test_ensemble_onnx_equals_the_pytorch_ensemble(exported: tuple[Path, str], m
     assert seen_disagreement
 
 
-def test_predict_with_the_ensemble_file_equals_ensemble_predict(exported: tuple[Path, str],
-                                                                members: list[Path]) -> None:  # fmt: skip
+def test_predict_with_the_ensemble_file_equals_ensemble_predict(
+    exported: tuple[Path, str], members: list[Path]
+) -> None:
     files = [p for p in REAL_FILES if p.exists()] or pytest.skip("no real files")
     ensemble = EnsembleScorer([CheckpointScorer(m, device="cpu") for m in members], [str(m) for m in members])
     want = list(iter_predictions(ensemble, files, k=3))
@@ -135,9 +147,11 @@ def test_mixed_label_maps_refused_with_nothing_written(members: list[Path], tmp_
     out = tmp_path / "out" / "ensemble.onnx"
     code, output = _export("--checkpoint", str(members[0]), "--checkpoint", str(other), "--out", str(out))
     assert code == 1 and len(output.splitlines()) == 1
-    assert output == (f"Error: {members[0]} and {other} have different label maps (the same {SIGNS} signs in "
-                      f"another order ('sign_00' is index 0 in one, {SIGNS - 1} in the other)); ensemble members "
-                      "must share one\n")  # fmt: skip
+    assert output == (
+        f"Error: {members[0]} and {other} have different label maps (the same {SIGNS} signs in "
+        f"another order ('sign_00' is index 0 in one, {SIGNS - 1} in the other)); ensemble members "
+        "must share one\n"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.pt"]
 
 
@@ -159,8 +173,9 @@ def test_a_member_that_is_not_a_checkpoint(members: list[Path], tmp_path: Path) 
 
 @pytest.mark.parametrize("name", ["m.json", "best.pt", "model", "model.onnx.bak"])
 @pytest.mark.parametrize("fmt", [None, "onnx"])
-def test_out_that_is_not_a_model_file_is_refused(members: list[Path], tmp_path: Path, name: str,
-                                                 fmt: str | None) -> None:  # fmt: skip
+def test_out_that_is_not_a_model_file_is_refused(
+    members: list[Path], tmp_path: Path, name: str, fmt: str | None
+) -> None:
     out = tmp_path / name
     out.write_text("precious")  # whatever stands there stays
     code, output = _export("--checkpoint", str(members[0]), "--out", str(out), *(["--format", fmt] if fmt else []))
@@ -224,14 +239,18 @@ mp.write_model_pair(Path(sys.argv[1]), b"NEW" * 1000, {{"step": 2}})
         ("replace", 2, "mismatch", "completed"),  # the metadata renamed (committed), the model not yet
     ],
 )
-def test_a_kill_leaves_the_old_pair_or_the_new_one(tmp_path: Path, kind: str, n: int, after_kill: str,
-                                                   settled: str) -> None:  # fmt: skip
+def test_a_kill_leaves_the_old_pair_or_the_new_one(
+    tmp_path: Path, kind: str, n: int, after_kill: str, settled: str
+) -> None:
     model = tmp_path / "model.onnx"
     old, new = b"OLD" * 900, b"NEW" * 1000
     write_model_pair(model, old, {"step": 1})
     assert_valid_pair(model, old, 1)
-    run = subprocess.run([sys.executable, "-c", KILLER.format(kind=kind, n=n), str(model)], capture_output=True,
-                         cwd=Path(__file__).parents[1])  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", KILLER.format(kind=kind, n=n), str(model)],
+        capture_output=True,
+        cwd=Path(__file__).parents[1],
+    )
     assert run.returncode == -9, run.stderr.decode()
     data, sidecar = pair_state(model)
     if after_kill == "old":
@@ -249,16 +268,18 @@ def test_a_kill_leaves_the_old_pair_or_the_new_one(tmp_path: Path, kind: str, n:
 def test_the_next_write_settles_an_interrupted_one(tmp_path: Path) -> None:
     model = tmp_path / "model.tflite"
     write_model_pair(model, b"old", {"step": 1})
-    run = subprocess.run([sys.executable, "-c", KILLER.format(kind="replace", n=2), str(model)],
-                         cwd=Path(__file__).parents[1])  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", KILLER.format(kind="replace", n=2), str(model)], cwd=Path(__file__).parents[1]
+    )
     assert run.returncode == -9
     write_model_pair(model, b"newer", {"step": 3})
     assert_valid_pair(model, b"newer", 3)
 
 
 @pytest.mark.parametrize(("failing_call", "named"), [(1, "model.onnx"), (2, "model.json")])
-def test_disk_full_names_the_file_and_keeps_the_old_pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                         failing_call: int, named: str) -> None:  # fmt: skip
+def test_disk_full_names_the_file_and_keeps_the_old_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_call: int, named: str
+) -> None:
     import train.modelpair as mp
 
     model = tmp_path / "model.onnx"
@@ -275,14 +296,16 @@ def test_disk_full_names_the_file_and_keeps_the_old_pair(tmp_path: Path, monkeyp
     monkeypatch.setattr(mp.os, "fsync", fsync)
     with pytest.raises(ModelWriteError) as info:
         write_model_pair(model, b"new" * 100, {"step": 2})
-    assert str(info.value) == (f"{tmp_path / named}: cannot write (No space left on device); the previous {named}, "
-                               "if any, is unchanged")  # fmt: skip
+    assert str(info.value) == (
+        f"{tmp_path / named}: cannot write (No space left on device); the previous {named}, if any, is unchanged"
+    )
     monkeypatch.undo()
     assert_valid_pair(model, b"old", 1)  # no pending file left either
 
 
-def test_disk_full_during_export_is_one_line(exported: tuple[Path, str], members: list[Path], tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_disk_full_during_export_is_one_line(
+    exported: tuple[Path, str], members: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import train.export as export
     import train.modelpair as mp
 
@@ -295,6 +318,8 @@ def test_disk_full_during_export_is_one_line(exported: tuple[Path, str], members
     monkeypatch.setattr(mp.os, "fsync", full)
     out = tmp_path / "model.onnx"
     code, output = _export(*(a for m in members for a in ("--checkpoint", str(m))), "--out", str(out))
-    assert (code, output) == (1, f"Error: {out}: cannot write (No space left on device); the previous model.onnx, "
-                                 "if any, is unchanged\n")  # fmt: skip
+    assert (code, output) == (
+        1,
+        f"Error: {out}: cannot write (No space left on device); the previous model.onnx, if any, is unchanged\n",
+    )
     assert list(tmp_path.iterdir()) == []

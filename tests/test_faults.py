@@ -57,8 +57,9 @@ def assert_one_line_error(result: Any, *phrases: str) -> None:
     """Exit status 1, a click error line holding every phrase, no traceback."""
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
-    assert any(line.startswith(("Error: ", "FAIL ")) and all(p in line for p in phrases)
-               for line in result.output.splitlines()), result.output  # fmt: skip
+    assert any(
+        line.startswith(("Error: ", "FAIL ")) and all(p in line for p in phrases) for line in result.output.splitlines()
+    ), result.output
 
 
 def bounded(fn: Callable[[], Any], seconds: float = 60) -> Any:
@@ -81,8 +82,22 @@ def bounded(fn: Callable[[], Any], seconds: float = 60) -> Any:
 
 
 def train_args(shards: Path | str, out: Path) -> list[str]:
-    return ["--shards", str(shards), "--preset", "tiny", "--epochs", "1", "--batch-size", "16", "--workers", "0",
-            "--device", "cpu", "--out", str(out)]  # fmt: skip
+    return [
+        "--shards",
+        str(shards),
+        "--preset",
+        "tiny",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
 
 
 def replace_shard(shard_dir: Path, name: str, data: bytes) -> None:
@@ -226,13 +241,20 @@ def _edit(manifest: dict, case: str) -> dict | str:
 
 
 MANIFEST_CASES = {
-    "missing-shards": "missing 'shards'", "missing-label-map": "missing 'label_map'",
-    "count-field-changed": "one value per sample", "fold-count-changed": "fold 0 says",
-    "label-past-the-map": "outside the label map", "label-minus-100": "label -100 is outside",
-    "label-a-string": "label '1' is outside", "name-escapes": "name must be", "key-with-a-slash": "sequence_ids",
-    "format-version": "format version 99", "label-map-gap": "label_map must", "not-json": "not a JSON manifest",
+    "missing-shards": "missing 'shards'",
+    "missing-label-map": "missing 'label_map'",
+    "count-field-changed": "one value per sample",
+    "fold-count-changed": "fold 0 says",
+    "label-past-the-map": "outside the label map",
+    "label-minus-100": "label -100 is outside",
+    "label-a-string": "label '1' is outside",
+    "name-escapes": "name must be",
+    "key-with-a-slash": "sequence_ids",
+    "format-version": "format version 99",
+    "label-map-gap": "label_map must",
+    "not-json": "not a JSON manifest",
     "deeply-nested": "not a JSON manifest",
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(MANIFEST_CASES))
@@ -273,9 +295,17 @@ def test_a_sample_whose_label_is_not_the_manifests_is_refused(copy: Path, tmp_pa
     key = members[0][0].split(".")[0]
     old = json.loads(dict(members)[f"{key}.json"])["label"]
     new = (old + 1) % len(read_manifest(copy)["label_map"])
-    edited = [(n, str(new).encode() if n == f"{key}.cls" else
-               json.dumps({**json.loads(d), "label": new}).encode() if n == f"{key}.json" else d)
-              for n, d in members]  # fmt: skip
+    edited = [
+        (
+            n,
+            str(new).encode()
+            if n == f"{key}.cls"
+            else json.dumps({**json.loads(d), "label": new}).encode()
+            if n == f"{key}.json"
+            else d,
+        )
+        for n, d in members
+    ]
     replace_shard(copy, name, b"".join(member(n, d) for n, d in edited) + bytes(1024))
     reason = f"label {new}, manifest says {old}"
     assert_one_line_error(run(pipeline_cli, "verify", copy), f"{name}:{key}", reason)

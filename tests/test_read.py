@@ -431,13 +431,15 @@ def test_file_growing_while_read_is_refused(tmp_path, monkeypatch):
 def small_file_of_a_huge_table(tmp_path: Path, frames: int, type_name: str = "face") -> Path:
     """A parquet file of `frames` constant frames: compressed, it stays small whatever it decodes to."""
     n = frames * ROWS
-    table = pa.table({
-        "frame": pa.array(np.repeat(np.arange(frames, dtype=np.int16), ROWS)),
-        "row_id": pa.array(["0-face-0"] * n),
-        "type": pa.DictionaryArray.from_arrays(np.zeros(n, dtype=np.int32), [type_name]),
-        "landmark_index": pa.array(np.zeros(n, dtype=np.int16)),
-        **{c: pa.array(np.zeros(n)) for c in "xyz"},
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "frame": pa.array(np.repeat(np.arange(frames, dtype=np.int16), ROWS)),
+            "row_id": pa.array(["0-face-0"] * n),
+            "type": pa.DictionaryArray.from_arrays(np.zeros(n, dtype=np.int32), [type_name]),
+            "landmark_index": pa.array(np.zeros(n, dtype=np.int16)),
+            **{c: pa.array(np.zeros(n)) for c in "xyz"},
+        }
+    )
     path = tmp_path / "bomb.parquet"
     pq.write_table(table, path, compression="zstd")
     return path

@@ -41,8 +41,25 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_args(location: str, out: Path, *extra: str) -> list[str]:
-    return ["--shards", location, "--preset", "tiny", "--epochs", "1", "--batch-size", "32", "--workers", "1",
-            "--device", "cpu", "--seed", "5", "--out", str(out), *extra]  # fmt: skip
+    return [
+        "--shards",
+        location,
+        "--preset",
+        "tiny",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def metrics(run: Path) -> list[dict]:
@@ -127,10 +144,17 @@ def test_unreadable_location_fails_at_once_naming_it(tmp_path: Path, kind: str) 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    spec = {"dir": str(tmp_path / "nothing"), "http": f"http://127.0.0.1:{port}/asl",
-            "pipe": f"pipe:cat {tmp_path}/nothing/{{}}", "file": f"file://{tmp_path}/nothing"}[kind]  # fmt: skip
-    for cli, args in ((pipeline_cli, ["verify", spec]), (pipeline_cli, ["stats", spec]),
-                      (train_cli, train_args(spec, tmp_path / "run"))):  # fmt: skip
+    spec = {
+        "dir": str(tmp_path / "nothing"),
+        "http": f"http://127.0.0.1:{port}/asl",
+        "pipe": f"pipe:cat {tmp_path}/nothing/{{}}",
+        "file": f"file://{tmp_path}/nothing",
+    }[kind]
+    for cli, args in (
+        (pipeline_cli, ["verify", spec]),
+        (pipeline_cli, ["stats", spec]),
+        (train_cli, train_args(spec, tmp_path / "run")),
+    ):
         result = invoke(cli, args)
         assert result.exit_code == 1, result.output
         assert "manifest.json" in result.output and "Traceback" not in result.output, result.output
@@ -172,8 +196,9 @@ def local_run(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _evaluate(checkpoint: Path, location: str) -> str:
-    result = invoke(train_cli, ["evaluate", "--checkpoint", checkpoint, "--shards", location, "--workers", "1",
-                                "--device", "cpu"])  # fmt: skip
+    result = invoke(
+        train_cli, ["evaluate", "--checkpoint", checkpoint, "--shards", location, "--workers", "1", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     return "\n".join(line for line in result.output.splitlines() if not line.startswith("checkpoint "))  # its path
 
@@ -219,8 +244,7 @@ def _corrupt(shards: Path, tmp_path: Path, how: str) -> tuple[Path, str]:
 
 
 @pytest.mark.parametrize("how,reason", [("truncated", "bytes, manifest says"), ("flipped", "sha256 differs")])
-def test_corrupt_shard_over_http_stops_training_naming_it(shards: Path, tmp_path: Path, how: str,
-                                                           reason: str) -> None:  # fmt: skip
+def test_corrupt_shard_over_http_stops_training_naming_it(shards: Path, tmp_path: Path, how: str, reason: str) -> None:
     copy, name = _corrupt(shards, tmp_path, how)
     with serve(copy) as (url, _, requests):
         out = tmp_path / "run"
@@ -275,10 +299,21 @@ def test_two_nodes_train_from_http(shards: Path, tmp_path: Path) -> None:
     with serve(shards) as (url, _, _):
         procs = []
         for node in range(2):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=asl-test",
-                   "--local-addr=127.0.0.1", str(TESTS / "ddp_check.py"), url, str(tmp_path / f"out{node}"),
-                   str(reports)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=asl-test",
+                "--local-addr=127.0.0.1",
+                str(TESTS / "ddp_check.py"),
+                url,
+                str(tmp_path / f"out{node}"),
+                str(reports),
+            ]
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         outputs = []
         for proc in procs:
@@ -301,9 +336,15 @@ def test_ddp_ranks_stop_together_on_a_corrupt_shard(shards: Path, tmp_path: Path
     """Two processes, one of them reading a corrupt shard: both exit 1 with the same one-line error, no hang."""
     copy, name = _corrupt(shards, tmp_path, "flipped")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(BIN / "asl-train"), *train_args(str(copy), tmp_path / "run", "--workers", "0",
-                                               "--shard-check", "sha256")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(BIN / "asl-train"),
+        *train_args(str(copy), tmp_path / "run", "--workers", "0", "--shard-check", "sha256"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
@@ -318,8 +359,15 @@ def test_ddp_ranks_stop_together_when_rank0_cannot_write_the_run(shards: Path, t
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(BIN / "asl-train"), *train_args(str(shards), blocker / "run", "--workers", "0")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(BIN / "asl-train"),
+        *train_args(str(shards), blocker / "run", "--workers", "0"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
     assert proc.returncode != 0 and len(errors) == 2 and errors[0] == errors[1], proc.stderr[-3000:]
@@ -332,8 +380,9 @@ def test_ddp_ranks_stop_together_when_rank0_cannot_write_the_run(shards: Path, t
 def _slow_script(tmp_path: Path, shards: Path, body: str) -> str:
     """A pipe: location whose command serves the manifest from `shards` and runs `body` (sh) for any shard."""
     script = tmp_path / "serve.sh"
-    script.write_text(f'case "$1" in manifest.json) exec cat {shards}/manifest.json;; esac\n'
-                      f'echo $$ >> {tmp_path}/pids\n{body}\n')  # fmt: skip
+    script.write_text(
+        f'case "$1" in manifest.json) exec cat {shards}/manifest.json;; esac\necho $$ >> {tmp_path}/pids\n{body}\n'
+    )
     return f"pipe:exec sh {script} {{}}"  # exec: no outer shell holding stdout open
 
 
@@ -362,9 +411,11 @@ def test_a_shard_cannot_declare_more_bytes_than_its_samples_can_take(shards: Pat
         assert entry["bytes"] <= bound < 4 * entry["bytes"]
     edited = json.loads(json.dumps(manifest))
     edited["shards"][1]["bytes"] = 10**12
-    assert manifest_problem(edited) == (f"shards[1] ('{edited['shards'][1]['name']}'): declares 1000000000000 bytes, "
-                                        f"more than its {edited['shards'][1]['samples']} samples can take "
-                                        f"({max_shard_bytes(edited['shards'][1], manifest['config'], 5)})")  # fmt: skip
+    assert manifest_problem(edited) == (
+        f"shards[1] ('{edited['shards'][1]['name']}'): declares 1000000000000 bytes, "
+        f"more than its {edited['shards'][1]['samples']} samples can take "
+        f"({max_shard_bytes(edited['shards'][1], manifest['config'], 5)})"
+    )
 
 
 def test_a_commands_stderr_is_kept_to_its_last_bytes(tmp_path: Path) -> None:
@@ -417,8 +468,9 @@ def test_a_command_that_closes_its_output_but_runs_on_is_an_error_and_retried(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_during_a_slow_read_stops_training_and_its_command_at_once(shards: Path, tmp_path: Path,
-                                                                            signum: int) -> None:  # fmt: skip
+def test_a_signal_during_a_slow_read_stops_training_and_its_command_at_once(
+    shards: Path, tmp_path: Path, signum: int
+) -> None:
     """--workers 0, a shard read that would take a minute: Ctrl-C (or SIGTERM) ends the run within seconds and
     the command (and its children) with it."""
     location = _slow_script(tmp_path, shards, 'sleep 60 & echo $! >> "$(dirname "$0")/pids"; wait')
@@ -445,10 +497,11 @@ def test_shard_names_take_ascii_digits_only(shards: Path, name: str) -> None:
     assert manifest_problem(manifest).endswith("name must be foldK-NNNNNN.tar, K its fold")
 
 
-@pytest.mark.parametrize("edit,key", [(("totals", "bytes"), "totals"), (("folds", 0, "participants"), "every fold"),
-                                      (("lengths",), "lengths")])  # fmt: skip
-def test_stats_and_verify_on_a_manifest_without_summaries(shards: Path, tmp_path: Path, edit: tuple,
-                                                          key: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "edit,key",
+    [(("totals", "bytes"), "totals"), (("folds", 0, "participants"), "every fold"), (("lengths",), "lengths")],
+)
+def test_stats_and_verify_on_a_manifest_without_summaries(shards: Path, tmp_path: Path, edit: tuple, key: str) -> None:
     """stats needs them: one line naming the manifest; verify does not (it counts from the shard entries)."""
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
@@ -523,12 +576,16 @@ def test_three_epochs_over_http_with_a_cache_fetch_each_shard_once(
         assert f"{url}{victim.name}: HTTP 404" in result.output
 
 
-@pytest.mark.parametrize("setting,message", [
-    ("file", "the cache directory is a file, not a directory"),
-    ("limit", "is smaller than a shard"),
-])  # fmt: skip
-def test_an_unusable_cache_setting_is_one_line_before_training(shards: Path, tmp_path: Path, setting: str,
-                                                                message: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ("file", "the cache directory is a file, not a directory"),
+        ("limit", "is smaller than a shard"),
+    ],
+)
+def test_an_unusable_cache_setting_is_one_line_before_training(
+    shards: Path, tmp_path: Path, setting: str, message: str
+) -> None:
     cache = tmp_path / "cache"
     extra = ["--cache-dir", cache]
     if setting == "file":
@@ -554,8 +611,22 @@ def test_evaluate_and_verify_read_through_the_cache(shards: Path, local_run: Pat
         assert verified.exit_code == 0, verified.output
         fetched = len([r for r in requests if r.endswith(".tar")])
         assert fetched == len(read_manifest(shards)["shards"])
-        evaluated = invoke(train_cli, ["evaluate", "--checkpoint", local_run / "last.pt", "--shards", url,
-                                       "--workers", "1", "--device", "cpu", "--cache-dir", cache])  # fmt: skip
+        evaluated = invoke(
+            train_cli,
+            [
+                "evaluate",
+                "--checkpoint",
+                local_run / "last.pt",
+                "--shards",
+                url,
+                "--workers",
+                "1",
+                "--device",
+                "cpu",
+                "--cache-dir",
+                cache,
+            ],
+        )
         assert evaluated.exit_code == 0, evaluated.output
         assert len([r for r in requests if r.endswith(".tar")]) == fetched  # every shard a cache hit
     assert _evaluate(local_run / "last.pt", str(shards)) in evaluated.output

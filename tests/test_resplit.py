@@ -22,8 +22,9 @@ from train.resplit import pack_trained, rest_of_epoch, rest_steps, shard_offsets
 
 
 def manifest_shards(rng: random.Random) -> list[dict]:
-    return [{"name": f"fold{rng.randrange(3)}-{i:06d}.tar", "samples": rng.randint(1, 30)}
-            for i in range(rng.randint(1, 8))]  # fmt: skip
+    return [
+        {"name": f"fold{rng.randrange(3)}-{i:06d}.tar", "samples": rng.randint(1, 30)} for i in range(rng.randint(1, 8))
+    ]
 
 
 def ids_of(ranges: list[Range], offsets: dict[str, int]) -> list[int]:
@@ -146,8 +147,11 @@ def test_ranges_are_runs_of_one_shard() -> None:
     shards = [{"name": "fold0-000000.tar", "samples": 4}, {"name": "fold0-000001.tar", "samples": 3}]
     trained = np.array([0, 1, 0, 0, 0, 0, 1], dtype=bool)
     [[share]] = rest_of_epoch(shards, ["fold0-000001.tar", "fold0-000000.tar"], trained, 1, 1, 2)
-    assert share.ranges == [Range("fold0-000001.tar", 0, 2), Range("fold0-000000.tar", 0, 1),
-                            Range("fold0-000000.tar", 2, 4)]  # fmt: skip
+    assert share.ranges == [
+        Range("fold0-000001.tar", 0, 2),
+        Range("fold0-000000.tar", 0, 1),
+        Range("fold0-000000.tar", 2, 4),
+    ]
     assert share.fill == []
     [[a], [b]] = rest_of_epoch(shards, ["fold0-000000.tar", "fold0-000001.tar"], trained, 2, 1, 2)
     assert (a.ranges, a.fill) == ([Range("fold0-000000.tar", 0, 1), Range("fold0-000000.tar", 2, 4)], [])
@@ -186,21 +190,34 @@ def _run(world: int, record: Path, cfg: dict, resume: Path | None = None) -> Non
 
 
 def _steps(record: Path) -> list[dict]:
-    return [json.loads(line) for p in sorted(record.parent.glob(record.name + ".rank*.jsonl"))
-            for line in p.read_text().splitlines()]  # fmt: skip
+    return [
+        json.loads(line)
+        for p in sorted(record.parent.glob(record.name + ".rank*.jsonl"))
+        for line in p.read_text().splitlines()
+    ]
 
 
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
-def test_an_epoch_cut_under_one_world_size_is_finished_under_another(small_shards: Path, tmp_path: Path, before: int,
-                                                                      after: int) -> None:  # fmt: skip
+def test_an_epoch_cut_under_one_world_size_is_finished_under_another(
+    small_shards: Path, tmp_path: Path, before: int, after: int
+) -> None:
     """Cut by --max-steps mid-epoch, resumed with another process count (and worker count): every training sample
     of that epoch is trained once in all (repeats only as the padding of an uneven split), and the next epoch is a
     whole epoch of the new split."""
     manifest = read_manifest(small_shards)
     n = sum(f["samples"] for f in manifest["folds"] if f["fold"] != 0)
     batch, cut = 16, 3
-    cfg = {"shards": str(small_shards), "out": str(tmp_path / "run"), "preset": "tiny", "epochs": 2,
-           "batch_size": batch, "device": "cpu", "seed": 3, "max_steps": cut, "workers": before - 1}  # fmt: skip
+    cfg = {
+        "shards": str(small_shards),
+        "out": str(tmp_path / "run"),
+        "preset": "tiny",
+        "epochs": 2,
+        "batch_size": batch,
+        "device": "cpu",
+        "seed": 3,
+        "max_steps": cut,
+        "workers": before - 1,
+    }
     _run(before, tmp_path / "first", cfg)
     first = _steps(tmp_path / "first")
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)

@@ -41,8 +41,9 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(shards: Path, out: Path, **changes) -> TrainConfig:
-    return TrainConfig(shards=str(shards), out=str(out), preset="tiny", batch_size=16, workers=0, device="cpu",
-                       seed=5, **changes)  # fmt: skip
+    return TrainConfig(
+        shards=str(shards), out=str(out), preset="tiny", batch_size=16, workers=0, device="cpu", seed=5, **changes
+    )
 
 
 def _one_line_error(args: list[str]) -> str:
@@ -57,19 +58,36 @@ def _one_line_error(args: list[str]) -> str:
 
 def test_two_runs_into_one_new_out_one_refuses_the_other_completes(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = ["--shards", str(shards), "--preset", "tiny", "--epochs", "3", "--batch-size", "4", "--workers", "0",
-            "--device", "cpu", "--save-every", "1", "--out", str(out)]  # fmt: skip
-    first = subprocess.Popen([BIN / "asl-train", *args, "--seed", "1"], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    args = [
+        "--shards",
+        str(shards),
+        "--preset",
+        "tiny",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--save-every",
+        "1",
+        "--out",
+        str(out),
+    ]
+    first = subprocess.Popen(
+        [BIN / "asl-train", *args, "--seed", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out / "last.pt").exists() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert first.poll() is None, "the first run ended before the second could start"
-        second = subprocess.run([BIN / "asl-train", *args, "--seed", "2"], capture_output=True, text=True,
-                                timeout=120)  # fmt: skip
-        resumed = subprocess.run([BIN / "asl-train", "--resume", str(out), "--epochs", "4"], capture_output=True,
-                                 text=True, timeout=120)  # fmt: skip
+        second = subprocess.run([BIN / "asl-train", *args, "--seed", "2"], capture_output=True, text=True, timeout=120)
+        resumed = subprocess.run(
+            [BIN / "asl-train", "--resume", str(out), "--epochs", "4"], capture_output=True, text=True, timeout=120
+        )
         output, _ = first.communicate(timeout=600)
     finally:
         first.kill()
@@ -106,9 +124,26 @@ def test_ddp_ranks_all_stop_when_rank_0_cannot_take_the_lock(shards: Path, tmp_p
     out = tmp_path / "run"
     out.mkdir()
     with locked(out / LOCK):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-               str(BIN / "asl-train"), "--shards", str(shards), "--preset", "tiny", "--workers", "0", "--device",
-               "cpu", "--max-steps", "2", "--out", str(out)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29531",
+            str(BIN / "asl-train"),
+            "--shards",
+            str(shards),
+            "--preset",
+            "tiny",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--max-steps",
+            "2",
+            "--out",
+            str(out),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # a hang would time out
     assert result.returncode != 0
     refused = [line for line in result.stderr.splitlines() if line.startswith("Error: rank 0: ")]
@@ -132,8 +167,9 @@ def test_ddp_ranks_all_stop_when_rank_0_cannot_take_the_lock(shards: Path, tmp_p
         (["--dim", "40000"], r"dim 40000 is not an integer in [1, 4096]"),
     ],
 )
-def test_non_finite_and_absurd_options_are_one_line(shards: Path, tmp_path: Path, args: list[str],
-                                                    message: str) -> None:  # fmt: skip
+def test_non_finite_and_absurd_options_are_one_line(
+    shards: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
     line = _one_line_error(["--shards", str(shards), "--out", str(tmp_path / "run"), *args])
     assert message in line
     assert not (tmp_path / "run").exists()
@@ -186,12 +222,15 @@ def test_max_steps_cut_mid_epoch_then_resumed_equals_an_uninterrupted_run(shards
     assert [line.split(",")[0] for line in epochs_csv[1:]] == ["1", "2"]  # the cut epoch's row once, as finished
 
 
-def test_predict_refuses_infinite_coordinates_one_line_per_file(good_parquet: Path, good_table: pa.Table,
-                                                                write_parquet, tmp_path: Path) -> None:  # fmt: skip
+def test_predict_refuses_infinite_coordinates_one_line_per_file(
+    good_parquet: Path, good_table: pa.Table, write_parquet, tmp_path: Path
+) -> None:
     ckpt_path = tmp_path / "tiny.pt"
     cfg = TrainConfig(preset="tiny")
-    save_checkpoint(ckpt_path, {"model": build_model(cfg, 3).state_dict(), "config": vars(cfg).copy(),
-                                "label_map": {"a": 0, "b": 1, "c": 2}})  # fmt: skip
+    save_checkpoint(
+        ckpt_path,
+        {"model": build_model(cfg, 3).state_dict(), "config": vars(cfg).copy(), "label_map": {"a": 0, "b": 1, "c": 2}},
+    )
     bad = []
     for column, value in (("x", np.inf), ("y", -np.inf), ("z", np.inf), ("x", 1e300)):
         values = good_table.column(column).to_numpy().copy()
@@ -218,8 +257,9 @@ def test_predict_refuses_infinite_coordinates_one_line_per_file(good_parquet: Pa
         ({"lr": 1e400}, "lr must be a finite number, not inf"),
     ],
 )
-def test_config_file_values_that_would_crash_or_mislead_are_one_line(tmp_path: Path, content: dict,
-                                                                     message: str) -> None:  # fmt: skip
+def test_config_file_values_that_would_crash_or_mislead_are_one_line(
+    tmp_path: Path, content: dict, message: str
+) -> None:
     path = tmp_path / "c.json"
     path.write_text(json.dumps(content).replace("1e+400", "1e400"))
     assert message in _one_line_error(["--config", str(path), "--out", str(tmp_path / "run")])
@@ -276,8 +316,9 @@ def _full_disk_after(path_suffix: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("name", ["steps.csv", "metrics.jsonl"])
-def test_a_full_disk_while_logging_names_the_file(shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  name: str) -> None:  # fmt: skip
+def test_a_full_disk_while_logging_names_the_file(
+    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
     _full_disk_after(name, monkeypatch)
     out = tmp_path / "run"
     with pytest.raises(OSError, match=f"{out / name}: cannot write (the log|the epoch's metrics) \\(No space left"):
@@ -296,8 +337,11 @@ def test_a_tensorboard_write_error_names_its_directory(tmp_path: Path) -> None:
     reporter = report.TensorBoardReporter(tmp_path, 0, 0)
     reporter.writer.close()
     reporter.writer = Failing()
-    for call in (lambda: reporter.log_step(1, {"loss": 1.0, "lr": 0.1, "samples_per_s": 1.0}),
-                 lambda: reporter.log_epoch(1, {"epoch": 1}), reporter.close):  # fmt: skip
+    for call in (
+        lambda: reporter.log_step(1, {"loss": 1.0, "lr": 0.1, "samples_per_s": 1.0}),
+        lambda: reporter.log_epoch(1, {"epoch": 1}),
+        reporter.close,
+    ):
         with pytest.raises(OSError, match=f"^{tmp_path / 'tensorboard'}: cannot write the log \\(No space left"):
             call()
 
@@ -306,9 +350,23 @@ def test_a_tensorboard_write_error_names_its_directory(tmp_path: Path) -> None:
 def test_build_shards_stopped_by_a_signal_leaves_no_workers_or_temporaries(tmp_path: Path, sig: int) -> None:
     data = demo_dataset(tmp_path, sequences=300, signs=5, participants=6)
     out = tmp_path / "shards"
-    proc = subprocess.Popen([BIN / "asl-pipeline", "build-shards", "--data-dir", str(data), "--out", str(out), "--jobs",
-                             "2", "--shard-size", "5"], start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            BIN / "asl-pipeline",
+            "build-shards",
+            "--data-dir",
+            str(data),
+            "--out",
+            str(out),
+            "--jobs",
+            "2",
+            "--shard-size",
+            "5",
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while not list(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:

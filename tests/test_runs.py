@@ -75,9 +75,28 @@ def logged(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     report_to = "tensorboard,csv" if HAS_TENSORBOARD else "csv"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train.loop, "tqdm", Bar)
-        output = _train("--shards", str(shards), "--preset", "tiny", "--epochs", str(EPOCHS), "--batch-size",
-                        str(BATCH), "--lr", str(LR), "--seed", str(SEED), "--ema", "0.9", "--report-to", report_to,
-                        "--log-every", str(LOG_EVERY), "--out", str(out))  # fmt: skip
+        output = _train(
+            "--shards",
+            str(shards),
+            "--preset",
+            "tiny",
+            "--epochs",
+            str(EPOCHS),
+            "--batch-size",
+            str(BATCH),
+            "--lr",
+            str(LR),
+            "--seed",
+            str(SEED),
+            "--ema",
+            "0.9",
+            "--report-to",
+            report_to,
+            "--log-every",
+            str(LOG_EVERY),
+            "--out",
+            str(out),
+        )
     return out, output, bars
 
 
@@ -95,8 +114,9 @@ def test_csv_logs_steps_and_epochs(logged: tuple[Path, str, list[str]]) -> None:
     total = EPOCHS * per_epoch
     steps = _csv(out / "steps.csv")
     # every LOG_EVERY steps, and at each epoch's end
-    assert [int(r["step"]) for r in steps] == [s for s in range(1, total + 1) if s % LOG_EVERY == 0 or
-                                               s % per_epoch == 0]  # fmt: skip
+    assert [int(r["step"]) for r in steps] == [
+        s for s in range(1, total + 1) if s % LOG_EVERY == 0 or s % per_epoch == 0
+    ]
     assert [int(r["epoch"]) for r in steps] == [math.ceil(int(r["step"]) / per_epoch) for r in steps]
     warmup = max(1, int(0.1 * total))
     for r in steps:  # the rate the logged step trained with
@@ -163,8 +183,9 @@ def test_config_reruns_the_experiment_exactly(logged: tuple[Path, str, list[str]
     again = tmp_path / "again"
     _train("--config", str(out / "config.json"), "--out", str(again), "--report-to", "none")
     timing = {"samples_per_s"}
-    assert [{k: v for k, v in r.items() if k not in timing} for r in _rows(again)] == \
-        [{k: v for k, v in r.items() if k not in timing} for r in _rows(out)]  # fmt: skip
+    assert [{k: v for k, v in r.items() if k not in timing} for r in _rows(again)] == [
+        {k: v for k, v in r.items() if k not in timing} for r in _rows(out)
+    ]
     for name in ("model", "ema"):
         ours, theirs = (torch.load(run / "last.pt", weights_only=True)[name] for run in (again, out))
         for key, value in theirs.items():
@@ -203,17 +224,20 @@ def test_config_file_errors_are_one_line(tmp_path: Path, content: str, message: 
     assert code == 1 and line.startswith(f"Error: {path}: ") and message in line
 
 
-def test_resume_extends_a_finished_run_on_the_stretched_schedule(logged: tuple[Path, str, list[str]],
-                                                                 tmp_path: Path) -> None:  # fmt: skip
+def test_resume_extends_a_finished_run_on_the_stretched_schedule(
+    logged: tuple[Path, str, list[str]], tmp_path: Path
+) -> None:
     out, _, _ = logged
     run = tmp_path / "extended"
     shutil.copytree(out, run)
     before = (run / "last.pt").read_bytes()
     code, line = _fail("--resume", str(run))
     per_epoch = _rows(out)[0]["step"]
-    assert code == 1 and line == (f"Error: {run} has finished: it trained {2 * per_epoch} steps (2 epochs), "
-                                  f"and --epochs 2 asks for {2 * per_epoch}; resume it with a larger --epochs "
-                                  "to go on")  # fmt: skip
+    assert code == 1 and line == (
+        f"Error: {run} has finished: it trained {2 * per_epoch} steps (2 epochs), "
+        f"and --epochs 2 asks for {2 * per_epoch}; resume it with a larger --epochs "
+        "to go on"
+    )
     code, line = _fail("--resume", str(run), "--lr", "0.1", "--out", str(tmp_path / "elsewhere"), "--epochs", "3")
     assert code == 2 and "--lr, --out cannot change" in line
     assert (run / "last.pt").read_bytes() == before and _rows(run) == _rows(out)
@@ -226,10 +250,12 @@ def test_resume_extends_a_finished_run_on_the_stretched_schedule(logged: tuple[P
     # from the old end on, the rate follows the 3-epoch schedule: it starts again above 0 and ends at 0
     total, warmup = 3 * per_epoch, max(1, int(0.1 * 3 * per_epoch))
     new = [r for r in _csv(run / "steps.csv") if int(r["step"]) > 2 * per_epoch]
-    assert [int(r["step"]) for r in new] == [s for s in range(2 * per_epoch + 1, total + 1) if s % LOG_EVERY == 0
-                                             or s % per_epoch == 0]  # fmt: skip
-    assert [float(r["lr"]) for r in new] == pytest.approx([LR * _cosine(int(r["step"]) - 1, total, warmup)
-                                                           for r in new], rel=1e-12)  # fmt: skip
+    assert [int(r["step"]) for r in new] == [
+        s for s in range(2 * per_epoch + 1, total + 1) if s % LOG_EVERY == 0 or s % per_epoch == 0
+    ]
+    assert [float(r["lr"]) for r in new] == pytest.approx(
+        [LR * _cosine(int(r["step"]) - 1, total, warmup) for r in new], rel=1e-12
+    )
     assert float(new[0]["lr"]) > 0.1 * LR and rows[-1]["lr"] == 0.0
     logged_steps = [int(r["step"]) for r in _csv(run / "steps.csv")]
     assert logged_steps == sorted(set(logged_steps))  # each step once
@@ -237,8 +263,20 @@ def test_resume_extends_a_finished_run_on_the_stretched_schedule(logged: tuple[P
 
 def test_val_folds_none_trains_on_every_sample(shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "all"
-    output = _train("--shards", str(shards), "--preset", "tiny", "--epochs", "1", "--batch-size", str(BATCH),
-                    "--val-folds", "none", "--out", str(run))  # fmt: skip
+    output = _train(
+        "--shards",
+        str(shards),
+        "--preset",
+        "tiny",
+        "--epochs",
+        "1",
+        "--batch-size",
+        str(BATCH),
+        "--val-folds",
+        "none",
+        "--out",
+        str(run),
+    )
     manifest = read_manifest(shards)
     total = sum(s["samples"] for s in manifest["shards"])
     assert total == sum(f["samples"] for f in manifest["folds"]) == 300
@@ -247,8 +285,10 @@ def test_val_folds_none_trains_on_every_sample(shards: Path, tmp_path: Path) -> 
     assert not any(k.startswith("val_") for k in row)
     assert not (run / "best.pt").exists() and (run / "last.pt").exists()
     assert json.loads((run / "config.json").read_text())["val_folds"] == []
-    assert f"no validation (--val-folds none): trained on every fold, {total} samples an epoch; the result is " \
-           "last.pt (no best.pt is written)" in output  # fmt: skip
+    assert (
+        f"no validation (--val-folds none): trained on every fold, {total} samples an epoch; the result is "
+        "last.pt (no best.pt is written)" in output
+    )
     code, line = _fail("evaluate", "--checkpoint", str(run / "last.pt"), "--device", "cpu")
     assert code == 1 and "pass --folds" in line
 
@@ -263,19 +303,44 @@ def test_val_folds_none_trains_on_every_sample(shards: Path, tmp_path: Path) -> 
     ],
 )
 def test_val_folds_errors_say_what_to_do(shards: Path, tmp_path: Path, value: str, code: int, message: str) -> None:
-    got, line = _fail("--shards", str(shards), "--preset", "tiny", "--val-folds", value, "--workers", "0",
-                      "--out", str(tmp_path / "run"))  # fmt: skip
+    got, line = _fail(
+        "--shards",
+        str(shards),
+        "--preset",
+        "tiny",
+        "--val-folds",
+        value,
+        "--workers",
+        "0",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert got == code and message in line, line
     assert not (tmp_path / "run").exists()
 
 
-def test_init_from_starts_from_the_checkpoint_weights(logged: tuple[Path, str, list[str]], shards: Path,
-                                                      tmp_path: Path) -> None:  # fmt: skip
+def test_init_from_starts_from_the_checkpoint_weights(
+    logged: tuple[Path, str, list[str]], shards: Path, tmp_path: Path
+) -> None:
     out, _, _ = logged
     run = tmp_path / "tuned"
     # lr 0: the weights stay where they started, so last.pt shows them; dropout may differ from the source's
-    _train("--shards", str(shards), "--preset", "tiny", "--dropout", "0.3", "--init-from", str(out / "best.pt"),
-           "--lr", "0", "--max-steps", "2", "--out", str(run))  # fmt: skip
+    _train(
+        "--shards",
+        str(shards),
+        "--preset",
+        "tiny",
+        "--dropout",
+        "0.3",
+        "--init-from",
+        str(out / "best.pt"),
+        "--lr",
+        "0",
+        "--max-steps",
+        "2",
+        "--out",
+        str(run),
+    )
     source = torch.load(out / "best.pt", weights_only=True)["ema"]  # the trained (EMA) weights, as evaluate scores
     started = torch.load(run / "last.pt", weights_only=True)
     assert started["step"] == 2 and started["optimizer"]["state"][0]["step"] == 2  # a new optimizer and schedule
@@ -283,13 +348,28 @@ def test_init_from_starts_from_the_checkpoint_weights(logged: tuple[Path, str, l
         torch.testing.assert_close(started["model"][key], value, rtol=0, atol=0, msg=key)
 
 
-def test_init_from_another_label_map_needs_a_new_head(logged: tuple[Path, str, list[str]],
-                                                      tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
+def test_init_from_another_label_map_needs_a_new_head(
+    logged: tuple[Path, str, list[str]], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     out, _, _ = logged
     base = tmp_path_factory.mktemp("other")
     other = demo_shards(base, demo_dataset(base, sequences=60, signs=3, participants=3), shard_size=40, folds=3)
-    args = ["--shards", str(other), "--preset", "tiny", "--init-from", str(out / "best.pt"), "--lr", "0",
-            "--max-steps", "1", "--workers", "0", "--device", "cpu"]  # fmt: skip
+    args = [
+        "--shards",
+        str(other),
+        "--preset",
+        "tiny",
+        "--init-from",
+        str(out / "best.pt"),
+        "--lr",
+        "0",
+        "--max-steps",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     code, line = _fail(*args, "--out", str(base / "refused"))
     assert code == 1 and "another label map (5 signs; these shards have 3); pass --new-head" in line
     _train(*args, "--new-head", "--out", str(base / "head"))
@@ -301,11 +381,22 @@ def test_init_from_another_label_map_needs_a_new_head(logged: tuple[Path, str, l
             torch.testing.assert_close(started[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_init_from_refuses_another_architecture(logged: tuple[Path, str, list[str]], shards: Path,
-                                                tmp_path: Path) -> None:  # fmt: skip
+def test_init_from_refuses_another_architecture(
+    logged: tuple[Path, str, list[str]], shards: Path, tmp_path: Path
+) -> None:
     out, _, _ = logged
-    code, line = _fail("--shards", str(shards), "--preset", "small", "--init-from", str(out / "best.pt"),
-                       "--workers", "0", "--out", str(tmp_path / "run"))  # fmt: skip
+    code, line = _fail(
+        "--shards",
+        str(shards),
+        "--preset",
+        "small",
+        "--init-from",
+        str(out / "best.pt"),
+        "--workers",
+        "0",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert code == 1 and "its 'tiny' model differs from this run's in dim 32 (here 64)" in line
     assert "pass --preset tiny" in line
     code, line = _fail("--shards", str(shards), "--new-head", "--out", str(tmp_path / "run"))
@@ -319,8 +410,17 @@ def test_curves_have_whole_epochs_the_best_marked_and_the_run_named() -> None:
     import matplotlib.pyplot as plt
 
     top1 = [0.2, 0.5, 0.7, 0.7, 0.6, 0.65, 0.68]  # the best is the first 0.7: epoch 3
-    rows = [{"epoch": e, "step": 10 * e, "train_loss": 2 - 0.1 * e, "val_loss": 1.9 - 0.1 * e, "val_top1": t,
-             "val_top5": min(1.0, t + 0.2)} for e, t in enumerate(top1, start=1)]  # fmt: skip
+    rows = [
+        {
+            "epoch": e,
+            "step": 10 * e,
+            "train_loss": 2 - 0.1 * e,
+            "val_loss": 1.9 - 0.1 * e,
+            "val_top1": t,
+            "val_top5": min(1.0, t + 0.2),
+        }
+        for e, t in enumerate(top1, start=1)
+    ]
     fig = curves_figure(rows, "runs/base")
     fig.canvas.draw()
     assert fig._suptitle.get_text() == "runs/base"
@@ -346,9 +446,17 @@ def test_summary_names_skips_for_a_missing_shared_directory(tmp_path: Path) -> N
         "def test_sample(sample_file):\n    pass\n\ndef test_bad(bad_dir):\n    pass\n\ndef test_plain():\n    pass\n"
     )
     env = {**os.environ, "ASL_SHARED": str(tmp_path / "missing")}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith("1 passed, 4 skipped"), proc.stdout
-    assert lines[-2] == (f"4 tests on real Kaggle files skipped: {tmp_path / 'missing'} is missing (put the project's "
-                         "shared/ directory beside the checkout, or set ASL_SHARED; see README, Tests)")  # fmt: skip
+    assert lines[-2] == (
+        f"4 tests on real Kaggle files skipped: {tmp_path / 'missing'} is missing (put the project's "
+        "shared/ directory beside the checkout, or set ASL_SHARED; see README, Tests)"
+    )

@@ -34,8 +34,15 @@ def make_sample(seed: int, length: int, label: int = 3) -> tuple[str, np.ndarray
     compact = rng.normal(0, 1, (length, 118, 6)).astype(np.float32)
     missing = rng.random((length, 118)) < 0.3
     key = str(1000 + seed)
-    meta = {"sequence_id": key, "participant_id": "123", "sign": "s", "label": label, "frames": length,
-            "length": length, "fold": 0}  # fmt: skip
+    meta = {
+        "sequence_id": key,
+        "participant_id": "123",
+        "sign": "s",
+        "label": label,
+        "frames": length,
+        "length": length,
+        "fold": 0,
+    }
     return key, compact, missing, meta
 
 
@@ -235,8 +242,9 @@ def test_pickle_trap_is_live(tmp_path: Path):
 def test_decode_sample_refuses_pickled_arrays(tmp_path: Path, member: str):
     marker = tmp_path / "unpickled"
     key, compact, missing, meta = SAMPLES[2]
-    members = dict((name.split(".", 1)[1], data) for name, data in encode_sample(key, compact, missing, meta, "padded",
-                                                                                  "float32"))  # fmt: skip
+    members = dict(
+        (name.split(".", 1)[1], data) for name, data in encode_sample(key, compact, missing, meta, "padded", "float32")
+    )
     members[member] = _pickled_object_array(marker)
     with pytest.raises(ShardError, match="undecodable|shape"):
         decode_sample(members, "shard.tar:1002")
@@ -268,29 +276,53 @@ def _mask(values: list[int]) -> bytes:
 _SHAPE = "expected (L, 118, 6) with 1 <= L <= 384"
 _MASK_RULE = "mask.npy is not 1 for the first L frames and 0 after (1 <= L <= 384)"
 MALFORMED = {
-    "x-channels": ("compact", {"x.npy": npy_bytes(np.zeros((5, 118, 5), np.float16))},
-                   f"x.npy has shape (5, 118, 5), {_SHAPE}"),
+    "x-channels": (
+        "compact",
+        {"x.npy": npy_bytes(np.zeros((5, 118, 5), np.float16))},
+        f"x.npy has shape (5, 118, 5), {_SHAPE}",
+    ),
     "x-2d": ("compact", {"x.npy": npy_bytes(np.zeros((5, 708), np.float16))}, f"x.npy has shape (5, 708), {_SHAPE}"),
-    "x-0-frames": ("compact", {"x.npy": _x(0), "missing.npy": _missing(0, 15)},
-                   f"x.npy has shape (0, 118, 6), {_SHAPE}"),
-    "x-385-frames": ("compact", {"x.npy": _x(385), "missing.npy": _missing(385, 15)},
-                     f"x.npy has shape (385, 118, 6), {_SHAPE}"),
+    "x-0-frames": (
+        "compact",
+        {"x.npy": _x(0), "missing.npy": _missing(0, 15)},
+        f"x.npy has shape (0, 118, 6), {_SHAPE}",
+    ),
+    "x-385-frames": (
+        "compact",
+        {"x.npy": _x(385), "missing.npy": _missing(385, 15)},
+        f"x.npy has shape (385, 118, 6), {_SHAPE}",
+    ),
     "x-int": ("compact", {"x.npy": _x(5, np.int16)}, "x.npy has dtype int16, expected one of float16, float32"),
     "x-nan": ("compact", {"x.npy": _x(5, np.float32, np.nan)}, "x.npy holds non-finite values"),
     "x-inf": ("compact", {"x.npy": _x(5, np.float16, -np.inf)}, "x.npy holds non-finite values"),
     "x-inf-float32": ("compact", {"x.npy": _x(5, np.float32, np.inf)}, "x.npy holds non-finite values"),
     "x-nan-float16": ("compact", {"x.npy": _x(5, np.float16, np.nan)}, "x.npy holds non-finite values"),
     "missing-L-1": ("compact", {"missing.npy": _missing(5, 1)}, "missing.npy is uint8 (5, 1), expected uint8 (5, 15)"),
-    "missing-1-frame": ("compact", {"missing.npy": _missing(1, 15)},
-                        "missing.npy is uint8 (1, 15), expected uint8 (5, 15)"),
-    "missing-fewer-frames": ("compact", {"missing.npy": _missing(4, 15)},
-                             "missing.npy is uint8 (4, 15), expected uint8 (5, 15)"),
-    "missing-int64": ("compact", {"missing.npy": _missing(5, 15, dtype=np.int64)},
-                      "missing.npy is int64 (5, 15), expected uint8 (5, 15)"),
-    "mask-on-compact": ("compact", {"mask.npy": npy_bytes(np.ones(MAX_LEN, np.uint8))},
-                        "padded sample has x.npy of 5 frames and mask.npy of shape (384,), expected 384"),
-    "mask-short": ("padded", {"mask.npy": npy_bytes(np.ones(383, np.uint8))},
-                   "padded sample has x.npy of 384 frames and mask.npy of shape (383,), expected 384"),
+    "missing-1-frame": (
+        "compact",
+        {"missing.npy": _missing(1, 15)},
+        "missing.npy is uint8 (1, 15), expected uint8 (5, 15)",
+    ),
+    "missing-fewer-frames": (
+        "compact",
+        {"missing.npy": _missing(4, 15)},
+        "missing.npy is uint8 (4, 15), expected uint8 (5, 15)",
+    ),
+    "missing-int64": (
+        "compact",
+        {"missing.npy": _missing(5, 15, dtype=np.int64)},
+        "missing.npy is int64 (5, 15), expected uint8 (5, 15)",
+    ),
+    "mask-on-compact": (
+        "compact",
+        {"mask.npy": npy_bytes(np.ones(MAX_LEN, np.uint8))},
+        "padded sample has x.npy of 5 frames and mask.npy of shape (384,), expected 384",
+    ),
+    "mask-short": (
+        "padded",
+        {"mask.npy": npy_bytes(np.ones(383, np.uint8))},
+        "padded sample has x.npy of 384 frames and mask.npy of shape (383,), expected 384",
+    ),
     "mask-gap": ("padded", {"mask.npy": _mask([1, 1, 0, 1, 1, 1])}, _MASK_RULE),
     "mask-not-from-0": ("padded", {"mask.npy": _mask([0, 1, 1, 1, 1, 1])}, _MASK_RULE),
     "mask-zero": ("padded", {"mask.npy": _mask([])}, _MASK_RULE),
@@ -298,7 +330,7 @@ MALFORMED = {
     "label-mismatch": ("compact", {"cls": b"4"}, "json label 3 does not match cls 4"),
     "json-list": ("compact", {"json": b"[3]"}, "json is a list, expected an object"),
     "json-no-label": ("compact", {"json": b"{}"}, "json label None does not match cls 3"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("decode", [decode_compact, decode_sample], ids=["decode_compact", "decode_sample"])
@@ -433,8 +465,18 @@ def test_write_atomic_failure_keeps_the_old_file(tmp_path: Path, monkeypatch: py
 
 
 def test_manifest_stats_counts_and_histogram():
-    lengths = {"count": 6, "min": 1, "p25": 15.3, "median": 108.0, "mean": 166.5, "p75": 338.2, "p95": 491.4,
-               "p99": 527.9, "max": 537, "truncated": 1}  # fmt: skip
+    lengths = {
+        "count": 6,
+        "min": 1,
+        "p25": 15.3,
+        "median": 108.0,
+        "mean": 166.5,
+        "p75": 338.2,
+        "p95": 491.4,
+        "p99": 527.9,
+        "max": 537,
+        "truncated": 1,
+    }
     manifest = {
         "totals": {"samples": 6, "shards": 2, "bytes": 1000, "rejected": 1, "real_frames": 999},
         "folds": [
@@ -502,9 +544,15 @@ def test_tar_members_refuses_a_corrupted_header(tmp_path: Path):
 
 
 NPY_CASES = [
-    np.zeros((3, 118, 6), np.float16), np.arange(5, dtype=np.int64), np.ones((2, 15), np.uint8), np.float32(2.5),
-    np.zeros((0, 4), np.float32), np.zeros((2, 3), np.float32, order="F"), np.array(["a"]), np.zeros(2, ">f4"),
-]  # fmt: skip
+    np.zeros((3, 118, 6), np.float16),
+    np.arange(5, dtype=np.int64),
+    np.ones((2, 15), np.uint8),
+    np.float32(2.5),
+    np.zeros((0, 4), np.float32),
+    np.zeros((2, 3), np.float32, order="F"),
+    np.array(["a"]),
+    np.zeros(2, ">f4"),
+]
 
 
 @pytest.mark.parametrize("array", NPY_CASES)

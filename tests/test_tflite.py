@@ -47,8 +47,17 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = build_model(cfg, SIGNS)
     state = {k: v * 3.0 if v.ndim >= 2 else v for k, v in model.state_dict().items()}  # sharper probabilities
     path = tmp_path_factory.mktemp("tflite-ckpt") / "sharp.pt"
-    save_checkpoint(path, {"model": state, "ema": None, "config": cfg.__dict__, "step": 0, "epoch": 0,
-                           "label_map": {f"sign_{i:03d}": i for i in range(SIGNS)}})  # fmt: skip
+    save_checkpoint(
+        path,
+        {
+            "model": state,
+            "ema": None,
+            "config": cfg.__dict__,
+            "step": 0,
+            "epoch": 0,
+            "label_map": {f"sign_{i:03d}": i for i in range(SIGNS)},
+        },
+    )
     return path
 
 
@@ -222,8 +231,9 @@ def test_unwritable_out(checkpoint: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
-def test_failed_parity_writes_nothing(exported: tuple[Path, str], checkpoint: Path, tmp_path: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_failed_parity_writes_nothing(
+    exported: tuple[Path, str], checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import train.tflite as tflite
 
     data = exported[0].read_bytes()  # this checkpoint's conversion, reused: the runtime is what differs
@@ -246,8 +256,10 @@ def test_missing_extra_is_one_line(checkpoint: Path, tmp_path: Path, monkeypatch
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # as if not installed
     out = tmp_path / "model.tflite"
     code, output = _export("--checkpoint", str(checkpoint), "--out", str(out))
-    assert (code, output) == (1, "Error: tensorflow is not installed; it comes with the tflite extra: "
-                                 "pip install -e '.[tflite]'\n")  # fmt: skip
+    assert (code, output) == (
+        1,
+        "Error: tensorflow is not installed; it comes with the tflite extra: pip install -e '.[tflite]'\n",
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -317,8 +329,10 @@ def test_two_member_ensemble_equals_onnx_and_the_pytorch_ensemble(tmp_path: Path
         torch.manual_seed(seed)
         state = {k: v * 3.0 if v.ndim >= 2 else v for k, v in build_model(cfg, 20).state_dict().items()}
         members.append(tmp_path / f"m{seed}.pt")
-        save_checkpoint(members[-1], {"model": state, "ema": None, "config": cfg.__dict__, "label_map": label_map,
-                                      "step": seed, "epoch": 0})  # fmt: skip
+        save_checkpoint(
+            members[-1],
+            {"model": state, "ema": None, "config": cfg.__dict__, "label_map": label_map, "step": seed, "epoch": 0},
+        )
     out = tmp_path / "ensemble.tflite"
     code, output = _export(*(a for m in members for a in ("--checkpoint", str(m))), "--out", str(out))
     assert code == 0, output

@@ -47,8 +47,24 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def smoke_run(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """One short run through the real CLI entry point (EMA on), shared by the tests that inspect it."""
     out = tmp_path_factory.mktemp("runs") / "smoke"
-    args = ["--shards", str(shards), "--preset", "tiny", "--epochs", "2", "--batch-size", "32", "--workers", "0",
-            "--ema", "0.9", "--out", str(out), "--device", "cpu"]  # fmt: skip
+    args = [
+        "--shards",
+        str(shards),
+        "--preset",
+        "tiny",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--workers",
+        "0",
+        "--ema",
+        "0.9",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     result = CliRunner().invoke(train_cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return out, result.output
@@ -86,8 +102,10 @@ def test_run_ends_with_the_best_epoch_and_its_files(smoke_run: tuple[Path, str])
     assert torch.load(out / "best.pt", weights_only=True)["epoch"] == best["epoch"]
     curves = f"  curves       {out / 'curves.png'}" if importlib.util.find_spec("matplotlib") else "  curves       not"
     *_, head, best_line, last_line, curves_line = output.strip().splitlines()
-    assert head.startswith(f"best epoch {best['epoch']} of 2: validation top-1 {best['val_top1']:.4f}, top-5 "
-                           f"{best['val_top5']:.4f} on {best['val_samples']} samples")  # fmt: skip
+    assert head.startswith(
+        f"best epoch {best['epoch']} of 2: validation top-1 {best['val_top1']:.4f}, top-5 "
+        f"{best['val_top5']:.4f} on {best['val_samples']} samples"
+    )
     assert best_line == f"  best.pt      {out / 'best.pt'}  (epoch {best['epoch']}, step {best['step']})"
     assert last_line == f"  last.pt      {out / 'last.pt'}  (epoch 2, step {rows[-1]['step']})"
     assert curves_line.startswith(curves)
@@ -98,19 +116,24 @@ def test_evaluate_best_pt_scores_the_printed_best_epoch_exactly(smoke_run: tuple
     out, _ = smoke_run
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     best = max(rows, key=lambda r: r["val_top1"])
-    result = CliRunner().invoke(train_cli, ["evaluate", "--checkpoint", str(out / "best.pt"), "--device", "cpu",
-                                            "--format", "json"])  # fmt: skip
+    result = CliRunner().invoke(
+        train_cli, ["evaluate", "--checkpoint", str(out / "best.pt"), "--device", "cpu", "--format", "json"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["weights"] == "EMA" and report["epoch"] == best["epoch"]
-    assert (report["samples"], report["top1"], report["top5"]) == (best["val_samples"], best["val_top1"],
-                                                                   best["val_top5"])  # fmt: skip
+    assert (report["samples"], report["top1"], report["top5"]) == (
+        best["val_samples"],
+        best["val_top1"],
+        best["val_top5"],
+    )
 
 
 def test_evaluate_cli_reports_the_validation_metrics(shards: Path, smoke_run: tuple[Path, str]) -> None:
     out, _ = smoke_run
-    result = CliRunner().invoke(train_cli, ["evaluate", "--checkpoint", str(out / "last.pt"), "--workers", "0",
-                                            "--device", "cpu"])  # fmt: skip
+    result = CliRunner().invoke(
+        train_cli, ["evaluate", "--checkpoint", str(out / "last.pt"), "--workers", "0", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert f"top-1 {last['val_top1']:.4f}, top-5 {last['val_top5']:.4f}" in result.output
@@ -120,8 +143,9 @@ def test_evaluate_cli_reports_the_validation_metrics(shards: Path, smoke_run: tu
 def test_predict_real_files_matches_direct_preprocessing(smoke_run: tuple[Path, str], sample_file) -> None:
     out, _ = smoke_run
     path, _ = sample_file
-    result = CliRunner().invoke(train_cli, ["predict", "--checkpoint", str(out / "last.pt"), str(path),
-                                            "--device", "cpu"])  # fmt: skip
+    result = CliRunner().invoke(
+        train_cli, ["predict", "--checkpoint", str(out / "last.pt"), str(path), "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     line = result.output.strip().splitlines()[-1]
     assert line.startswith(f"{path}: ")
@@ -134,13 +158,15 @@ def test_predict_real_files_matches_direct_preprocessing(smoke_run: tuple[Path, 
     np.testing.assert_allclose(probs, expected.sort(descending=True).values[:5].numpy(), atol=1.5e-3)
 
 
-def test_predict_reports_bad_files_and_still_predicts_the_rest(smoke_run: tuple[Path, str], bad_dir: Path,
-                                                                sample_file) -> None:  # fmt: skip
+def test_predict_reports_bad_files_and_still_predicts_the_rest(
+    smoke_run: tuple[Path, str], bad_dir: Path, sample_file
+) -> None:
     out, _ = smoke_run
     good, _ = sample_file
     bad = bad_dir / "webcam_no_row_id.parquet"
-    result = CliRunner().invoke(train_cli, ["predict", "--checkpoint", str(out / "last.pt"), str(bad), str(good),
-                                            "--device", "cpu"])  # fmt: skip
+    result = CliRunner().invoke(
+        train_cli, ["predict", "--checkpoint", str(out / "last.pt"), str(bad), str(good), "--device", "cpu"]
+    )
     assert result.exit_code == 1
     assert f"{bad}: ERROR missing column 'row_id'" in result.output
     assert f"{good}: " in result.output
@@ -149,8 +175,16 @@ def test_predict_reports_bad_files_and_still_predicts_the_rest(smoke_run: tuple[
 def test_learns_few_signs_to_90_percent(tmp_path_factory: pytest.TempPathFactory) -> None:
     base = tmp_path_factory.mktemp("learn")
     shards = demo_shards(base, demo_dataset(base, sequences=600, signs=5, participants=6, seed=1), shard_size=100)
-    cfg = TrainConfig(shards=str(shards), out=str(base / "run"), preset="small", epochs=20, batch_size=32, lr=3e-3,
-                      workers=0, device="cpu")  # fmt: skip
+    cfg = TrainConfig(
+        shards=str(shards),
+        out=str(base / "run"),
+        preset="small",
+        epochs=20,
+        batch_size=32,
+        lr=3e-3,
+        workers=0,
+        device="cpu",
+    )
     metrics = train(cfg).metrics
     assert metrics["val_top1"] >= 0.9, metrics
 
@@ -171,15 +205,35 @@ def _wait_for_mid_epoch_checkpoint(proc: subprocess.Popen, path: Path, min_step:
 
 def test_resume_after_sigkill_continues_the_same_schedule(shards: Path, tmp_path: Path) -> None:
     report_to = "tensorboard,csv" if importlib.util.find_spec("tensorboard") else "csv"
-    args = ["--shards", str(shards), "--preset", "tiny", "--epochs", "2", "--batch-size", "4", "--workers", "0",
-            "--save-every", "1", "--device", "cpu", "--seed", "3", "--report-to", report_to,
-            "--log-every", "1"]  # fmt: skip
+    args = [
+        "--shards",
+        str(shards),
+        "--preset",
+        "tiny",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--save-every",
+        "1",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+        "--report-to",
+        report_to,
+        "--log-every",
+        "1",
+    ]
     reference = tmp_path / "reference"
     subprocess.run([BIN / "asl-train", *args, "--out", str(reference)], check=True, capture_output=True)
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([BIN / "asl-train", *args, "--out", str(run)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [BIN / "asl-train", *args, "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         seen = _wait_for_mid_epoch_checkpoint(proc, run / "last.pt", min_step=_steps_per_epoch(shards, 4) + 3)
         os.kill(proc.pid, signal.SIGKILL)
@@ -222,15 +276,28 @@ class _Stopped(Exception):
     """Stands for a kill at a chosen step."""
 
 
-def test_resume_with_the_recipe_options_is_bit_identical(shards: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_resume_with_the_recipe_options_is_bit_identical(
+    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """AWP, late dropout and RAdam in Lookahead on, stopped mid-epoch after both pieces started (and between two
     Lookahead syncs), then resumed: the weights and optimizer state of an uninterrupted run."""
     steps = _steps_per_epoch(shards, 16)
     stop = 2 * steps + 3 if (2 * steps + 3) % 5 else 2 * steps + 4  # in epoch 2, not at a Lookahead sync (k=5)
-    cfg = TrainConfig(shards=str(shards), preset="tiny", epochs=3, batch_size=16, workers=0, device="cpu", seed=5,
-                      save_every=stop, optimizer="radam-lookahead", awp=0.1, awp_from=1, late_dropout=0.5,
-                      late_dropout_from=2)  # fmt: skip
+    cfg = TrainConfig(
+        shards=str(shards),
+        preset="tiny",
+        epochs=3,
+        batch_size=16,
+        workers=0,
+        device="cpu",
+        seed=5,
+        save_every=stop,
+        optimizer="radam-lookahead",
+        awp=0.1,
+        awp_from=1,
+        late_dropout=0.5,
+        late_dropout_from=2,
+    )
     attacks, rates = [], []
     attack, set_rate = AWP.attack_backward, SignModel.set_late_dropout
     monkeypatch.setattr(AWP, "attack_backward", lambda self, fn: attacks.append(1) or attack(self, fn))
@@ -278,8 +345,20 @@ def test_resume_refuses_other_shards(shards: Path, tmp_path: Path) -> None:
     mine = tmp_path / "shards"
     shutil.copytree(shards, mine)
     run = tmp_path / "run"
-    args = ["--shards", str(mine), "--preset", "tiny", "--epochs", "1", "--workers", "0", "--out", str(run),
-            "--device", "cpu"]  # fmt: skip
+    args = [
+        "--shards",
+        str(mine),
+        "--preset",
+        "tiny",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--out",
+        str(run),
+        "--device",
+        "cpu",
+    ]
     assert CliRunner().invoke(train_cli, args).exit_code == 0
     manifest = json.loads((mine / "manifest.json").read_text())
     (mine / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "rebuilt"}))
@@ -293,20 +372,30 @@ def test_fresh_run_refuses_an_existing_run_directory(smoke_run: tuple[Path, str]
     assert result.exit_code == 1 and "already holds a run" in result.output
 
 
-def test_evaluate_refuses_shards_with_another_label_map(smoke_run: tuple[Path, str],
-                                                         tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
+def test_evaluate_refuses_shards_with_another_label_map(
+    smoke_run: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     out, _ = smoke_run
     base = tmp_path_factory.mktemp("other")
     other = demo_shards(base, demo_dataset(base, sequences=60, signs=3, participants=3), shard_size=40, folds=3)
-    result = CliRunner().invoke(train_cli, ["evaluate", "--checkpoint", str(out / "last.pt"), "--shards", str(other),
-                                            "--workers", "0"])  # fmt: skip
+    result = CliRunner().invoke(
+        train_cli, ["evaluate", "--checkpoint", str(out / "last.pt"), "--shards", str(other), "--workers", "0"]
+    )
     assert result.exit_code == 1 and "label map" in result.output
 
 
 def test_ddp_two_cpu_processes_equal_batches_and_identical_weights(shards: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           str(TESTS / "ddp_check.py"), str(shards), str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        str(TESTS / "ddp_check.py"),
+        str(shards),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads((tmp_path / f"ddp_rank{r}.json").read_text()) for r in (0, 1)]

@@ -166,8 +166,11 @@ def scan_pickle(path: str | Path, data: bytes) -> None:
                 module, attr = arg.split(" ", 1) if name != "STACK_GLOBAL" else _popped_strings(stack, 2)
                 if f"{module}.{attr}" not in allowed and not (module == "torch" and attr.endswith("Storage")):
                     named = f"{str(module)[:60]}.{str(attr)[:60]}"
-                    raise CheckpointError(path, f"it holds Python objects besides tensors and plain data ({named}; "
-                                          "refused: unpickling them could run code)")  # fmt: skip
+                    raise CheckpointError(
+                        path,
+                        f"it holds Python objects besides tensors and plain data ({named}; "
+                        "refused: unpickling them could run code)",
+                    )
                 if name != "INST":
                     stack.append(_Node())
                     continue
@@ -202,8 +205,11 @@ def scan_pickle(path: str | Path, data: bytes) -> None:
                 target.depth = max([target.depth, *(c.depth + 1 for c in children)])
                 total += 1
             if total > MAX_PICKLE_OBJECTS or stack[-1].depth > MAX_PICKLE_DEPTH:
-                raise CheckpointError(path, f"its pickle holds more than {MAX_PICKLE_OBJECTS:,} objects (shared "
-                                      f"ones counted where used) or nests deeper than {MAX_PICKLE_DEPTH}")  # fmt: skip
+                raise CheckpointError(
+                    path,
+                    f"its pickle holds more than {MAX_PICKLE_OBJECTS:,} objects (shared "
+                    f"ones counted where used) or nests deeper than {MAX_PICKLE_DEPTH}",
+                )
     except CheckpointError:
         raise
     except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:  # ill-formed opcodes or stack
@@ -293,16 +299,23 @@ def load_initial_weights(model: SignModel, path: str | Path, label_map: dict[str
     ckpt = load_checkpoint(path)
     source = model_from_checkpoint(ckpt)
     theirs, ours = asdict(source.cfg), asdict(model.cfg)
-    differ = [f"{k} {theirs[k]} (here {ours[k]})" for k in ours
-              if k not in ("n_classes", *REGULARIZATION) and theirs[k] != ours[k]]  # fmt: skip
+    differ = [
+        f"{k} {theirs[k]} (here {ours[k]})"
+        for k in ours
+        if k not in ("n_classes", *REGULARIZATION) and theirs[k] != ours[k]
+    ]
     if differ:
         preset = TrainConfig.from_dict(ckpt["config"]).preset
-        raise ConfigError(f"--init-from {path}: its {preset!r} model differs from this run's in {', '.join(differ)}; "
-                          f"pass --preset {preset} and the overrides it was trained with")  # fmt: skip
+        raise ConfigError(
+            f"--init-from {path}: its {preset!r} model differs from this run's in {', '.join(differ)}; "
+            f"pass --preset {preset} and the overrides it was trained with"
+        )
     if ckpt["label_map"] != label_map and not new_head:
         theirs_n, ours_n = len(ckpt["label_map"]), len(label_map)
-        raise ConfigError(f"--init-from {path}: it was trained with another label map ({theirs_n} signs; these "
-                          f"shards have {ours_n}); pass --new-head for a new classifier head")  # fmt: skip
+        raise ConfigError(
+            f"--init-from {path}: it was trained with another label map ({theirs_n} signs; these "
+            f"shards have {ours_n}); pass --new-head for a new classifier head"
+        )
     weights = source.state_dict()
     if new_head:
         weights = {k: v for k, v in weights.items() if not k.startswith("classifier.")}
@@ -319,9 +332,11 @@ def check_resumable(run: str | Path, stored: TrainConfig, cfg: TrainConfig) -> N
     """The resume rule: a resumed run keeps its options, but for how far it goes, what it logs, and where
     it reads its shards (`config.RESUMABLE`)."""
     if fixed := fixed_options(stored, cfg):
-        raise OptionsError(f"--resume continues {run} with its stored options, so {', '.join(fixed)} cannot "
-                           f"change; to change them, start a new run from its weights with --init-from "
-                           f"{Path(run) / 'last.pt'}")  # fmt: skip
+        raise OptionsError(
+            f"--resume continues {run} with its stored options, so {', '.join(fixed)} cannot "
+            f"change; to change them, start a new run from its weights with --init-from "
+            f"{Path(run) / 'last.pt'}"
+        )
 
 
 def resume_checkpoint(run: str | Path, cfg: TrainConfig) -> dict[str, Any]:

@@ -60,13 +60,36 @@ def _field_options(f: dataclasses.Field, hint: Any) -> list[Callable[[Any], Any]
     if meta.get("help") is None:
         return []
     if hint is bool:
-        return [click.option(f"{flag(name)}/--no-{flag(name)[2:]}", name, default=f.default,
-                             show_default=f.default, help=meta["help"])]  # fmt: skip
+        return [
+            click.option(
+                f"{flag(name)}/--no-{flag(name)[2:]}",
+                name,
+                default=f.default,
+                show_default=f.default,
+                help=meta["help"],
+            )
+        ]
     if "parse" in meta:
-        return [click.option(flag(name), name, default=meta["show"], show_default=True, callback=_parsed(meta["parse"]),
-                             help=meta["help"])]  # fmt: skip
-    return [click.option(flag(name), name, default=f.default, show_default=f.default is not None,
-                         type=_click_type(f, hint), help=meta["help"])]  # fmt: skip
+        return [
+            click.option(
+                flag(name),
+                name,
+                default=meta["show"],
+                show_default=True,
+                callback=_parsed(meta["parse"]),
+                help=meta["help"],
+            )
+        ]
+    return [
+        click.option(
+            flag(name),
+            name,
+            default=f.default,
+            show_default=f.default is not None,
+            type=_click_type(f, hint),
+            help=meta["help"],
+        )
+    ]
 
 
 def train_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -102,8 +125,9 @@ CONFIG_OPTION = click.option(
 )
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"],
-                                                            "max_content_width": 100})  # fmt: skip
+@click.group(
+    invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @CONFIG_OPTION
 @train_options
 @click.option(
@@ -208,8 +232,9 @@ def cv_cmd(ctx: click.Context, config: Path | None, cv_folds: list[int] | None, 
     --resume allows). Multi-GPU: torchrun --nproc_per_node=N $(which asl-train) cv --shards ... --out ...
     """
     if ctx.get_parameter_source("val_folds") is ParameterSource.COMMANDLINE:
-        raise click.UsageError("--val-folds has no meaning under cv (fold k is validated on fold k); choose the "
-                               "folds to run with --folds")  # fmt: skip
+        raise click.UsageError(
+            "--val-folds has no meaning under cv (fold k is validated on fold k); choose the folds to run with --folds"
+        )
     from train.cv import run_cv
 
     cfg = _train_config(config, None, _given(ctx, options))
@@ -244,10 +269,18 @@ def cv_cmd(ctx: click.Context, config: Path | None, cv_folds: list[int] | None, 
     help="DataLoader workers (default: the run's, so that batches, and so every number, match its validation).",
 )
 @click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Default: the run's.")
-@click.option("--cache-dir", default=None, type=click.Path(path_type=Path),
-              help="Read remote shards through this shard cache (see asl-train --cache-dir).")  # fmt: skip
-@click.option("--cache-limit", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="GB the cache may hold (default: no limit).")  # fmt: skip
+@click.option(
+    "--cache-dir",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Read remote shards through this shard cache (see asl-train --cache-dir).",
+)
+@click.option(
+    "--cache-limit",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="GB the cache may hold (default: no limit).",
+)
 @click.option(
     "--format",
     "fmt",
@@ -262,9 +295,18 @@ def cv_cmd(ctx: click.Context, config: Path | None, cv_folds: list[int] | None, 
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also draw the confusion matrix of the most confused signs into this PNG (needs matplotlib: the plot extra).",
 )
-def evaluate_cmd(checkpoints: tuple[Path, ...], shards: str | None, folds: list[int] | None, device: str,
-                 workers: int | None, batch_size: int | None, cache_dir: Path | None, cache_limit: float | None,
-                 fmt: str, plot: Path | None) -> None:  # fmt: skip
+def evaluate_cmd(
+    checkpoints: tuple[Path, ...],
+    shards: str | None,
+    folds: list[int] | None,
+    device: str,
+    workers: int | None,
+    batch_size: int | None,
+    cache_dir: Path | None,
+    cache_limit: float | None,
+    fmt: str,
+    plot: Path | None,
+) -> None:
     """Top-1, top-5, the worst signs and participants and the most confused pairs on validation folds.
 
     With the run's defaults it scores best.pt exactly as the run's validation did: the top-1 that
@@ -274,8 +316,16 @@ def evaluate_cmd(checkpoints: tuple[Path, ...], shards: str | None, folds: list[
     from train.predict import evaluation_report
 
     try:
-        r = evaluation_report(list(checkpoints), shards, folds, device=device, workers=workers, batch_size=batch_size,
-                              cache_dir=cache_dir, cache_limit=cache_limit)  # fmt: skip
+        r = evaluation_report(
+            list(checkpoints),
+            shards,
+            folds,
+            device=device,
+            workers=workers,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            cache_limit=cache_limit,
+        )
         if plot is not None:
             members = f"{len(checkpoints)} checkpoints" if len(checkpoints) > 1 else str(checkpoints[0])
             plot_confusion(r["confusion"], plot, f"{members}, folds {','.join(map(str, r['folds']))}")
@@ -338,8 +388,9 @@ def evaluate_cmd(checkpoints: tuple[Path, ...], shards: str | None, folds: list[
     type=click.Choice(["auto", "cpu", "cuda"]),
     help="For --checkpoint (an exported model runs on the CPU).",
 )
-def predict_cmd(inputs: tuple[str, ...], checkpoints: tuple[Path, ...], onnx_models: tuple[Path, ...], k: int,
-                fmt: str, device: str) -> None:  # fmt: skip
+def predict_cmd(
+    inputs: tuple[str, ...], checkpoints: tuple[Path, ...], onnx_models: tuple[Path, ...], k: int, fmt: str, device: str
+) -> None:
     """Top-k signs with probabilities for raw Kaggle landmark parquet files.
 
     INPUTS are parquet files, directories (every *.parquet under them, recursively, sorted) or
@@ -416,8 +467,14 @@ def predict_cmd(inputs: tuple[str, ...], checkpoints: tuple[Path, ...], onnx_mod
     type=click.Path(path_type=Path),
     help="A parquet file to add to the parity check (repeat the option for more).",
 )
-def export_cmd(checkpoints: tuple[Path, ...], out: Path, fmt: str | None, opset: int | None, ema: bool,
-               check_files: tuple[Path, ...]) -> None:  # fmt: skip
+def export_cmd(
+    checkpoints: tuple[Path, ...],
+    out: Path,
+    fmt: str | None,
+    opset: int | None,
+    ema: bool,
+    check_files: tuple[Path, ...],
+) -> None:
     """Write a deployable ONNX or LiteRT (TFLite) model that takes one sequence's raw landmarks.
 
     Input `inputs`: float32 (T, 543, 3), NaN where undetected, any T >= 1; output `outputs`:
@@ -436,9 +493,11 @@ def export_cmd(checkpoints: tuple[Path, ...], out: Path, fmt: str | None, opset:
     except AslError as exc:
         raise click.ClickException(str(exc)) from None
     worst = max(row.max_prob_diff for row in r.parity)
-    click.echo(f"parity: {len(r.parity)} sequences ({min(row.frames for row in r.parity)}.."
-               f"{max(row.frames for row in r.parity)} frames), top-1 equal, largest probability difference "
-               f"{worst:.1e}")  # fmt: skip
+    click.echo(
+        f"parity: {len(r.parity)} sequences ({min(row.frames for row in r.parity)}.."
+        f"{max(row.frames for row in r.parity)} frames), top-1 equal, largest probability difference "
+        f"{worst:.1e}"
+    )
     made = f"opset {r.opset}, " if r.opset is not None else ""
     made += f"{r.members} members, " if r.members > 1 else ""
     click.echo(f"wrote {r.path} ({r.size / 1e6:.2f} MB, {made}{r.weights} weights) and {r.metadata_path}")

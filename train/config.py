@@ -60,8 +60,10 @@ def parse_val_folds(value: str) -> list[int]:
     if value.strip().lower() == "none":
         return []
     if not (folds := parse_folds(value)):
-        raise ConfigError(f"{value!r} names no fold; use --val-folds none to train on every fold without "
-                          "validation, or name folds, e.g. --val-folds 0 or 0,1")  # fmt: skip
+        raise ConfigError(
+            f"{value!r} names no fold; use --val-folds none to train on every fold without "
+            "validation, or name folds, e.g. --val-folds 0 or 0,1"
+        )
     return folds
 
 
@@ -87,10 +89,20 @@ MODEL_KEYS = {
 # stored config: far beyond any useful sign model, yet close enough that a crafted config cannot ask for
 # a model that exhausts memory; so is the parameter count, taken on the meta device (nothing allocated).
 MODEL_BOUNDS: dict[str, tuple[float, float]] = {
-    "n_classes": (1, 100_000), "dim": (1, 4096), "depth": (1, 32), "convs_per_group": (0, 8), "heads": (1, 64),
-    "kernel_size": (1, 255), "expand": (1, 16), "eca_kernel": (1, 63), "top_expand": (1, 16), "dropout": (0, 1),
-    "drop_path": (0, 1), "attn_dropout": (0, 1), "max_len": (1, 100_000),
-}  # fmt: skip
+    "n_classes": (1, 100_000),
+    "dim": (1, 4096),
+    "depth": (1, 32),
+    "convs_per_group": (0, 8),
+    "heads": (1, 64),
+    "kernel_size": (1, 255),
+    "expand": (1, 16),
+    "eca_kernel": (1, 63),
+    "top_expand": (1, 16),
+    "dropout": (0, 1),
+    "drop_path": (0, 1),
+    "attn_dropout": (0, 1),
+    "max_len": (1, 100_000),
+}
 MAX_PARAMETERS = 500_000_000  # the default preset has about 1.8 M
 
 
@@ -108,8 +120,9 @@ def checked_model_config(preset: str, n_classes: int, overrides: dict[str, Any])
         value, (lo, hi) = getattr(cfg, f.name), MODEL_BOUNDS.get(f.name, (-math.inf, math.inf))
         kind = int if f.type in ("int", int) else int | float
         if isinstance(value, bool) or not isinstance(value, kind) or not _finite(value) or not lo <= value <= hi:
-            raise ConfigError(f"{where}: {f.name} {value!r} is not {'an integer' if kind is int else 'a number'} "
-                              f"in [{lo}, {hi}]")  # fmt: skip
+            raise ConfigError(
+                f"{where}: {f.name} {value!r} is not {'an integer' if kind is int else 'a number'} in [{lo}, {hi}]"
+            )
     with torch.device("meta"):
         try:
             n = count_parameters(SignModel(cfg))
@@ -182,9 +195,12 @@ class TrainConfig:
         resumable=True,
     )
     io_timeout: float = option(
-        STALL_S, "Seconds without a byte before a remote shard read is abandoned.", min=0, min_open=True,
+        STALL_S,
+        "Seconds without a byte before a remote shard read is abandoned.",
+        min=0,
+        min_open=True,
         resumable=True,
-    )  # fmt: skip
+    )
     io_retries: int = option(
         RETRIES,
         "Further attempts at a remote shard read that failed (cut short, stalled, corrupted), after 1 s, 2 s, ...",
@@ -201,9 +217,11 @@ class TrainConfig:
         resumable=True,
     )
     log_every: int = option(
-        10, "Steps between per-step logs (progress bar and --report-to); epoch ends are always logged.", min=1,
+        10,
+        "Steps between per-step logs (progress bar and --report-to); epoch ends are always logged.",
+        min=1,
         resumable=True,
-    )  # fmt: skip
+    )
     init_from: str | None = option(
         None,
         "Start a new run from this checkpoint's trained weights (its EMA weights when it has them), with a new "
@@ -299,14 +317,18 @@ class TrainConfig:
             raise OptionsError("--new-head needs --init-from: it replaces the head of the weights a run starts from")
         for start, on in (("awp_from", self.awp > 0), ("late_dropout_from", self.late_dropout is not None)):
             if on and getattr(self, start) >= self.epochs:
-                raise OptionsError(f"{flag(start)} {getattr(self, start)} is not below --epochs {self.epochs}: "
-                                   f"the piece would never start")  # fmt: skip
+                raise OptionsError(
+                    f"{flag(start)} {getattr(self, start)} is not below --epochs {self.epochs}: "
+                    f"the piece would never start"
+                )
         if self.late_dropout is not None and self.late_dropout >= 1:
             raise ConfigError(f"--late-dropout {self.late_dropout}: must be below 1 (1 drops every feature)")
         checked_model_config(self.preset, 1, self.model)
         if unknown := sorted(set(self.augment_options) - {f.name for f in fields(AugmentConfig)}, key=str):
-            raise ConfigError(f"unknown augment_options key(s) {', '.join(map(str, unknown))}; known: "
-                              f"{', '.join(f.name for f in fields(AugmentConfig))}")  # fmt: skip
+            raise ConfigError(
+                f"unknown augment_options key(s) {', '.join(map(str, unknown))}; known: "
+                f"{', '.join(f.name for f in fields(AugmentConfig))}"
+            )
         try:
             AugmentConfig(**self.augment_options)
         except (ValueError, TypeError) as exc:

@@ -63,8 +63,15 @@ def plot_confusion(confusion: dict[str, Any], path: str | Path, title: str) -> P
         for j in range(n):
             if counts[i, j]:
                 dark = i != j and errors[i, j] > 0.6 * image.norm.vmax
-                ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=8,
-                        color="grey" if i == j else "white" if dark else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{int(counts[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="grey" if i == j else "white" if dark else "black",
+                )
     ax.set_xticks(range(n), signs, rotation=45, ha="right")
     ax.set_yticks(range(n), signs)
     ax.set_xlabel("predicted sign")

@@ -72,13 +72,17 @@ def cv_folds(manifest: dict[str, Any], shards: str, requested: Sequence[int] | N
     known = manifest_folds(manifest)
     if len(known) < 2:
         held = f"one fold ({known[0]})" if known else "no fold with samples"
-        raise CvError(f"{shards}: cross-validation needs 2 or more folds, its manifest has {held}; "
-                         "rebuild the shards with --folds 5")  # fmt: skip
+        raise CvError(
+            f"{shards}: cross-validation needs 2 or more folds, its manifest has {held}; "
+            "rebuild the shards with --folds 5"
+        )
     if requested is None:
         return known
     if unknown := [f for f in requested if f not in known]:
-        raise CvError(f"--folds {','.join(map(str, unknown))}: not in the manifest of {shards}, "
-                         f"which has folds {','.join(map(str, known))}")  # fmt: skip
+        raise CvError(
+            f"--folds {','.join(map(str, unknown))}: not in the manifest of {shards}, "
+            f"which has folds {','.join(map(str, known))}"
+        )
     return list(requested)
 
 
@@ -106,16 +110,19 @@ def fold_state(run: str | Path, epochs: int, max_steps: int | None = None) -> st
     if not ((epoch >= epochs and mid == 0) or (max_steps is not None and step >= max_steps)):
         return RESUMABLE
     if not (run / "best.pt").exists():
-        raise CvError(f"{run}: last.pt has finished (epoch {epoch}) but best.pt is missing; "
-                         "remove the directory to train this fold again")  # fmt: skip
+        raise CvError(
+            f"{run}: last.pt has finished (epoch {epoch}) but best.pt is missing; "
+            "remove the directory to train this fold again"
+        )
     return FINISHED
 
 
 # ---------------------------------------------------------------------------- the out-of-fold table
 
 
-def predictions_table(samples: pl.DataFrame, probabilities: np.ndarray, label_map: dict[str, int],
-                      k: int = TOP_K) -> pl.DataFrame:  # fmt: skip
+def predictions_table(
+    samples: pl.DataFrame, probabilities: np.ndarray, label_map: dict[str, int], k: int = TOP_K
+) -> pl.DataFrame:
     """The out-of-fold table: `samples` (ID_COLUMNS, one row per sample) with its rows' top-k signs.
 
     `probabilities` is (N, n_signs), row i for sample i; ties rank the lower label index first.
@@ -128,11 +135,11 @@ def predictions_table(samples: pl.DataFrame, probabilities: np.ndarray, label_ma
     top = {}
     for i in range(k):
         have = i < order.shape[1]
-        top[f"pred_{i + 1}"] = pl.Series(names[order[:, i]].tolist() if have else [None] * samples.height,
-                                         dtype=pl.String)  # fmt: skip
+        top[f"pred_{i + 1}"] = pl.Series(
+            names[order[:, i]].tolist() if have else [None] * samples.height, dtype=pl.String
+        )
         probs = np.take_along_axis(probabilities, order[:, i : i + 1], axis=1)[:, 0] if have else None
-        top[f"p_{i + 1}"] = pl.Series(probs.astype(np.float64) if have else [None] * samples.height,
-                                      dtype=pl.Float64)  # fmt: skip
+        top[f"p_{i + 1}"] = pl.Series(probs.astype(np.float64) if have else [None] * samples.height, dtype=pl.Float64)
     return samples.select(ID_COLUMNS).with_columns(**top)
 
 
@@ -178,11 +185,15 @@ def cv_report(oof: pl.DataFrame) -> dict[str, Any]:
 def summary_text(report: dict[str, Any], worst: int = 5) -> str:
     """One screen: per-fold top-1 and top-5, mean ± std, the `worst` participants and signs by top-1."""
     folds = report["folds"]
-    lines = [f"cross-validation over {len(folds)} fold(s), {sum(f['samples'] for f in folds)} samples",
-             "fold  samples  top-1  top-5"]  # fmt: skip
+    lines = [
+        f"cross-validation over {len(folds)} fold(s), {sum(f['samples'] for f in folds)} samples",
+        "fold  samples  top-1  top-5",
+    ]
     lines += [f"{f['fold']:>4}  {f['samples']:>7}  {f['top1']:.4f}  {f['top5']:.4f}" for f in folds]
-    lines.append(f"top-1 {report['top1_mean']:.4f} ± {report['top1_std']:.4f} (mean ± population std over folds), "
-                 f"top-5 {report['top5_mean']:.4f}")  # fmt: skip
+    lines.append(
+        f"top-1 {report['top1_mean']:.4f} ± {report['top1_std']:.4f} (mean ± population std over folds), "
+        f"top-5 {report['top5_mean']:.4f}"
+    )
     for title, groups in (("participants", report["participants"]), ("signs", report["signs"])):
         lowest = sorted(groups.items(), key=lambda kv: (kv[1]["top1"], kv[0]))[:worst]
         lines.append(f"worst {title}: " + ", ".join(f"{k} {v['top1']:.3f} (n={v['samples']})" for k, v in lowest))
@@ -215,8 +226,9 @@ def _id_schema() -> dict[str, pl.DataType]:
 # ---------------------------------------------------------------------------- the runs
 
 
-def run_cv(cfg: TrainConfig, folds: Sequence[int] | None = None,
-           echo: Callable[[str], None] = log.info) -> dict[str, Any] | None:  # fmt: skip
+def run_cv(
+    cfg: TrainConfig, folds: Sequence[int] | None = None, echo: Callable[[str], None] = log.info
+) -> dict[str, Any] | None:
     """Cross-validate: for each fold k, a run in `cfg.out`/fold{k} validated on fold k and trained on the others,
     one after the other; then its best.pt scored on fold k as `evaluate` scores it.
 
@@ -261,7 +273,13 @@ def fold_predictions(checkpoint: str | Path, fold: int, shards: str, device: str
 
     scores, members, _ = evaluation_scores(checkpoint, shards, [fold], device)
     names = np.array(sorted(members.label_map, key=members.label_map.get), dtype=object)
-    samples = pl.DataFrame({"sequence_id": scores.keys, "participant_id": scores.participants,
-                            "fold": [fold] * len(scores.keys), "sign": names[scores.labels].tolist()},
-                           schema=_id_schema())  # fmt: skip
+    samples = pl.DataFrame(
+        {
+            "sequence_id": scores.keys,
+            "participant_id": scores.participants,
+            "fold": [fold] * len(scores.keys),
+            "sign": names[scores.labels].tolist(),
+        },
+        schema=_id_schema(),
+    )
     return predictions_table(samples, scores.probabilities, members.label_map)

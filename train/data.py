@@ -260,8 +260,9 @@ class ShardStream(wds.DataPipeline):
             yield from self._run_samples(name, group, data)
 
     def _shard(self, name: str) -> bytes:
-        return read_shard(self.location, self.entries[name], self.check, self.stall_s, self.retries, self.min_rate,
-                          self.cache)  # fmt: skip
+        return read_shard(
+            self.location, self.entries[name], self.check, self.stall_s, self.retries, self.min_rate, self.cache
+        )
 
     def _run_samples(self, name: str, ranges: list[Range], data: bytes) -> Iterator[dict[str, Any]]:
         """The members of the samples of `ranges` (of shard `name`), in their order, from the shard's bytes (all of
@@ -379,8 +380,15 @@ def make_loader(
     stream = ShardStream(location, shards, batch_size, train, rank, world_size, seed, bucket, **stream_options)
     # Its own generator: creating an iterator must not draw from the global RNG (resume would diverge).
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, generator=generator,
-                      persistent_workers=False, prefetch_factor=4 if workers else None)  # fmt: skip
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        generator=generator,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
 
 
 def train_val_folds(manifest: dict[str, Any], val_folds: Iterable[int]) -> tuple[list[int], list[int]]:

@@ -72,8 +72,9 @@ def gathered_rng(generator: torch.Generator, device: torch.device, world: int) -
     return [dict(zip(parts, buf.cpu().split(sizes), strict=True)) for buf in bufs]
 
 
-def restore_rng(states: list[dict[str, torch.Tensor]], rank: int, world: int, generator: torch.Generator,
-                device: torch.device) -> None:  # fmt: skip
+def restore_rng(
+    states: list[dict[str, torch.Tensor]], rank: int, world: int, generator: torch.Generator, device: torch.device
+) -> None:
     """Give this rank its RNG states of `gathered_rng` back."""
     if len(states) != world:
         # another world size also changes the batches per epoch, so the saved position would be wrong

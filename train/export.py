@@ -89,16 +89,18 @@ class Conv1dAs2d(nn.Module):
         self.groups = conv.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(x.unsqueeze(-2), self.weight.unsqueeze(-2), self.bias, self.stride, self.padding, self.dilation,
-                     self.groups)  # fmt: skip
+        y = F.conv2d(
+            x.unsqueeze(-2), self.weight.unsqueeze(-2), self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
         return y.squeeze(-2)  # (B, C_out, T')
 
 
 def with_conv2d(model: nn.Module) -> nn.Module:
     """A copy of `model` whose Conv1d layers are `Conv1dAs2d` sharing their weights."""
     model = copy.copy(model)  # shallow: parameters are shared, the module tree below is replaced
-    model._modules = {name: Conv1dAs2d(m) if isinstance(m, nn.Conv1d) else with_conv2d(m)
-                      for name, m in model._modules.items()}  # fmt: skip
+    model._modules = {
+        name: Conv1dAs2d(m) if isinstance(m, nn.Conv1d) else with_conv2d(m) for name, m in model._modules.items()
+    }
     return model
 
 
@@ -152,8 +154,14 @@ def require(module: str) -> Any:
 # ---------------------------------------------------------------------------- export
 
 
-def export_model(checkpoint: Checkpoints, out: str | Path, fmt: str | None = None, opset: int | None = None,
-                 use_ema: bool = True, check_files: Sequence[str | Path] = ()) -> ExportResult:  # fmt: skip
+def export_model(
+    checkpoint: Checkpoints,
+    out: str | Path,
+    fmt: str | None = None,
+    opset: int | None = None,
+    use_ema: bool = True,
+    check_files: Sequence[str | Path] = (),
+) -> ExportResult:
     """Export in the format `out`'s suffix names (.onnx, .tflite; `train.tflite` for LiteRT); several checkpoints
     make one ensemble file. The format and the output directory are checked before any work."""
     fmt = export_format(out, fmt)
@@ -177,8 +185,9 @@ def export_format(out: str | Path, fmt: str | None = None) -> str:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS.values())}")
     suffix = Path(out).suffix.lower()
     if suffix not in FORMATS:
-        raise ExportError(f"{out}: not a model file name ({suffix or 'no suffix'}); name it "
-                          f"{' or '.join('*' + s for s in FORMATS)}")  # fmt: skip
+        raise ExportError(
+            f"{out}: not a model file name ({suffix or 'no suffix'}); name it {' or '.join('*' + s for s in FORMATS)}"
+        )
     if fmt is not None and FORMATS[suffix] != fmt:
         raise ExportError(f"{out}: the suffix {suffix} names the {FORMATS[suffix]} format, not --format {fmt}")
     return FORMATS[suffix]
@@ -199,8 +208,13 @@ def check_writable(out: str | Path) -> None:
         raise ExportError(f"{out}: cannot write the output ({exc.strerror or exc})") from None
 
 
-def export_onnx(checkpoint: Checkpoints, out: str | Path, opset: int | None = None, use_ema: bool = True,
-                check_files: Sequence[str | Path] = ()) -> ExportResult:  # fmt: skip
+def export_onnx(
+    checkpoint: Checkpoints,
+    out: str | Path,
+    opset: int | None = None,
+    use_ema: bool = True,
+    check_files: Sequence[str | Path] = (),
+) -> ExportResult:
     """Write `out` (.onnx) and its metadata JSON from a checkpoint (several: an ensemble), after a parity check.
 
     The check runs the serialized model with onnxruntime on built-in sequences (demo signing of several
@@ -237,12 +251,16 @@ def export_source(checkpoint: Checkpoints, use_ema: bool = True) -> ExportSource
         return ExportSource(models[0], label_map, export_metadata(ckpts[0], models[0], weights[0]), weights[0], 1)
     for p, m in zip(paths[1:], models[1:], strict=True):
         if m.cfg.max_len != models[0].cfg.max_len:  # one graph truncates every member's input alike
-            raise ExportError(f"{paths[0]} and {p} truncate sequences at different lengths ({models[0].cfg.max_len} "
-                              f"and {m.cfg.max_len} frames); ensemble members must share max_len")  # fmt: skip
+            raise ExportError(
+                f"{paths[0]} and {p} truncate sequences at different lengths ({models[0].cfg.max_len} "
+                f"and {m.cfg.max_len} frames); ensemble members must share max_len"
+            )
     ensemble = EnsembleModel(models).eval()
     metadata = export_metadata(ckpts[0], models[0], weights[0])
-    metadata["output"] = (f"{OUTPUT_NAME}: float32 ({len(label_map)},) log of the mean probability of "
-                          f"{len(models)} members (softmax gives the mean), indexed by label_map")  # fmt: skip
+    metadata["output"] = (
+        f"{OUTPUT_NAME}: float32 ({len(label_map)},) log of the mean probability of "
+        f"{len(models)} members (softmax gives the mean), indexed by label_map"
+    )
     for key in ("preset", "weights", "step", "epoch"):  # per member, below
         del metadata[key]
     metadata["members"] = [
@@ -252,7 +270,7 @@ def export_source(checkpoint: Checkpoints, use_ema: bool = True) -> ExportSource
             "weights": w,
             "step": c.get("step"),
             "epoch": c.get("epoch"),
-        }  # fmt: skip
+        }
         for p, c, w in zip(paths, ckpts, weights, strict=True)
     ]
     return ExportSource(ensemble, label_map, metadata, "+".join(dict.fromkeys(weights)), len(models))
@@ -279,9 +297,11 @@ def parity_failure(parity: Sequence[ParityRow], runtime: str = "onnxruntime") ->
     """The one-line error for a failed parity check, naming the worst sequence."""
     bad = [r for r in parity if not r.ok]
     worst = max(bad, key=lambda r: r.max_prob_diff)
-    return (f"parity check failed on {len(bad)} of {len(parity)} sequences, e.g. {worst.name} ({worst.frames} "
-            f"frames): top-1 {worst.top1_export!r} ({runtime}) vs {worst.top1_torch!r} (PyTorch), largest probability "
-            f"difference {worst.max_prob_diff:.2e} (tolerance {PROB_TOLERANCE:g}); nothing was written")  # fmt: skip
+    return (
+        f"parity check failed on {len(bad)} of {len(parity)} sequences, e.g. {worst.name} ({worst.frames} "
+        f"frames): top-1 {worst.top1_export!r} ({runtime}) vs {worst.top1_torch!r} (PyTorch), largest probability "
+        f"difference {worst.max_prob_diff:.2e} (tolerance {PROB_TOLERANCE:g}); nothing was written"
+    )
 
 
 def onnx_bytes(module: nn.Module, metadata: dict[str, Any], opset: int | None = None) -> tuple[bytes, int]:
@@ -299,8 +319,15 @@ def onnx_bytes(module: nn.Module, metadata: dict[str, Any], opset: int | None = 
         frames = next(iter(program.range_constraints.values()))
         if frames.lower > 2 or frames.upper < sys.maxsize:  # unbounded above: int_oo
             raise ExportError(f"the exported graph accepts only {frames.lower}..{frames.upper} frames, not any T >= 1")
-        onnx_program = torch.onnx.export(program, (), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                         opset_version=opset, external_data=False, verbose=False)  # fmt: skip
+        onnx_program = torch.onnx.export(
+            program,
+            (),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+        )
     proto = onnx_program.model_proto
     proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = FRAMES_AXIS
     del proto.metadata_props[:]
@@ -366,9 +393,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def parity_rows(session: Any, model: SignModel | EnsembleModel, label_map: dict[str, int],
-                sequences: Sequence[tuple[str, np.ndarray]],
-                runtime: str = "onnxruntime") -> list[ParityRow]:  # fmt: skip
+def parity_rows(
+    session: Any,
+    model: SignModel | EnsembleModel,
+    label_map: dict[str, int],
+    sequences: Sequence[tuple[str, np.ndarray]],
+    runtime: str = "onnxruntime",
+) -> list[ParityRow]:
     """Compare the exported file's probabilities with the PyTorch model's on every sequence.
 
     `session`: an onnxruntime session, or any callable (T, 543, 3) -> logits that runs the file (`runtime`)."""
@@ -380,10 +411,19 @@ def parity_rows(session: Any, model: SignModel | EnsembleModel, label_map: dict[
         try:
             p_onnx = softmax(run(xyz))
         except Exception as exc:  # the runtimes' own error classes share no useful base
-            raise ExportError(f"{runtime} cannot run the exported model on '{name}' ({len(xyz)} frames): "
-                              f"{str(exc).splitlines()[0][:300]}; nothing was written") from None  # fmt: skip
-        rows.append(ParityRow(name, len(xyz), names[int(p_torch.argmax())], names[int(p_onnx.argmax())],
-                              float(np.abs(p_torch - p_onnx).max())))  # fmt: skip
+            raise ExportError(
+                f"{runtime} cannot run the exported model on '{name}' ({len(xyz)} frames): "
+                f"{str(exc).splitlines()[0][:300]}; nothing was written"
+            ) from None
+        rows.append(
+            ParityRow(
+                name,
+                len(xyz),
+                names[int(p_torch.argmax())],
+                names[int(p_onnx.argmax())],
+                float(np.abs(p_torch - p_onnx).max()),
+            )
+        )
     return rows
 
 

@@ -138,8 +138,9 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
         return _train_locked(cfg, resume, device, rank, world)
 
 
-def _train_locked(cfg: TrainConfig, resume: str | Path | None, device: torch.device, rank: int,
-                  world: int) -> TrainResult:  # fmt: skip
+def _train_locked(
+    cfg: TrainConfig, resume: str | Path | None, device: torch.device, rank: int, world: int
+) -> TrainResult:
     """`train`, once the run directory is this run's alone."""
     ckpt = resume_checkpoint(resume, cfg) if resume is not None else None
     torch.manual_seed(cfg.seed)
@@ -165,8 +166,14 @@ def _train_locked(cfg: TrainConfig, resume: str | Path | None, device: torch.dev
     return TrainResult(metrics, run.model, run.consumed)
 
 
-def open_data(cfg: TrainConfig, ckpt: dict[str, Any] | None, resume: str | Path | None, device: torch.device,
-              rank: int, world: int) -> Data:  # fmt: skip
+def open_data(
+    cfg: TrainConfig,
+    ckpt: dict[str, Any] | None,
+    resume: str | Path | None,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> Data:
     """The manifest and loaders; every rank sees the same number of batches per epoch.
 
     A rank that cannot open the shards stops every rank (one collective), instead of leaving them
@@ -178,10 +185,20 @@ def open_data(cfg: TrainConfig, ckpt: dict[str, Any] | None, resume: str | Path 
         if ckpt is not None and ckpt.get("shards_fingerprint") != manifest["fingerprint"]:
             raise ShardError(f"{cfg.shards} is not the shard set {resume} was trained on (its manifest differs)")
         train_folds, val_folds = split_folds(manifest, cfg.val_folds, cfg.shards)
-        loader_args = dict(workers=cfg.workers, rank=rank, world_size=world, seed=cfg.seed, bucket=cfg.bucket,
-                           pin_memory=device.type == "cuda", manifest=manifest, check=cfg.shard_check,
-                           stall_s=cfg.io_timeout, retries=cfg.io_retries, min_rate=cfg.io_min_rate * 1000,
-                           cache=cache_view(cfg.cache_dir, cfg.cache_limit, cfg.shards, manifest))  # fmt: skip
+        loader_args = dict(
+            workers=cfg.workers,
+            rank=rank,
+            world_size=world,
+            seed=cfg.seed,
+            bucket=cfg.bucket,
+            pin_memory=device.type == "cuda",
+            manifest=manifest,
+            check=cfg.shard_check,
+            stall_s=cfg.io_timeout,
+            retries=cfg.io_retries,
+            min_rate=cfg.io_min_rate * 1000,
+            cache=cache_view(cfg.cache_dir, cfg.cache_limit, cfg.shards, manifest),
+        )
         train_loader = make_loader(cfg.shards, train_folds, cfg.batch_size, train=True, **loader_args)
         val_loader = None
         if val_folds:
@@ -193,8 +210,15 @@ def open_data(cfg: TrainConfig, ckpt: dict[str, Any] | None, resume: str | Path 
     return Data(manifest, train_folds, val_folds, train_loader, val_loader)
 
 
-def start_run(cfg: TrainConfig, data: Data, ckpt: dict[str, Any] | None, resume: str | Path | None,
-              device: torch.device, rank: int, world: int) -> Run:  # fmt: skip
+def start_run(
+    cfg: TrainConfig,
+    data: Data,
+    ckpt: dict[str, Any] | None,
+    resume: str | Path | None,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> Run:
     """Model, optimizer, schedule, EMA and augmentation: new, or as the checkpoint `ckpt` left them."""
     steps_per_epoch = len(data.train_loader)
     total_steps = cfg.epochs * steps_per_epoch
@@ -215,14 +239,31 @@ def start_run(cfg: TrainConfig, data: Data, ckpt: dict[str, Any] | None, resume:
         load_initial_weights(model, cfg.init_from, label_map, cfg.new_head)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, fused=cuda or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, planned, warmup))
-    ema = torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema)
-    ) if cfg.ema else None  # fmt: skip
+    ema = (
+        torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
+        if cfg.ema
+        else None
+    )
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed * 1000 + rank)  # every rank draws its own augmentations
-    run = Run(cfg, device, rank, world, label_map, data.manifest["fingerprint"], steps_per_epoch, total_steps,
-              model, model, optimizer, scheduler, ema, AugmentConfig(**cfg.augment_options), generator,
-              sums=torch.zeros(3, dtype=torch.float64, device=device))  # fmt: skip
+    run = Run(
+        cfg,
+        device,
+        rank,
+        world,
+        label_map,
+        data.manifest["fingerprint"],
+        steps_per_epoch,
+        total_steps,
+        model,
+        model,
+        optimizer,
+        scheduler,
+        ema,
+        AugmentConfig(**cfg.augment_options),
+        generator,
+        sums=torch.zeros(3, dtype=torch.float64, device=device),
+    )
     run.awp = AWP(model, cfg.awp, cfg.awp_from) if cfg.awp > 0 else None
     run.trained = np.zeros(data.train_loader.dataset.total, dtype=np.uint8)
     if ckpt is not None:
@@ -275,9 +316,18 @@ def _resplit(run: Run, ckpt: dict[str, Any], stream: ShardStream) -> bool:
     torch.manual_seed(seed)
     run.generator.manual_seed(seed)
     if run.master:
-        log.info("resuming epoch %d under %d rank(s) x %d worker(s) (written by %s x %s): %d of its samples left, "
-                 "%d batches per rank from step %d", run.epoch + 1, run.world, run.cfg.workers, ckpt.get("world"),
-                 ckpt.get("workers"), int((run.trained == 0).sum()), rest, run.step)  # fmt: skip
+        log.info(
+            "resuming epoch %d under %d rank(s) x %d worker(s) (written by %s x %s): %d of its samples left, "
+            "%d batches per rank from step %d",
+            run.epoch + 1,
+            run.world,
+            run.cfg.workers,
+            ckpt.get("world"),
+            ckpt.get("workers"),
+            int((run.trained == 0).sum()),
+            rest,
+            run.step,
+        )
     return True
 
 
@@ -296,10 +346,19 @@ def open_run_files(run: Run, data: Data, resumed: bool) -> None:
         raise RunDirError(error)
     if run.master:
         manifest, cfg = data.manifest, run.cfg
-        log.info("model %s: %d parameters; %d steps/epoch, %d steps; train folds %s (%d samples), val folds %s, "
-                 "device %s x%d", cfg.preset, count_parameters(run.model), run.steps_per_epoch, run.total_steps,
-                 data.train_folds, fold_samples(manifest, data.train_folds),
-                 data.val_folds or "none (no validation: the result is last.pt)", run.device, run.world)  # fmt: skip
+        log.info(
+            "model %s: %d parameters; %d steps/epoch, %d steps; train folds %s (%d samples), val folds %s, "
+            "device %s x%d",
+            cfg.preset,
+            count_parameters(run.model),
+            run.steps_per_epoch,
+            run.total_steps,
+            data.train_folds,
+            fold_samples(manifest, data.train_folds),
+            data.val_folds or "none (no validation: the result is last.pt)",
+            run.device,
+            run.world,
+        )
 
 
 def _run_epoch(run: Run, loader: Any) -> dict[str, Any]:
@@ -310,8 +369,14 @@ def _run_epoch(run: Run, loader: Any) -> dict[str, Any]:
         run.model.set_late_dropout(late_dropout_rate(run.epoch, cfg.late_dropout, cfg.late_dropout_from))
     run.net.train()
     epochs = math.ceil(run.total_steps / run.steps_per_epoch)
-    bar = tqdm(total=run.steps_per_epoch, initial=run.skip, desc=f"epoch {run.epoch + 1}/{epochs}",
-               disable=not run.master or None, dynamic_ncols=True, leave=False)  # fmt: skip
+    bar = tqdm(
+        total=run.steps_per_epoch,
+        initial=run.skip,
+        desc=f"epoch {run.epoch + 1}/{epochs}",
+        disable=not run.master or None,
+        dynamic_ncols=True,
+        leave=False,
+    )
     window = torch.zeros_like(run.sums)  # the same sums since the last per-step log: one sync per log
     # the first step whose loss was not finite (-1: none), kept on the device and read where ranks agree anyway
     bad = torch.full((), -1, dtype=torch.int64, device=run.device)
@@ -334,8 +399,12 @@ def _run_epoch(run: Run, loader: Any) -> dict[str, Any]:
         bar.update()
         if run.step % cfg.log_every == 0 or i + 1 == run.steps_per_epoch or run.step == run.total_steps:
             now = time.perf_counter()  # rank 0's loss; samples/s of all ranks
-            values = {"epoch": run.epoch + 1, "loss": (window[0] / window[1]).item(), "lr": lr,
-                      "samples_per_s": window[1].item() * run.world / (now - t_log)}  # fmt: skip
+            values = {
+                "epoch": run.epoch + 1,
+                "loss": (window[0] / window[1]).item(),
+                "lr": lr,
+                "samples_per_s": window[1].item() * run.world / (now - t_log),
+            }
             _agree(run, bad, lambda values=values: run.reporters.log_step(run.step, values))
             bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{values['samples_per_s']:.0f}")
             window.zero_()
@@ -358,9 +427,14 @@ def _run_epoch(run: Run, loader: Any) -> dict[str, Any]:
         run.epoch += 1
     else:  # --max-steps cut the epoch: not finished, so a resume with a larger --max-steps trains the rest of it
         run.skip = done
-    return {"epoch": number, "step": run.step, "train_loss": sums[0].item() / max(1.0, sums[1].item()),
-            "train_samples": int(sums[1].item()), "lr": run.scheduler.get_last_lr()[0],
-            "samples_per_s": round(sums[2].item() / seconds, 1)}  # fmt: skip
+    return {
+        "epoch": number,
+        "step": run.step,
+        "train_loss": sums[0].item() / max(1.0, sums[1].item()),
+        "train_samples": int(sums[1].item()),
+        "lr": run.scheduler.get_last_lr()[0],
+        "samples_per_s": round(sums[2].item() / seconds, 1),
+    }
 
 
 def _agree(run: Run, bad: torch.Tensor | None = None, log: Callable[[], None] | None = None) -> None:
@@ -368,8 +442,10 @@ def _agree(run: Run, bad: torch.Tensor | None = None, log: Callable[[], None] | 
     rank 0 failed to `log` (a full disk, say). A collective: every rank calls it at the same steps."""
     error = None
     if (step := -1 if bad is None else int(bad.item())) >= 0:
-        error = (f"step {step}: the training loss is not finite; training stopped, and {run.out} keeps the checkpoints "
-                 "written before it (try a lower --lr or --grad-clip)")  # fmt: skip
+        error = (
+            f"step {step}: the training loss is not finite; training stopped, and {run.out} keeps the checkpoints "
+            "written before it (try a lower --lr or --grad-clip)"
+        )
     elif log is not None and run.master:
         try:
             log()
@@ -411,8 +487,11 @@ def _log_epoch(run: Run, metrics: dict[str, Any]) -> None:
     """The epoch's row in metrics.jsonl and the backends, and its log line."""
     append_metrics(run.out, metrics)
     run.reporters.log_epoch(run.step, metrics)
-    validated = ", val loss {val_loss:.3f}, top-1 {val_top1:.3f}, top-5 {val_top5:.3f}".format(**metrics) \
-        if "val_top1" in metrics else ""  # fmt: skip
+    validated = (
+        ", val loss {val_loss:.3f}, top-1 {val_top1:.3f}, top-5 {val_top5:.3f}".format(**metrics)
+        if "val_top1" in metrics
+        else ""
+    )
     log.info("epoch %d step %d: train loss %.3f%s", metrics["epoch"], run.step, metrics["train_loss"], validated)
 
 
@@ -427,16 +506,29 @@ def _save(run: Run, name: str, batch_in_epoch: int) -> None:
     if run.master:
         ema = run.ema
         try:
-            save_checkpoint(run.out / name, {
-                "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                "scheduler": run.scheduler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
-                "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
-                "step": run.step, "epoch": run.epoch, "batch_in_epoch": batch_in_epoch, "best_top1": run.best,
-                "rng": rng, "epoch_sums": epoch_sums.tolist(),
-                "config": asdict(run.cfg), "label_map": run.label_map, "shards_fingerprint": run.fingerprint,
-                "epoch_trained": trained, "world": run.world, "workers": run.cfg.workers,
-                "resplit": run.resplit_epoch == run.epoch,
-            })  # fmt: skip
+            save_checkpoint(
+                run.out / name,
+                {
+                    "model": run.model.state_dict(),
+                    "optimizer": run.optimizer.state_dict(),
+                    "scheduler": run.scheduler.state_dict(),
+                    "ema": ema.module.state_dict() if ema is not None else None,
+                    "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
+                    "step": run.step,
+                    "epoch": run.epoch,
+                    "batch_in_epoch": batch_in_epoch,
+                    "best_top1": run.best,
+                    "rng": rng,
+                    "epoch_sums": epoch_sums.tolist(),
+                    "config": asdict(run.cfg),
+                    "label_map": run.label_map,
+                    "shards_fingerprint": run.fingerprint,
+                    "epoch_trained": trained,
+                    "world": run.world,
+                    "workers": run.cfg.workers,
+                    "resplit": run.resplit_epoch == run.epoch,
+                },
+            )
         except OSError as exc:  # a full disk: every rank stops with this message (the last good file stays)
             error = f"{run.out / name}: cannot write the checkpoint ({exc.strerror or exc})"
     if (error := first_error(error, run.world)) is not None:
@@ -463,10 +555,14 @@ def validate(model: torch.nn.Module, loader: Any, device: torch.device) -> dict[
         for batch, logits in predict_batches(model, loader, device):
             top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             hit = top5 == batch.labels[:, None]
-            sums += torch.stack([
-                F.cross_entropy(logits, batch.labels, reduction="sum").double(), hit[:, 0].sum().double(),
-                hit.any(dim=1).sum().double(), torch.tensor(len(batch), device=device).double(),
-            ])  # fmt: skip
+            sums += torch.stack(
+                [
+                    F.cross_entropy(logits, batch.labels, reduction="sum").double(),
+                    hit[:, 0].sum().double(),
+                    hit.any(dim=1).sum().double(),
+                    torch.tensor(len(batch), device=device).double(),
+                ]
+            )
     except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks, or they hang
         if world == 1:
             raise
@@ -476,20 +572,28 @@ def validate(model: torch.nn.Module, loader: Any, device: torch.device) -> dict[
     if world > 1:
         dist.all_reduce(sums)
     n = max(1.0, sums[3].item())
-    return {"val_loss": sums[0].item() / n, "val_top1": sums[1].item() / n, "val_top5": sums[2].item() / n,
-            "val_samples": int(sums[3].item())}  # fmt: skip
+    return {
+        "val_loss": sums[0].item() / n,
+        "val_top1": sums[1].item() / n,
+        "val_top5": sums[2].item() / n,
+        "val_samples": int(sums[3].item()),
+    }
 
 
 def split_folds(manifest: dict[str, Any], val_folds: list[int], shards: str) -> tuple[list[int], list[int]]:
     """(training folds, validation folds), refusing folds the manifest lacks and a split that leaves none to train."""
     known = [f["fold"] for f in manifest["folds"]]
     if unknown := sorted(set(val_folds) - set(known)):
-        raise ConfigError(f"--val-folds {','.join(map(str, unknown))}: not in the manifest of {shards}, "
-                          f"which has folds {','.join(map(str, known))}")  # fmt: skip
+        raise ConfigError(
+            f"--val-folds {','.join(map(str, unknown))}: not in the manifest of {shards}, "
+            f"which has folds {','.join(map(str, known))}"
+        )
     train_folds, val = train_val_folds(manifest, val_folds)
     if not train_folds:
-        raise ConfigError(f"--val-folds {','.join(map(str, val))} leaves no fold of {shards} to train on "
-                          f"(it has folds {','.join(map(str, known))})")  # fmt: skip
+        raise ConfigError(
+            f"--val-folds {','.join(map(str, val))} leaves no fold of {shards} to train on "
+            f"(it has folds {','.join(map(str, known))})"
+        )
     return train_folds, val
 
 

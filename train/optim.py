@@ -15,8 +15,9 @@ from torch import nn
 OPTIMIZERS = ("adamw", "radam", "radam-lookahead")
 
 
-def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float,
-                   fused: bool | None = None) -> torch.optim.Optimizer:  # fmt: skip
+def make_optimizer(
+    name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float, fused: bool | None = None
+) -> torch.optim.Optimizer:
     """The optimizer `name` (one of OPTIMIZERS), its weight decay decoupled from the gradient in every case.
 
     `fused` goes to AdamW only (RAdam has no fused kernel).
@@ -63,15 +64,22 @@ class Lookahead(torch.optim.Optimizer):
         self.inner.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return {"inner": self.inner.state_dict(), "slow": [s.clone() for s in self.slow], "steps": self.steps,
-                "k": self.k, "alpha": self.alpha}  # fmt: skip
+        return {
+            "inner": self.inner.state_dict(),
+            "slow": [s.clone() for s in self.slow],
+            "steps": self.steps,
+            "k": self.k,
+            "alpha": self.alpha,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # type: ignore[override]
         if not isinstance(state, dict) or set(state) != {"inner", "slow", "steps", "k", "alpha"}:
             raise ValueError("not a Lookahead optimizer state (the checkpoint was written with another --optimizer)")
         if (state["k"], state["alpha"]) != (self.k, self.alpha) or len(state["slow"]) != len(self.slow):
-            raise ValueError(f"Lookahead state for k={state['k']}, alpha={state['alpha']} and {len(state['slow'])} "
-                             f"tensors; this one has k={self.k}, alpha={self.alpha} and {len(self.slow)}")  # fmt: skip
+            raise ValueError(
+                f"Lookahead state for k={state['k']}, alpha={state['alpha']} and {len(state['slow'])} "
+                f"tensors; this one has k={self.k}, alpha={self.alpha} and {len(self.slow)}"
+            )
         self.inner.load_state_dict(state["inner"])
         self.param_groups = self.inner.param_groups  # load_state_dict replaced the inner group dicts
         with torch.no_grad():

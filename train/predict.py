@@ -68,8 +68,9 @@ class CheckpointScorer:
     Several checkpoints form an ensemble: the mean of their probabilities (they must share one label map).
     """
 
-    def __init__(self, checkpoints: str | Path | Sequence[str | Path], device: str = "auto",
-                 use_ema: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, checkpoints: str | Path | Sequence[str | Path], device: str = "auto", use_ema: bool = True
+    ) -> None:
         self.device = resolve_device(device)
         paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
         members = load_members(paths)
@@ -189,8 +190,9 @@ def _files_at(path: Path) -> list[Path]:
     return found
 
 
-def iter_predictions(scorer: Scorer, files: Sequence[str | Path], k: int = 5,
-                     batch_size: int = 64) -> Iterator[Prediction]:  # fmt: skip
+def iter_predictions(
+    scorer: Scorer, files: Sequence[str | Path], k: int = 5, batch_size: int = 64
+) -> Iterator[Prediction]:
     """Top-k signs for each file in order, read and scored `batch_size` files at a time (memory stays flat).
 
     A file that cannot be read gets its reason in `error` and no signs; the others are still predicted.
@@ -266,10 +268,16 @@ def score_samples(model: torch.nn.Module, loader: Any, device: torch.device) -> 
     return SampleScores(keys, participants, torch.cat(labels).numpy(), torch.cat(probabilities).numpy())
 
 
-def evaluation_scores(checkpoints: str | Path | Sequence[str | Path], shards: str | Path | None = None,
-                      folds: list[int] | None = None, device: str = "auto", batch_size: int | None = None,
-                      workers: int | None = None, cache_dir: str | Path | None = None,
-                      cache_limit: float | None = None) -> tuple[SampleScores, Members, dict[str, Any]]:  # fmt: skip
+def evaluation_scores(
+    checkpoints: str | Path | Sequence[str | Path],
+    shards: str | Path | None = None,
+    folds: list[int] | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    cache_dir: str | Path | None = None,
+    cache_limit: float | None = None,
+) -> tuple[SampleScores, Members, dict[str, Any]]:
     """The scores of a checkpoint (or the ensemble of several) on validation folds; the members; where they ran
     (`shards`, `folds`).
 
@@ -287,20 +295,32 @@ def evaluation_scores(checkpoints: str | Path | Sequence[str | Path], shards: st
     if folds is None:
         for path, other in zip(members.paths, configs, strict=True):
             if other.val_folds != cfg.val_folds:
-                raise ConfigError(f"{first} and {path} were validated on different folds ({cfg.val_folds} and "
-                                  f"{other.val_folds}); pass --folds to choose the folds to evaluate")  # fmt: skip
+                raise ConfigError(
+                    f"{first} and {path} were validated on different folds ({cfg.val_folds} and "
+                    f"{other.val_folds}); pass --folds to choose the folds to evaluate"
+                )
         folds = cfg.val_folds
     if not folds:
-        raise ConfigError(f"{first} was trained on every fold (--val-folds none), so it has no validation folds; "
-                         "pass --folds to choose folds (they were seen in training)")  # fmt: skip
+        raise ConfigError(
+            f"{first} was trained on every fold (--val-folds none), so it has no validation folds; "
+            "pass --folds to choose folds (they were seen in training)"
+        )
     manifest = read_manifest(shards, cfg.io_timeout, cfg.io_min_rate * 1000)  # once: from a URL, every read is a fetch
     if manifest["label_map"] != members.label_map:
         raise ShardError(f"{shards}: its label map is not the one {first} was trained with")
     model = ensemble_of(members.models()).to(dev)
-    loader = make_loader(shards, folds, batch_size or cfg.batch_size, train=False, manifest=manifest,
-                         workers=cfg.workers if workers is None else workers, bucket=cfg.bucket,
-                         stall_s=cfg.io_timeout, min_rate=cfg.io_min_rate * 1000,
-                         cache=cache_view(cache_dir, cache_limit, shards, manifest))  # fmt: skip
+    loader = make_loader(
+        shards,
+        folds,
+        batch_size or cfg.batch_size,
+        train=False,
+        manifest=manifest,
+        workers=cfg.workers if workers is None else workers,
+        bucket=cfg.bucket,
+        stall_s=cfg.io_timeout,
+        min_rate=cfg.io_min_rate * 1000,
+        cache=cache_view(cache_dir, cache_limit, shards, manifest),
+    )
     return score_samples(model, loader, dev), members, {"shards": str(shards), "folds": list(folds)}
 
 
@@ -317,16 +337,23 @@ def _member(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     return {"checkpoint": str(path), "epoch": ckpt.get("epoch"), "step": ckpt.get("step"), "weights": weights}
 
 
-def evaluation_report(checkpoints: str | Path | Sequence[str | Path], shards: str | Path | None = None,
-                      folds: list[int] | None = None, device: str = "auto", batch_size: int | None = None,
-                      workers: int | None = None, cache_dir: str | Path | None = None,
-                      cache_limit: float | None = None) -> dict[str, Any]:  # fmt: skip
+def evaluation_report(
+    checkpoints: str | Path | Sequence[str | Path],
+    shards: str | Path | None = None,
+    folds: list[int] | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    cache_dir: str | Path | None = None,
+    cache_limit: float | None = None,
+) -> dict[str, Any]:
     """Top-1/top-5 on validation folds, per-sign and per-participant accuracy, the most confused pairs and the
     confusion among the most confused signs, as plain JSON-able data (see `evaluation_scores` for the defaults)."""
     from train.confusion import confusion_of
 
-    scores, members, where = evaluation_scores(checkpoints, shards, folds, device, batch_size, workers, cache_dir,
-                                               cache_limit)  # fmt: skip
+    scores, members, where = evaluation_scores(
+        checkpoints, shards, folds, device, batch_size, workers, cache_dir, cache_limit
+    )
     names = np.array(sorted(members.label_map, key=members.label_map.get), dtype=object)
     y, t5 = scores.labels, scores.top(5)
     pred = t5[:, 0]

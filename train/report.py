@@ -20,8 +20,18 @@ from pipeline.files import write_atomic
 BACKENDS = ("tensorboard", "csv")
 TENSORBOARD_MISSING = "--report-to tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'"
 STEP_COLUMNS = ["step", "epoch", "loss", "lr", "samples_per_s"]
-EPOCH_COLUMNS = ["epoch", "step", "train_loss", "train_samples", "lr", "samples_per_s",
-                 "val_loss", "val_top1", "val_top5", "val_samples"]  # fmt: skip
+EPOCH_COLUMNS = [
+    "epoch",
+    "step",
+    "train_loss",
+    "train_samples",
+    "lr",
+    "samples_per_s",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "val_samples",
+]
 
 
 class BackendError(AslError, RuntimeError):
@@ -113,8 +123,11 @@ def keep_rows(path: Path, columns: list[str], last: int, key: str = "step") -> N
         return
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    kept = [r for r in rows[1:] if len(r) == len(columns) and _int(r, columns, key) is not None
-            and _int(r, columns, key) <= last]  # fmt: skip
+    kept = [
+        r
+        for r in rows[1:]
+        if len(r) == len(columns) and _int(r, columns, key) is not None and _int(r, columns, key) <= last
+    ]
     buf = io.StringIO()
     csv.writer(buf).writerows([columns, *kept])
     write_atomic(path, buf.getvalue().encode())

@@ -55,8 +55,9 @@ def rest_steps(rest: int, ranks: int, batch_size: int) -> int:
     return math.ceil(rank_counts(rest, ranks, pad=True)[0] / batch_size) if rest else 0
 
 
-def rest_of_epoch(shards: list[dict[str, Any]], order: list[str], trained: np.ndarray, ranks: int, workers: int,
-                  batch_size: int) -> list[list[Share]]:  # fmt: skip
+def rest_of_epoch(
+    shards: list[dict[str, Any]], order: list[str], trained: np.ndarray, ranks: int, workers: int, batch_size: int
+) -> list[list[Share]]:
     """`[rank][worker]` shares of the samples of `shards` (manifest order) not `trained`, in the epoch's
     shard `order`; each rank gets `rest_steps` batches' worth, topped up with already-trained fill."""
     offsets = shard_offsets(shards)
@@ -74,8 +75,12 @@ def rest_of_epoch(shards: list[dict[str, Any]], order: list[str], trained: np.nd
     for count in counts:
         row = []
         for n in worker_counts(count, workers, max(1, batch_size)):
-            row.append(Share(_runs(seq[pos : min(pos + n, len(rest))], names, first),
-                             _runs(seq[max(pos, len(rest)) : pos + n], names, first)))  # fmt: skip
+            row.append(
+                Share(
+                    _runs(seq[pos : min(pos + n, len(rest))], names, first),
+                    _runs(seq[max(pos, len(rest)) : pos + n], names, first),
+                )
+            )
             pos += n
         shares.append(row)
     return shares
@@ -98,5 +103,7 @@ def _runs(ids: np.ndarray, names: list[str], first: np.ndarray) -> list[Range]:
     shard = np.searchsorted(first, ids, side="right") - 1
     cut = np.flatnonzero((np.diff(ids) != 1) | (np.diff(shard) != 0)) + 1
     starts, stops = np.r_[0, cut], np.r_[cut, len(ids)]
-    return [Range(names[shard[a]], int(ids[a] - first[shard[a]]), int(ids[b - 1] - first[shard[a]] + 1))
-            for a, b in zip(starts, stops, strict=True)]  # fmt: skip
+    return [
+        Range(names[shard[a]], int(ids[a] - first[shard[a]]), int(ids[b - 1] - first[shard[a]] + 1))
+        for a, b in zip(starts, stops, strict=True)
+    ]

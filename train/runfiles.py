@@ -56,8 +56,9 @@ def run_lock(out: Path) -> Iterator[None]:
     except LockHeldError as exc:
         if held:
             raise
-        raise RunDirError(f"{out} is in use by another run (pid {exc.pid}); wait for it to end, or pick another "
-                          "--out") from None  # fmt: skip
+        raise RunDirError(
+            f"{out} is in use by another run (pid {exc.pid}); wait for it to end, or pick another --out"
+        ) from None
     except OSError as exc:
         if held:
             raise
@@ -109,17 +110,24 @@ def run_summary(out: Path, report_to: list[str]) -> list[str]:
         return [f"no epoch finished -> {out}"]
     last, best = rows[-1], best_epoch(rows)
     if best is not None:
-        lines = [f"best epoch {best['epoch']} of {last['epoch']}: validation top-1 {best['val_top1']:.4f}, top-5 "
-                 f"{best['val_top5']:.4f} on {best['val_samples']} samples (what `asl-train evaluate --checkpoint "
-                 f"{out / 'best.pt'}` reports)",
-                 f"  best.pt      {out / 'best.pt'}  (epoch {best['epoch']}, step {best['step']})"]  # fmt: skip
+        lines = [
+            f"best epoch {best['epoch']} of {last['epoch']}: validation top-1 {best['val_top1']:.4f}, top-5 "
+            f"{best['val_top5']:.4f} on {best['val_samples']} samples (what `asl-train evaluate --checkpoint "
+            f"{out / 'best.pt'}` reports)",
+            f"  best.pt      {out / 'best.pt'}  (epoch {best['epoch']}, step {best['step']})",
+        ]
     else:
-        lines = [f"no validation (--val-folds none): trained on every fold, {last['train_samples']} samples an "
-                 f"epoch; the result is last.pt (no best.pt is written)"]  # fmt: skip
+        lines = [
+            f"no validation (--val-folds none): trained on every fold, {last['train_samples']} samples an "
+            f"epoch; the result is last.pt (no best.pt is written)"
+        ]
     lines.append(f"  last.pt      {out / 'last.pt'}  (epoch {last['epoch']}, step {last['step']})")
     curves = out / "curves.png"
-    lines.append(f"  curves       {curves}" if curves.exists() else
-                 "  curves       not drawn: matplotlib is not installed (pip install -e '.[plot]')")  # fmt: skip
+    lines.append(
+        f"  curves       {curves}"
+        if curves.exists()
+        else "  curves       not drawn: matplotlib is not installed (pip install -e '.[plot]')"
+    )
     if "tensorboard" in report_to:
         lines.append(f"  tensorboard  {out / 'tensorboard'}  (tensorboard --logdir {out / 'tensorboard'})")
     if "csv" in report_to:
@@ -170,8 +178,13 @@ def curves_figure(rows: list[dict[str, Any]], title: str) -> Any:
         loss.plot(epochs, [r["val_loss"] for r in rows], marker=".", label="validation")
         acc.plot(epochs, [r["val_top1"] for r in rows], marker=".", label="top-1")
         acc.plot(epochs, [r["val_top5"] for r in rows], marker=".", label="top-5")
-        acc.plot([best["epoch"]], [best["val_top1"]], "r*", markersize=14,
-                 label=f"best: epoch {best['epoch']}, top-1 {best['val_top1']:.4f}")  # fmt: skip
+        acc.plot(
+            [best["epoch"]],
+            [best["val_top1"]],
+            "r*",
+            markersize=14,
+            label=f"best: epoch {best['epoch']}, top-1 {best['val_top1']:.4f}",
+        )
         acc.set_ylabel("validation accuracy")
         for ax in axes[0]:
             ax.axvline(best["epoch"], color="red", linestyle=":", linewidth=1)

@@ -76,8 +76,9 @@ def require_tflite(module: str) -> Any:
 # ---------------------------------------------------------------------------- export
 
 
-def export_tflite(checkpoint: Checkpoints, out: str | Path, use_ema: bool = True,
-                  check_files: Sequence[str | Path] = ()) -> ExportResult:  # fmt: skip
+def export_tflite(
+    checkpoint: Checkpoints, out: str | Path, use_ema: bool = True, check_files: Sequence[str | Path] = ()
+) -> ExportResult:
     """Write `out` (.tflite) and its metadata JSON from a checkpoint (several: an ensemble), after the parity check.
 
     The same check as for ONNX: ai-edge-litert runs the serialized model on the built-in sequences and on
@@ -180,8 +181,13 @@ class AtenToTF:
 
     def _dtype(self, dtype: torch.dtype) -> Any:
         tf = self.tf
-        table = {torch.float32: tf.float32, torch.float64: tf.float32, torch.int64: tf.int32, torch.int32: tf.int32,
-                 torch.bool: tf.bool}  # fmt: skip
+        table = {
+            torch.float32: tf.float32,
+            torch.float64: tf.float32,
+            torch.int64: tf.int32,
+            torch.int32: tf.int32,
+            torch.bool: tf.bool,
+        }
         if dtype not in table:
             raise ExportError(f"no LiteRT dtype for {dtype}")
         return table[dtype]
@@ -257,20 +263,34 @@ class AtenToTF:
             ones = [d % len(shape) for d in dims if isinstance(shape[d], int) and shape[d] == 1]  # torch skips others
             return tf.squeeze(x, axis=ones) if ones else x
 
-        def conv(node: torch.fx.Node, x: Any, w: Any, b: Any, stride: Sequence[int], padding: Sequence[int],
-                 dilation: Sequence[int], transposed: bool, output_padding: Any, groups: int) -> Any:  # fmt: skip
+        def conv(
+            node: torch.fx.Node,
+            x: Any,
+            w: Any,
+            b: Any,
+            stride: Sequence[int],
+            padding: Sequence[int],
+            dilation: Sequence[int],
+            transposed: bool,
+            output_padding: Any,
+            groups: int,
+        ) -> Any:
             """A 1-D convolution (B, C, T) in LiteRT's channels-last layout: CONV_2D or DEPTHWISE_CONV_2D."""
             if len(x.shape) != 3 or transposed:
                 raise ExportError(f"no LiteRT lowering for {node.target} other than a 1-D forward convolution")
             out_ch, in_per_group, k = node.args[1].meta["val"].shape
             h = tf.pad(tf.transpose(x, [0, 2, 1]), [[0, 0], [padding[0], padding[0]], [0, 0]])[:, None]  # (B,1,T,C)
             if groups == 1:
-                y = tf.nn.conv2d(h, tf.transpose(w, [2, 1, 0])[None], strides=[1, 1, stride[0], 1], padding="VALID",
-                                 dilations=[1, 1, dilation[0], 1])  # fmt: skip
+                y = tf.nn.conv2d(
+                    h,
+                    tf.transpose(w, [2, 1, 0])[None],
+                    strides=[1, 1, stride[0], 1],
+                    padding="VALID",
+                    dilations=[1, 1, dilation[0], 1],
+                )
             elif in_per_group == 1 and out_ch == groups and stride[0] == 1:
                 kernel = tf.reshape(tf.transpose(w[:, 0, :]), [1, k, groups, 1])  # (1, K, C, 1)
-                y = tf.nn.depthwise_conv2d(h, kernel, strides=[1, 1, 1, 1], padding="VALID",
-                                           dilations=[1, dilation[0]])  # fmt: skip
+                y = tf.nn.depthwise_conv2d(h, kernel, strides=[1, 1, 1, 1], padding="VALID", dilations=[1, dilation[0]])
             else:
                 raise ExportError(f"no LiteRT lowering for a convolution of {groups} groups with stride {stride}")
             if b is not None:
