@@ -16,12 +16,13 @@ DEMO_EPOCHS ?= 20
 setup: $(VENV)/.installed
 
 # The CPU torch wheel goes in first so that installing the project never pulls a CUDA build.
-# The export extra (onnx, onnxscript, onnxruntime) is installed so that the tests cover `asl-train export`.
+# The export extra (onnx, onnxscript, onnxruntime) is installed so that the tests cover `asl-train export`,
+# the video extra (mediapipe, ai-edge-litert, dask) so that they cover `asl-pipeline extract` and video inputs.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,export,tensorboard]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,export,tensorboard,video]"
 	touch $@
 
 # LiteRT export (tensorflow-cpu converts, ai-edge-litert runs) in a venv of its own: TensorFlow is about 1.5 GB,

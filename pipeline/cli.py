@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from tqdm import tqdm
@@ -222,6 +223,102 @@ def stats_cmd(shards: str, top: int) -> None:
         )
         click.echo(f"truncated to {MAX_LEN}: {lengths['truncated']}")
         click.echo("stored length histogram: " + ", ".join(f"[{a},{b}) {n}" for a, b, n in stats["histogram"]))
+
+
+@main.command("extract")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output directory in the Kaggle layout (train.csv, train_landmark_files/, ...).",
+)
+@click.option("--jobs", "-j", default=0, show_default="all cores", type=int, help="Parallel worker processes.")
+@click.option(
+    "--scheduler",
+    default=None,
+    help="Run on Dask: 'local' (a cluster of --jobs processes here) or a scheduler address (tcp://host:8786).",
+)
+@click.option("--fps", default=None, type=click.FloatRange(min=0, min_open=True), help="Resample to this frame rate.")
+@click.option("--start", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Skip frames before (s).")
+@click.option("--end", default=None, type=click.FloatRange(min=0), help="Stop at this time (s).")
+@click.option("--max-frames", default=None, type=click.IntRange(min=1), help="Keep at most N frames per video.")
+@click.option("--max-seconds", default=None, type=click.FloatRange(min=0, min_open=True), help="Keep at most S s.")
+@click.option("--mirror", is_flag=True, help="Flip frames left-right first (a selfie camera's mirrored picture).")
+@click.option(
+    "--model-complexity",
+    default=1,
+    show_default=True,
+    type=click.IntRange(0, 2),
+    help="Holistic's pose model (the mediapipe wheel ships 1 only).",
+)
+@click.option("--min-detection-confidence", default=0.5, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--min-tracking-confidence", default=0.5, show_default=True, type=click.FloatRange(0, 1))
+@click.option(
+    "--label-map",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write this sign_to_prediction_index_map.json (e.g. the competition's) instead of the sorted signs.",
+)
+@click.option("--participant", default="0", show_default=True, help="participant_id of videos that give none.")
+@click.option(
+    "--preview",
+    "preview_dir",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write <sequence_id>.gif here: each video with its landmarks drawn.",
+)
+@click.option("--force", is_flag=True, help="Extract every video again, also those already extracted.")
+def extract_cmd(
+    inputs: tuple[str, ...],
+    out: Path,
+    jobs: int,
+    scheduler: str | None,
+    label_map: Path | None,
+    participant: str,
+    preview_dir: Path | None,
+    force: bool,
+    **options: Any,
+) -> None:
+    """Landmarks of videos by MediaPipe Holistic, in the Kaggle layout: INPUTS are video files, directories of
+    them, @LIST files or CSV files (video,sign[,participant_id][,sequence_id]).
+
+    Resumable: a rerun skips videos already extracted. Exit status: 0 every video extracted, 3 finished
+    but some were rejected (OUT/rejects.jsonl, one line each with the reason), 1 stopped with one line.
+    """
+    from pipeline.extract import extract_options, extract_videos, rejects_summary
+
+    start = time.perf_counter()
+    with tqdm(unit="frame", desc="extract", dynamic_ncols=True, disable=None) as bar:
+        counts = {"videos": 0, "rejected": 0}
+
+        def progress(frames: int, videos: int, rejects: int) -> None:
+            counts["videos"] += videos
+            counts["rejected"] += rejects
+            bar.update(frames)
+            bar.set_postfix(counts, refresh=False)
+
+        result = extract_videos(
+            inputs,
+            out,
+            extract_options(**options),
+            jobs=jobs if jobs > 0 else (os.cpu_count() or 1),
+            scheduler=scheduler,
+            preview_dir=preview_dir,
+            label_map=label_map,
+            participant=participant,
+            force=force,
+            progress=progress,
+        )
+    seconds = time.perf_counter() - start
+    click.echo(
+        f"{len(result.rows)} videos in {out / 'train.csv'}: extracted {result.extracted} ({result.frames} frames, "
+        f"{result.frames / max(seconds, 1e-9):.1f} frames/s), already there {result.skipped}, "
+        f"rejected {len(result.rejects)}, {seconds:.1f}s"
+    )
+    for line in rejects_summary(result.rejects):
+        click.echo(f"  {line}", err=True)
+    sys.exit(result.exit_code)
 
 
 @main.command("demo-data")
