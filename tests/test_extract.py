@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from pipeline.extract import (
 from pipeline.landmarks import N_RAW, TYPE_OFFSETS
 from pipeline.read import read_landmarks
 
-VIDEO_DIR = Path(__file__).resolve().parents[2] / "shared" / "videos"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _sequence(frames: int, seed: int = 0) -> np.ndarray:
@@ -126,6 +128,7 @@ def test_input_problems_stop_with_one_line(tmp_path: Path) -> None:
         plan_tasks([f"@{tmp_path / 'absent.txt'}"])
 
 
+@pytest.mark.video
 def test_label_map_file_and_unknown_signs(tmp_path: Path) -> None:
     pytest.importorskip("mediapipe", reason="the video extra is not installed")
     from pipeline.extract import extract_videos
@@ -141,3 +144,13 @@ def test_label_map_file_and_unknown_signs(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "train.csv").read_text() == "path,participant_id,sequence_id,sign,source\n"
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert rejects == [{"reason": "empty file (0 bytes)", "sequence_id": "", "source": "v.mp4"}]
+
+
+@pytest.mark.slow
+def test_the_offline_stage_imports_no_video_or_torch_library() -> None:
+    code = (
+        "import json, sys, pipeline.cli, pipeline.extract, pipeline.video, pipeline.holistic, pipeline.preview\n"
+        "print(json.dumps([m for m in ('torch', 'mediapipe', 'cv2') if m in sys.modules]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert json.loads(proc.stdout.splitlines()[-1]) == []

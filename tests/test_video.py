@@ -12,6 +12,7 @@ cv2 = pytest.importorskip("cv2", reason="the video extra is not installed: pip i
 from pipeline import video  # noqa: E402
 from pipeline.video import VideoError, VideoOptions, frames  # noqa: E402
 
+pytestmark = pytest.mark.video
 FPS = 20
 
 

@@ -391,9 +391,10 @@ def evaluate_cmd(
 def predict_cmd(
     inputs: tuple[str, ...], checkpoints: tuple[Path, ...], onnx_models: tuple[Path, ...], k: int, fmt: str, device: str
 ) -> None:
-    """Top-k signs with probabilities for raw Kaggle landmark parquet files.
+    """Top-k signs with probabilities for raw Kaggle landmark parquet files or videos.
 
-    INPUTS are parquet files, directories (every *.parquet under them, recursively, sorted) or
+    INPUTS are parquet files, videos (landmarks extracted as `asl-pipeline extract` does; --format json adds
+    their frames and hand_share), directories (every *.parquet and video under them, recursively, sorted) or
     @LIST, a text file of paths one a line (relative to the current directory; # starts a comment).
     Give --checkpoint or --model (either repeated for an ensemble), not both. Exit status 1 when any
     file could not be read (the others are still predicted); with --format text its error goes to stderr.
@@ -406,11 +407,13 @@ def predict_cmd(
         iter_predictions,
         model_scorer,
     )
+    from train.videoinput import require_video_support
 
     if bool(checkpoints) == bool(onnx_models):
         raise click.UsageError("give exactly one of --checkpoint or --model (either may be repeated for an ensemble)")
     try:
         files = expand_inputs(inputs)
+        require_video_support(files)
         scorer = model_scorer(onnx_models) if onnx_models else CheckpointScorer(checkpoints, device)
     except AslError as exc:
         raise click.ClickException(str(exc)) from None
@@ -421,6 +424,67 @@ def predict_cmd(
         failed += p.error is not None
         click.echo(format_prediction(p, fmt, k), err=fmt == "text" and p.error is not None)
     sys.exit(1 if failed else 0)
+
+
+@main.command("live")
+@click.option(
+    "--source", required=True, help="A camera index (0), a video file or a stream URL (anything OpenCV opens)."
+)
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A training checkpoint (.pt); repeat it for an ensemble.",
+)
+@click.option(
+    "--model",
+    "onnx_models",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A file written by `asl-train export` (.onnx or .tflite); repeat it for an ensemble.",
+)
+@click.option("--top", "k", default=3, show_default=True, type=click.IntRange(min=1), help="Signs per segment.")
+@click.option("--max-seconds", default=None, type=click.FloatRange(min=0, min_open=True), help="Stop after S s.")
+@click.option(
+    "--gap",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds without a hand that end a segment.",
+)
+@click.option(
+    "--pause",
+    default=0.6,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds of still hands that end a segment.",
+)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def live_cmd(
+    source: str,
+    checkpoints: tuple[Path, ...],
+    onnx_models: tuple[Path, ...],
+    k: int,
+    max_seconds: float | None,
+    gap: float,
+    pause: float,
+    device: str,
+) -> None:
+    """Signs from a camera, video file or stream: MediaPipe Holistic on every frame, one line per signing
+    segment as it ends (the hands leave the view, or rest): `start-end s (T frames): sign p, ...`."""
+    from train.live import LiveOptions, format_segment, live_predictions
+    from train.predict import CheckpointScorer, model_scorer
+
+    if bool(checkpoints) == bool(onnx_models):
+        raise click.UsageError("give exactly one of --checkpoint or --model (either may be repeated for an ensemble)")
+    opts = LiveOptions(gap=gap, pause=pause, max_seconds=max_seconds)
+    try:
+        scorer = model_scorer(onnx_models) if onnx_models else CheckpointScorer(checkpoints, device)
+        for segment, top in live_predictions(int(source) if source.isdigit() else source, scorer, opts, k):
+            click.echo(format_segment(segment, top))
+    except AslError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command("export")

@@ -16,14 +16,16 @@ import torch
 
 from pipeline.cache import cache_view
 from pipeline.features import compact_features, pack_missing
-from pipeline.read import InputFileError, LandmarkFileError, read_file, read_landmarks
+from pipeline.read import InputFileError, LandmarkFileError, read_file
 from pipeline.shards import ShardError, read_manifest
+from pipeline.video import VideoError, is_video
 from train.batch import Batch
 from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.config import ConfigError, TrainConfig
 from train.data import Decoded, checked, collate, make_loader
 from train.distributed import autocast, resolve_device
 from train.ensemble import EnsembleScorer, ensemble_of, shared_label_map
+from train.videoinput import read_sequence
 
 MAX_LIST_BYTES = 256 << 20  # an @LIST of every Kaggle file is about 5 MB
 LIST_PREFIX = "@"  # `@paths.txt` on the command line: the parquet paths listed in paths.txt
@@ -35,10 +37,11 @@ class Prediction:
     path: str
     top: list[tuple[str, float]]  # (sign, probability), best first
     error: str | None = None
+    video: dict[str, Any] | None = None  # a video's frames read and share of frames with a hand found
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON form: {"path", "top": [[sign, probability], ...], "error"}."""
-        return {"path": self.path, "top": [[s, q] for s, q in self.top], "error": self.error}
+        """The JSON form: {"path", "top": [[sign, probability], ...], "error"}, and a video's "frames", "hand_share"."""
+        return {"path": self.path, "top": [[s, q] for s, q in self.top], "error": self.error, **(self.video or {})}
 
 
 @torch.no_grad()
@@ -184,7 +187,7 @@ def _list_lines(path: Path) -> list[Path]:
 def _files_at(path: Path) -> list[Path]:
     if not path.is_dir():
         return [path]
-    found = sorted(path.rglob("*.parquet"))
+    found = sorted(p for p in path.rglob("*") if p.suffix == ".parquet" or (is_video(p) and not p.is_dir()))
     if not found:
         raise InputFileError(path, "no *.parquet files under this directory")
     return found
@@ -202,16 +205,18 @@ def iter_predictions(
         chunk = [str(f) for f in files[start : start + batch_size]]
         results: dict[int, Prediction] = {}
         good: list[tuple[int, np.ndarray]] = []
+        videos: dict[int, dict[str, Any] | None] = {}
         for i, path in enumerate(chunk):
             try:
-                good.append((i, read_landmarks(path)))
-            except LandmarkFileError as exc:
+                xyz, videos[i] = read_sequence(path)
+                good.append((i, xyz))
+            except (LandmarkFileError, VideoError) as exc:
                 results[i] = Prediction(path, [], exc.reason)
         if good:
             probs = scorer.probabilities([xyz for _, xyz in good])  # (N, n_signs)
             for (i, _), p in zip(good, probs, strict=True):
                 best = np.argsort(-p, kind="stable")[:k]
-                results[i] = Prediction(chunk[i], [(names[int(j)], float(p[j])) for j in best])
+                results[i] = Prediction(chunk[i], [(names[int(j)], float(p[j])) for j in best], video=videos[i])
         yield from (results[i] for i in range(len(chunk)))
 
 
