@@ -11,18 +11,17 @@ DEMO_SEQUENCES ?= 2000
 DEMO_SIGNS ?= 25
 DEMO_EPOCHS ?= 20
 
-.PHONY: setup setup-tflite demo test test-tflite lint bench bench-export clean
+.PHONY: setup setup-tflite setup-video demo test test-tflite test-video lint bench bench-export bench-extract clean
 
 setup: $(VENV)/.installed
 
 # The CPU torch wheel goes in first so that installing the project never pulls a CUDA build.
-# The export extra (onnx, onnxscript, onnxruntime) is installed so that the tests cover `asl-train export`,
-# the video extra (mediapipe, ai-edge-litert, dask) so that they cover `asl-pipeline extract` and video inputs.
+# The export extra (onnx, onnxscript, onnxruntime) is installed so that the tests cover `asl-train export`.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,export,tensorboard,video]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,export,tensorboard]"
 	touch $@
 
 # LiteRT export (tensorflow-cpu converts, ai-edge-litert runs) in a venv of its own: TensorFlow is about 1.5 GB,
@@ -38,6 +37,21 @@ $(TFLITE_VENV)/.installed: pyproject.toml
 	$(TFLITE_BIN)/python -m pip install --quiet --upgrade pip
 	$(TFLITE_BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(TFLITE_BIN)/python -m pip install --quiet -e ".[dev,export,tflite]"
+	touch $@
+
+# Video extraction (mediapipe 0.10.21, the last release that ships the Holistic models) in a venv of its own:
+# mediapipe pins numpy<2, and pyarrow 26 refuses numpy 1.x, so the video extra holds numpy and pyarrow back;
+# the main venv keeps numpy 2.
+VIDEO_VENV ?= .venv-video
+VIDEO_BIN := $(VIDEO_VENV)/bin
+
+setup-video: $(VIDEO_VENV)/.installed
+
+$(VIDEO_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VIDEO_VENV)
+	$(VIDEO_BIN)/python -m pip install --quiet --upgrade pip
+	$(VIDEO_BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
+	$(VIDEO_BIN)/python -m pip install --quiet -e ".[dev,export,video]"
 	touch $@
 
 # The main job: demo data -> shards -> a small model trained on CPU -> evaluation -> prediction -> ONNX export.
@@ -64,6 +78,10 @@ test: setup
 test-tflite: setup-tflite
 	$(TFLITE_BIN)/python -m pytest -q -m tflite
 
+# The tests that run MediaPipe (marker `video`), in the video venv; CI runs this target too.
+test-video: setup-video
+	$(VIDEO_BIN)/python -m pytest -q -m video
+
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
@@ -75,6 +93,9 @@ bench: setup
 
 bench-export: setup-tflite
 	$(TFLITE_BIN)/python bench/export.py
+
+bench-extract: setup-video
+	$(VIDEO_BIN)/python bench/extract.py
 
 clean:
 	rm -rf $(DEMO) runs
