@@ -34,7 +34,7 @@ from joblib import Parallel, delayed, parallel_config
 from pipeline.build import EXIT_REJECTS, LABEL_MAP, MAX_ID_DIGITS, worker_count
 from pipeline.errors import AslError
 from pipeline.files import write_atomic, write_json_atomic
-from pipeline.holistic import HolisticOptions, holistic_graph, landmarks_of, mediapipe_version
+from pipeline.holistic import HolisticOptions, check_options, holistic_graph, landmarks_of, mediapipe_version
 from pipeline.landmarks import N_RAW, ROW_INDEX, ROW_TYPES, TYPE_OFFSETS, TYPE_SIZES, TYPES
 from pipeline.read import InputFileError, clip, quote, read_file
 from pipeline.shards import REJECTS
@@ -307,6 +307,7 @@ def extract_videos(
     rejected)` after each video. `scheduler`: None (local processes), "local" (a Dask cluster of `jobs`
     processes on this machine) or a Dask scheduler's address."""
     out = Path(out)
+    check_options(opts.holistic)  # here, not in every worker
     tasks, rejects = plan_tasks(inputs, participant)
     signs = _label_map(tasks, label_map)
     for task in [t for t in tasks if t.sign and signs is not None and t.sign not in signs]:

@@ -78,7 +78,8 @@ def holistic_graph(opts: HolisticOptions) -> Any:
     return graph
 
 
-def _new_graph(opts: HolisticOptions) -> Any:
+def check_options(opts: HolisticOptions) -> None:
+    """HolisticError (one line) when mediapipe is missing or the options need a model its wheel does not ship."""
     mp = require_mediapipe()
     model = POSE_MODELS.get(opts.model_complexity)
     if model is None:
@@ -90,6 +91,11 @@ def _new_graph(opts: HolisticOptions) -> Any:
             f"model complexity {opts.model_complexity}: its pose model {model} is not in the installed mediapipe "
             f"{mp.__version__} (available: {', '.join(map(str, shipped)) or 'none'})"
         )
+
+
+def _new_graph(opts: HolisticOptions) -> Any:
+    check_options(opts)
+    mp = require_mediapipe()
     return mp.solutions.holistic.Holistic(
         static_image_mode=False,
         model_complexity=opts.model_complexity,

@@ -146,6 +146,25 @@ def test_label_map_file_and_unknown_signs(tmp_path: Path) -> None:
     assert rejects == [{"reason": "empty file (0 bytes)", "sequence_id": "", "source": "v.mp4"}]
 
 
+@pytest.mark.video
+def test_a_model_complexity_the_wheel_does_not_ship_stops_with_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("mediapipe", reason="the video extra is not installed")
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    (tmp_path / "v.mp4").write_bytes(b"x")
+    result = CliRunner().invoke(
+        main, ["extract", str(tmp_path / "v.mp4"), "--out", str(tmp_path / "o"), "--model-complexity", "2"]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip() == (
+        "Error: model complexity 2: its pose model pose_landmark_heavy.tflite is not in the installed mediapipe "
+        "0.10.21 (available: 1)"
+    )
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_the_offline_stage_imports_no_video_or_torch_library() -> None:
     code = (
