@@ -102,3 +102,21 @@ def test_live_refuses_a_source_it_cannot_open(checkpoint: Path, tmp_path: Path) 
         .splitlines()[-1]
         .endswith("x.mp4: OpenCV cannot open this source (a camera index, video file or stream URL)")
     )
+
+
+LABELLED = {"HAPPY.mp4": ("happy", 90), "up.mp4": ("up", 91), "TASTE_GOOD.mp4": ("taste", 67)}
+
+
+def test_a_competition_model_predicts_the_videos_directly(checkpoint: Path) -> None:
+    pytest.importorskip("ai_edge_litert.interpreter", reason="ai-edge-litert is not installed")
+    if "--label-map" not in CliRunner().invoke(train_cli, ["predict", "--help"]).output:
+        pytest.skip("asl-train predict has no --label-map option for models without metadata")
+    label_map = VIDEOS.parent / "gislr-sample" / "sign_to_prediction_index_map.json"
+    model = VIDEOS / "Kittu1209_model_89.tflite"
+    videos = [str(VIDEOS / name) for name in LABELLED]
+    args = ["predict", "--model", str(model), "--label-map", str(label_map), "--format", "json", *videos]
+    result = CliRunner().invoke(train_cli, args)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    for line, (sign, frames) in zip(lines, LABELLED.values(), strict=True):
+        assert sign in [s for s, _ in line["top"]] and line["frames"] == frames, line
