@@ -33,7 +33,7 @@ from joblib import Parallel, delayed, parallel_config
 
 from pipeline.build import EXIT_REJECTS, LABEL_MAP, MAX_ID_DIGITS, worker_count
 from pipeline.errors import AslError
-from pipeline.files import write_atomic, write_json_atomic
+from pipeline.files import locked, write_atomic, write_json_atomic
 from pipeline.holistic import HolisticOptions, check_options, holistic_graph, landmarks_of, mediapipe_version
 from pipeline.landmarks import N_RAW, ROW_INDEX, ROW_TYPES, TYPE_OFFSETS, TYPE_SIZES, TYPES
 from pipeline.read import InputFileError, clip, quote, read_file
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 LANDMARK_DIR = "train_landmark_files"
 TRAIN_CSV = "train.csv"
 CONFIG = "extract.json"
+LOCK = "extract.lock"  # held (flock) by the running extraction, with its pid inside
 CSV_COLUMNS = ("path", "participant_id", "sequence_id", "sign", "source")
 LIST_PREFIX = "@"
 MAX_INDEX_BYTES = 256 << 20
@@ -314,27 +315,34 @@ def extract_videos(
         rejects.append(_reject(task, f"sign {quote(task.sign)} is not in {label_map}"))
         tasks.remove(task)
     out.mkdir(parents=True, exist_ok=True)
-    _claim(out, opts, force)
-    todo = [t for t in tasks if force or not (out / t.relpath).is_file()]
-    if preview_dir is not None:
-        Path(preview_dir).mkdir(parents=True, exist_ok=True)
+    preview = Path(preview_dir) if preview_dir is not None else None
+    if preview is not None:
+        preview.mkdir(parents=True, exist_ok=True)
     failed: set[str] = set()
     frames_done = 0
-    for task, answer in zip(todo, _answers(todo, opts, preview_dir is not None, jobs, scheduler), strict=True):
-        if "reason" in answer:
-            rejects.append(_reject(task, answer["reason"]))
-            failed.add(task.sequence_id)
-        else:
-            (out / task.relpath).parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(out / task.relpath, answer["parquet"])
-            if answer["preview"] is not None:
-                write_atomic(Path(preview_dir) / f"{task.sequence_id}.gif", answer["preview"])
-            frames_done += answer["frames"]
-        if progress:
-            progress(answer.get("frames", 0), 1, int("reason" in answer))
-    rows = [t for t in tasks if t.sequence_id not in failed]
-    _write_index(out, rows, rejects, signs)
+    with locked(out / LOCK):  # one extraction at a time writes into OUT
+        _claim(out, opts, force)
+        todo = [t for t in tasks if force or not _finished(out, t, preview)]
+        for task, answer in zip(todo, _answers(todo, opts, preview is not None, jobs, scheduler), strict=True):
+            if "reason" in answer:
+                rejects.append(_reject(task, answer["reason"]))
+                failed.add(task.sequence_id)
+            else:
+                (out / task.relpath).parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(out / task.relpath, answer["parquet"])
+                if preview is not None:
+                    write_atomic(preview / f"{task.sequence_id}.gif", answer["preview"])
+                frames_done += answer["frames"]
+            if progress:
+                progress(answer.get("frames", 0), 1, int("reason" in answer))
+        rows = [t for t in tasks if t.sequence_id not in failed]
+        _write_index(out, rows, rejects, signs)
     return ExtractResult(rows, len(todo) - len(failed), len(tasks) - len(todo), frames_done, rejects)
+
+
+def _finished(out: Path, task: VideoTask, preview: Path | None) -> bool:
+    """Whether the video's file (and its preview, when asked for) is already there."""
+    return (out / task.relpath).is_file() and (preview is None or (preview / f"{task.sequence_id}.gif").is_file())
 
 
 def _answers(

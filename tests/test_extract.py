@@ -173,3 +173,16 @@ def test_the_offline_stage_imports_no_video_or_torch_library() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert json.loads(proc.stdout.splitlines()[-1]) == []
+
+
+@pytest.mark.video
+def test_one_extraction_at_a_time_writes_into_a_directory(tmp_path: Path) -> None:
+    pytest.importorskip("mediapipe", reason="the video extra is not installed")
+    from pipeline.extract import extract_videos
+    from pipeline.files import LockHeldError, locked
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "v.mp4").write_bytes(b"")
+    with locked(tmp_path / "out" / "extract.lock"), pytest.raises(LockHeldError, match="held by another process"):
+        extract_videos([tmp_path / "v.mp4"], tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
