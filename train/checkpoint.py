@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import pickle
 import pickletools
 import re
@@ -411,5 +412,108 @@ def resume_checkpoint(run: str | Path, cfg: TrainConfig) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     if absent := [k for k in RESUME_KEYS if k not in ckpt]:
         raise CheckpointError(path, f"cannot resume without {', '.join(absent)}")
+    check_resume_state(path, ckpt)
     check_resumable(run, stored_config(run, ckpt), cfg)
     return ckpt
+
+
+class ResumeError(CheckpointError):
+    """A last.pt whose training state cannot be continued; the message names the file and the field."""
+
+    def __init__(self, path: str | Path, field: str, reason: str) -> None:
+        AslError.__init__(self, f"{path}: cannot resume from it: {field} {reason}")
+
+
+def _whole(value: Any, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _shown(value: Any) -> str:
+    return printable(repr(value), 60)
+
+
+def check_resume_state(path: str | Path, ckpt: dict[str, Any]) -> None:
+    """Refuse a last.pt whose position, scores or state of the optimizer, schedule and RNGs are not what the
+    training loop writes (types, ranges, finiteness, sizes), before any of it is used."""
+    epochs = TrainConfig.from_dict(ckpt["config"]).epochs
+    step, epoch, batch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+    if not _whole(step, 0, MAX_STEPS):
+        raise ResumeError(path, "step", f"is {_shown(step)}, not a whole number in [0, {MAX_STEPS:,}]")
+    if not _whole(epoch, 0, min(epochs, step)):
+        raise ResumeError(path, "epoch", f"is {_shown(epoch)}, not a whole number in [0, {min(epochs, step)}]")
+    if not _whole(batch, 0, step):
+        raise ResumeError(path, "batch_in_epoch", f"is {_shown(batch)}, not a whole number in [0, step {step}]")
+    best = ckpt["best_top1"]
+    if not isinstance(best, float | int) or isinstance(best, bool) or not (best == -1 or 0 <= best <= 1):
+        raise ResumeError(path, "best_top1", f"is {_shown(best)}, not a top-1 in [0, 1] (or -1: none yet)")
+    sums = ckpt.get("epoch_sums", [0.0, 0.0])
+    if not (isinstance(sums, list) and len(sums) == 2 and all(_finite_at_least_0(s) for s in sums)):
+        raise ResumeError(path, "epoch_sums", f"is {_shown(sums)}, not two finite sums >= 0")
+    for name in ("world", "workers", "ema_n_averaged"):
+        if name in ckpt and not _whole(ckpt[name], 1 if name == "world" else 0, MAX_STEPS):
+            raise ResumeError(path, name, f"is {_shown(ckpt[name])}, not a whole number in range")
+    rng = ckpt["rng"]
+    if not (isinstance(rng, list) and 1 <= len(rng) <= 1 << 16 and all(_rng_state(r) for r in rng)):
+        raise ResumeError(path, "rng", "is not a list of each rank's RNG states (uint8 tensors)")
+    trained = ckpt.get("epoch_trained")
+    if trained is not None and not (isinstance(trained, torch.Tensor) and trained.dtype == torch.uint8):
+        raise ResumeError(path, "epoch_trained", "is not a uint8 tensor")
+    for name, keys in (("optimizer", ("state", "param_groups")), ("scheduler", ("last_epoch", "base_lrs"))):
+        if not isinstance(ckpt[name], dict) or any(k not in ckpt[name] for k in keys):
+            raise ResumeError(path, name, f"state is not a dict with {', '.join(keys)}")
+    if ckpt["ema"] is not None and not isinstance(ckpt["ema"], dict):
+        raise ResumeError(path, "ema", "is neither weights nor None")
+
+
+MAX_STEPS = 1 << 40  # far above any run; below what overflows a float's exact integers
+
+
+def _finite_at_least_0(value: Any) -> bool:
+    return isinstance(value, float | int) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _rng_state(state: Any) -> bool:
+    return (
+        isinstance(state, dict)
+        and {"torch", "augment"} <= state.keys()
+        and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 for t in state.values())
+    )
+
+
+def check_resume_fit(path: str | Path, ckpt: dict[str, Any], steps_per_epoch: int, resplit: bool) -> None:
+    """Refuse a position the data cannot hold: with the same split of the epoch, the checkpoint's batch must lie
+    inside the epoch and its step where its epoch and batch put it."""
+    if resplit:
+        return
+    step, epoch, batch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+    if batch >= steps_per_epoch:
+        raise ResumeError(path, "batch_in_epoch", f"is {batch}, past the epoch's end ({steps_per_epoch} batches)")
+    if step != epoch * steps_per_epoch + batch:
+        raise ResumeError(
+            path, "step", f"is {step}, not epoch {epoch} x {steps_per_epoch} batches + batch_in_epoch {batch}"
+        )
+
+
+def restored(path: str | Path, field: str, load: Any, state: Any) -> None:
+    """`load(state)` (a load_state_dict), any failure of it one line naming the file and the field."""
+    try:
+        load(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ResumeError(path, field, f"does not fit this run ({printable(first, 200)})") from None
+
+
+def check_optimizer_fit(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    """After the optimizer took its state: every per-weight tensor has its weight's shape and is finite."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                    continue
+                if value.shape != p.shape or not torch.isfinite(value).all():
+                    raise ResumeError(
+                        path,
+                        "optimizer",
+                        f"state {printable(str(key), 40)!r} of a weight of shape {tuple(p.shape)} is "
+                        f"{tuple(value.shape)} or not finite",
+                    )
