@@ -344,8 +344,18 @@ def check_stored(path: str | Path, ckpt: dict[str, Any]) -> None:
 
 
 def build_model(cfg: TrainConfig, n_classes: int) -> SignModel:
-    """A freshly initialized model of the config's preset and overrides (refused unless within MODEL_BOUNDS)."""
-    return SignModel(checked_model_config(cfg.preset, n_classes, cfg.model))
+    """A freshly initialized model of the config's preset and overrides (refused unless within MODEL_BOUNDS);
+    a model this machine cannot allocate is a ConfigError."""
+    model_cfg = checked_model_config(cfg.preset, n_classes, cfg.model)
+    try:
+        return SignModel(model_cfg)
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError | torch.OutOfMemoryError) and "alloc" not in str(exc):
+            raise  # not a failed allocation: a bug keeps its traceback
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"the {cfg.preset!r} model with overrides {cfg.model} cannot be allocated here ({first})"
+        ) from None
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> SignModel:

@@ -9,6 +9,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import os
 import sys
 import typing
@@ -191,25 +192,19 @@ def _train_config(config: Path | None, resume: Path | None, given: dict[str, Any
     return cfg
 
 
-def _folds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        folds = parse_folds(value)
-    except ConfigError as exc:
-        raise click.BadParameter(str(exc)) from None
-    if not folds:
-        raise click.BadParameter(f"{value!r} names no fold; e.g. --folds 0 or 0,1")
-    return folds
+class FiniteFloat(click.FloatRange):
+    """A float within bounds that is also finite (a range alone lets nan through, and inf without a maximum)."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
 
 
-def _cv_folds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-    from train import cv
-
-    try:
-        return None if value is None else cv.parse_folds(value)
-    except cv.CvError as exc:
-        raise click.BadParameter(str(exc)) from None
+FOLDS = _parsed(parse_folds)  # the one fold parser, for every --folds
 
 
 @main.command("cv")
@@ -218,7 +213,7 @@ def _cv_folds(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     "--folds",
     "cv_folds",
     default=None,
-    callback=_cv_folds,
+    callback=FOLDS,
     help="The folds to run, e.g. 0,2 (default: every fold of the shards).",
 )
 @train_options
@@ -259,7 +254,7 @@ def cv_cmd(ctx: click.Context, config: Path | None, cv_folds: list[int] | None, 
     help="Shard location: a directory, URL or pipe: template (default: the one the checkpoint was trained on).",
 )
 @click.option(
-    "--folds", default=None, callback=_folds, help="Folds to evaluate (default: the checkpoint's validation folds)."
+    "--folds", default=None, callback=FOLDS, help="Folds to evaluate (default: the checkpoint's validation folds)."
 )
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option(
@@ -278,7 +273,7 @@ def cv_cmd(ctx: click.Context, config: Path | None, cv_folds: list[int] | None, 
 @click.option(
     "--cache-limit",
     default=None,
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True),
     help="GB the cache may hold (default: no limit).",
 )
 @click.option(

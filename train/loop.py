@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -257,7 +257,9 @@ def start_run(
     warmup = max(1, int(cfg.warmup * planned))
     cuda = device.type == "cuda"
     label_map = data.manifest["label_map"]
-    model = build_model(cfg, len(label_map)).to(device)
+    model = build_model(cfg, len(label_map))
+    check_max_len(model.cfg.max_len, data, cfg.shards)
+    model = model.to(device)
     if cfg.init_from and ckpt is None:  # a resumed run has its own weights
         load_initial_weights(model, cfg.init_from, label_map, cfg.new_head)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, fused=cuda or None)
@@ -283,7 +285,7 @@ def start_run(
         optimizer,
         scheduler,
         ema,
-        AugmentConfig(**cfg.augment_options),
+        augment_config(cfg.augment_options, model.cfg.max_len),
         generator,
         sums=torch.zeros(3, dtype=torch.float64, device=device),
     )
@@ -297,6 +299,24 @@ def start_run(
     if cfg.compile:
         run.net = torch.compile(run.net, dynamic=True)
     return run
+
+
+def check_max_len(max_len: int, data: Data, shards: str) -> None:
+    """Refuse a model whose max_len is below the longest sequence of the folds it trains and validates on."""
+    folds = {*data.train_folds, *data.val_folds}
+    entries = [e for e in data.manifest["shards"] if e["fold"] in folds]
+    longest = max((max(e["lengths"], default=0) for e in entries), default=0)
+    if longest > max_len:
+        raise ConfigError(
+            f"{printable(shards)} holds sequences of up to {longest} frames, more than the model's max_len {max_len} "
+            f"(model.max_len in the config); set it to {longest} or more"
+        )
+
+
+def augment_config(options: dict[str, Any], max_len: int) -> AugmentConfig:
+    """The augmentation of `options`, never resampling a sequence past the model's `max_len`."""
+    aug = AugmentConfig(**options)
+    return replace(aug, max_len=max_len) if aug.max_len > max_len else aug
 
 
 def _restore(run: Run, ckpt: dict[str, Any], warmup: int, stream: ShardStream, path: Path) -> None:

@@ -23,7 +23,7 @@ from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.config import ConfigError, TrainConfig
 from train.data import Decoded, checked, collate, make_loader
 from train.distributed import autocast, resolve_device
-from train.ensemble import EnsembleScorer, ensemble_of, shared_label_map
+from train.ensemble import EnsembleScorer, ensemble_of, shared_label_map, shared_max_len
 
 MAX_LIST_BYTES = 256 << 20  # an @LIST of every Kaggle file is about 5 MB
 LIST_PREFIX = "@"  # `@paths.txt` on the command line: the parquet paths listed in paths.txt
@@ -95,7 +95,9 @@ class Members:
     label_map: dict[str, int]
 
     def models(self, use_ema: bool = True) -> list[torch.nn.Module]:
-        return [model_from_checkpoint(c, use_ema) for c in self.checkpoints]
+        models = [model_from_checkpoint(c, use_ema) for c in self.checkpoints]
+        shared_max_len([(str(p), m.cfg.max_len) for p, m in zip(self.paths, models, strict=True)])
+        return models
 
     def configs(self) -> list[TrainConfig]:
         return [TrainConfig.from_dict(c["config"]) for c in self.checkpoints]
