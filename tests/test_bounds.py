@@ -19,7 +19,7 @@ from train.cli import main as train_cli
 from train.config import ConfigError, TrainConfig, parse_folds
 from train.ensemble import EnsembleError, EnsembleModel
 from train.loop import augment_config
-from train.predict import load_members
+from train.scoring import load_members
 
 OLD = Path(__file__).parent / "data" / "checkpoint-format-1.pt"
 

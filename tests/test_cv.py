@@ -33,7 +33,7 @@ from train.cv import (
     summary_text,
     write_cv,
 )
-from train.predict import evaluation_scores
+from train.scoring import evaluation_scores
 
 SIGNS = ["apple", "bird", "cloud", "dog", "eat", "fish", "go"]
 LABEL_MAP = {s: i for i, s in enumerate(SIGNS)}

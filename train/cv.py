@@ -21,6 +21,7 @@ import polars as pl
 from pipeline.errors import AslError
 from pipeline.files import write_atomic, write_json_atomic
 from pipeline.shards import read_manifest
+from pipeline.text import printable
 
 if TYPE_CHECKING:
     from train.config import TrainConfig
@@ -185,7 +186,8 @@ def summary_text(report: dict[str, Any], worst: int = 5) -> str:
     )
     for title, groups in (("participants", report["participants"]), ("signs", report["signs"])):
         lowest = sorted(groups.items(), key=lambda kv: (kv[1]["top1"], kv[0]))[:worst]
-        lines.append(f"worst {title}: " + ", ".join(f"{k} {v['top1']:.3f} (n={v['samples']})" for k, v in lowest))
+        named = ", ".join(f"{printable(k, 60)} {v['top1']:.3f} (n={v['samples']})" for k, v in lowest)
+        lines.append(f"worst {title}: {named}")
     return "\n".join(lines)
 
 
@@ -286,7 +288,7 @@ def finished_folds(out: Path, folds: Sequence[int], cfg: TrainConfig) -> list[in
 
 def fold_predictions(checkpoint: str | Path, fold: int, shards: str, device: str = "auto") -> pl.DataFrame:
     """The out-of-fold rows of one fold: `checkpoint` scored on `fold` in the batches `evaluate` forms."""
-    from train.predict import evaluation_scores
+    from train.scoring import evaluation_scores
 
     scores, members, _ = evaluation_scores(checkpoint, shards, [fold], device)
     names = np.array(sorted(members.label_map, key=members.label_map.get), dtype=object)

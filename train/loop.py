@@ -45,10 +45,10 @@ from train.data import ShardStream, make_loader, train_val_folds
 from train.distributed import agreed_batches, autocast, first_error, gathered_rng, restore_rng, setup_distributed
 from train.model import SignModel, count_parameters, late_dropout_rate
 from train.optim import AWP, make_optimizer
-from train.predict import predict_batches
 from train.report import Reporters, check_backends, open_reporters
 from train.resplit import pack_trained, unpack_trained
 from train.runfiles import RunDirError, append_metrics, check_new_run, open_run_dir, plot_curves, run_lock
+from train.scoring import predict_batches
 
 log = logging.getLogger(__name__)
 
