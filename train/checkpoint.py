@@ -490,15 +490,16 @@ def _rng_state(state: Any) -> bool:
     )
 
 
-def check_resume_fit(path: str | Path, ckpt: dict[str, Any], steps_per_epoch: int, resplit: bool) -> None:
-    """Refuse a position the data cannot hold: with the same split of the epoch, the checkpoint's batch must lie
-    inside the epoch and its step where its epoch and batch put it."""
+def check_resume_fit(path: str | Path, ckpt: dict[str, Any], steps_per_epoch: int, resplit: bool, same: bool) -> None:
+    """Refuse a position the data cannot hold: unless the epoch is resplit (its position then comes from the
+    samples trained), the checkpoint's batch must lie inside the epoch; under the same ranks and workers as
+    wrote it, its step must also be where its epoch and batch put it."""
     if resplit:
         return
     step, epoch, batch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
     if batch >= steps_per_epoch:
         raise ResumeError(path, "batch_in_epoch", f"is {batch}, past the epoch's end ({steps_per_epoch} batches)")
-    if step != epoch * steps_per_epoch + batch:
+    if same and step != epoch * steps_per_epoch + batch:
         raise ResumeError(
             path, "step", f"is {step}, not epoch {epoch} x {steps_per_epoch} batches + batch_in_epoch {batch}"
         )

@@ -337,7 +337,8 @@ def _restore(run: Run, ckpt: dict[str, Any], warmup: int, stream: ShardStream, p
         resplit = _resplit(run, ckpt, stream)
     except ValueError as exc:  # a trained-sample record of another size
         raise ResumeError(path, "epoch_trained", str(exc)) from None
-    check_resume_fit(path, ckpt, run.steps_per_epoch, resplit)
+    same_split = ckpt.get("world", run.world) == run.world and ckpt.get("workers", run.cfg.workers) == run.cfg.workers
+    check_resume_fit(path, ckpt, run.steps_per_epoch, resplit, same_split)
     if not resplit:
         restored(path, "rng", lambda rng: restore_rng(rng, run.rank, run.world, run.generator, run.device), ckpt["rng"])
     if run.master and "epoch_sums" in ckpt:  # summed over every rank: one rank carries them, the reduction adds
