@@ -129,3 +129,29 @@ def test_a_max_len_below_the_datas_lengths_is_one_line_before_training(tmp_path:
         f"(model.max_len in the config); set it to {longest} or more"
     )
     assert not (out / "last.pt").exists() and not (out / "metrics.jsonl").exists()
+
+    cfg = TrainConfig(preset="tiny", shards=str(shards), model={"max_len": longest - 1}, workers=0)
+    short = tmp_path / "short.pt"
+    manifest = json.loads((shards / "manifest.json").read_text())
+    save_checkpoint(
+        short,
+        {"model": build_model(cfg, 3).state_dict(), "config": asdict(cfg), "label_map": manifest["label_map"]},
+    )
+    folds = sorted(e["fold"] for e in manifest["shards"] if longest in e["lengths"])[:1]
+    line = _one_line(["evaluate", "--checkpoint", str(short), "--folds", str(folds[0]), "--device", "cpu"], 1)
+    assert line == (
+        f"Error: {short} takes sequences of up to {longest - 1} frames (its max_len); folds {folds[0]} of {shards} "
+        f"hold some of {longest}"
+    )
+
+
+def test_predict_truncates_a_long_file_at_the_models_max_len(tmp_path: Path) -> None:
+    """A 30-frame file and a model of max_len 20: scored on its first 20 frames, as the exported graph does."""
+    sample = SAMPLE_ROOT / "22343" / "239181.parquet"
+    if not sample.exists():
+        pytest.skip("shared sample data not found")
+    short = _tiny(tmp_path / "short.pt", max_len=20)
+    result = CliRunner().invoke(train_cli, ["predict", "--checkpoint", str(short), "--format", "json", str(sample)])
+    assert result.exit_code == 0, result.output
+    top = json.loads(result.output)["top"]
+    assert len(top) == 3 and sum(p for _, p in top) == pytest.approx(1.0, abs=1e-5)

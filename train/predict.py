@@ -64,7 +64,7 @@ class CheckpointScorer:
     def probabilities(self, sequences: list[np.ndarray]) -> np.ndarray:
         samples = []
         for xyz in sequences:
-            compact, missing = compact_features(xyz)
+            compact, missing = compact_features(xyz, self.model.cfg.max_len)  # truncated as the export truncates
             samples.append(Decoded(compact, pack_missing(missing), 0, ""))
         _, logits = next(predict_batches(self.model, [collate(samples)], self.device))
         return torch.softmax(logits, dim=-1).cpu().numpy()

@@ -125,6 +125,12 @@ def evaluation_scores(
     if manifest["label_map"] != members.label_map:
         raise ShardError(f"{shards}: its label map is not the one {first} was trained with")
     model = ensemble_of(members.models()).to(dev)
+    longest = max((max(e["lengths"], default=0) for e in manifest["shards"] if e["fold"] in folds), default=0)
+    if longest > model.cfg.max_len:
+        raise ConfigError(
+            f"{first} takes sequences of up to {model.cfg.max_len} frames (its max_len); folds "
+            f"{','.join(map(str, folds))} of {shards} hold some of {longest}"
+        )
     loader = make_loader(
         shards,
         folds,
