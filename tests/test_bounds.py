@@ -155,3 +155,24 @@ def test_predict_truncates_a_long_file_at_the_models_max_len(tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     top = json.loads(result.output)["top"]
     assert len(top) == 3 and sum(p for _, p in top) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--workers", "100000"],
+        ["--batch-size", "1000000000"],
+        ["evaluate", "--checkpoint", str(OLD), "--workers", "1000000"],
+        ["evaluate", "--checkpoint", str(OLD), "--batch-size", "1000000000"],
+    ],
+)
+def test_options_that_size_processes_or_memory_have_upper_bounds(args: list[str]) -> None:
+    line = _one_line(args, 2)
+    assert "is not in the range" in line and ("<=256" in line or "<=65536" in line)
+
+
+def test_a_config_file_over_the_bounds_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text('{"workers": 100000}')
+    with pytest.raises(ConfigError, match="workers 100000 is above its maximum 256"):
+        TrainConfig.from_json(path)

@@ -24,7 +24,17 @@ from click.core import ParameterSource
 from pipeline.errors import AslError, one_line
 from pipeline.location import stop_commands_on_signals
 from pipeline.text import printable
-from train.config import RESUMABLE, ConfigError, OptionsError, TrainConfig, flag, parse_folds, with_options
+from train.config import (
+    MAX_BATCH,
+    MAX_WORKERS,
+    RESUMABLE,
+    ConfigError,
+    OptionsError,
+    TrainConfig,
+    flag,
+    parse_folds,
+    with_options,
+)
 from train.runfiles import run_summary
 
 
@@ -312,10 +322,10 @@ def cv_cmd(ctx: click.Context, config: Path | None, cv_folds: list[int] | None, 
 @click.option(
     "--workers",
     default=None,
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=MAX_WORKERS),
     help="DataLoader workers (default: the run's, so that batches, and so every number, match its validation).",
 )
-@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Default: the run's.")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1, max=MAX_BATCH), help="Default: the run's.")
 @click.option(
     "--cache-dir",
     default=None,

@@ -86,6 +86,10 @@ def parse_report_to(value: str) -> list[str]:
     return names
 
 
+# Upper bounds of options that size memory or processes: far above any useful value.
+MAX_BATCH = 1 << 16
+MAX_WORKERS = 256
+
 MAX_CONFIG_BYTES = 1 << 20  # a config file of every option is about 2 KB
 
 MODEL_KEYS = {
@@ -168,7 +172,7 @@ class TrainConfig:
         min=1,
         resumable=True,
     )
-    batch_size: int = option(64, "Per rank.", min=1)
+    batch_size: int = option(64, "Per rank.", min=1, max=MAX_BATCH)
     lr: float = option(1e-3, "Peak learning rate.", min=0, max=10)
     weight_decay: float = option(0.05, "Weight decay (decoupled from the gradient, as in AdamW).", min=0, max=10)
     warmup: float = option(0.1, "Warmup fraction: the share of all steps spent warming up.", min=0, max=1)
@@ -184,7 +188,7 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model.")
     bucket: bool = option(True, "Length bucketing (--no-bucket: pad every batch to 384 frames).")
     device: str = option("auto", "Where to train.", choices=["auto", "cpu", "cuda"])
-    workers: int = option(2, "DataLoader workers.", min=0, resumable=True)
+    workers: int = option(2, "DataLoader workers.", min=0, max=MAX_WORKERS, resumable=True)
     seed: int = option(
         0, "Seed of the weights' initialization, the data order and the augmentations.", min=0, max=2**32 - 1
     )
