@@ -468,9 +468,11 @@ def check_resume_state(path: str | Path, ckpt: dict[str, Any]) -> None:
     trained = ckpt.get("epoch_trained")
     if trained is not None and not (isinstance(trained, torch.Tensor) and trained.dtype == torch.uint8):
         raise ResumeError(path, "epoch_trained", "is not a uint8 tensor")
-    for name, keys in (("optimizer", ("state", "param_groups")), ("scheduler", ("last_epoch", "base_lrs"))):
-        if not isinstance(ckpt[name], dict) or any(k not in ckpt[name] for k in keys):
-            raise ResumeError(path, name, f"state is not a dict with {', '.join(keys)}")
+    if not isinstance(ckpt["optimizer"], dict):  # its keys are the optimizer's (Lookahead nests another's)
+        raise ResumeError(path, "optimizer", "state is not a dict")
+    keys = ("last_epoch", "base_lrs")
+    if not isinstance(ckpt["scheduler"], dict) or any(k not in ckpt["scheduler"] for k in keys):
+        raise ResumeError(path, "scheduler", f"state is not a dict with {', '.join(keys)}")
     if ckpt["ema"] is not None and not isinstance(ckpt["ema"], dict):
         raise ResumeError(path, "ema", "is neither weights nor None")
 
@@ -515,7 +517,10 @@ def restored(path: str | Path, field: str, load: Any, state: Any) -> None:
 
 
 def check_optimizer_fit(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
-    """After the optimizer took its state: every per-weight tensor has its weight's shape and is finite."""
+    """After the optimizer took its state: every per-weight tensor has its weight's shape and is finite (in an
+    optimizer it wraps too, as Lookahead wraps RAdam)."""
+    if isinstance(inner := getattr(optimizer, "inner", None), torch.optim.Optimizer):
+        check_optimizer_fit(path, inner)
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
