@@ -387,6 +387,7 @@ def test_a_stop_in_a_later_fold_and_a_rerun_give_the_same_report(
     assert (out / "oof.csv").read_bytes() == (reference / "oof.csv").read_bytes()
 
 
+@pytest.mark.slow  # the cv fixture trains
 def test_a_cv_of_one_fold_keeps_the_folds_an_earlier_run_finished(cv_run: dict, tmp_path: Path) -> None:
     """`cv --folds 2` into a directory whose folds 0..4 are finished: nothing trains, and cv.json and oof.csv
     still hold every finished fold (never only fold 2)."""

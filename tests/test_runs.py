@@ -178,6 +178,7 @@ def test_evaluate_json_holds_the_numbers_of_the_text(logged: tuple[Path, str, li
     assert sum(c["count"] for c in report["confused_pairs"]) <= wrong
 
 
+@pytest.mark.slow  # the run fixture trains
 def test_evaluate_notes_folds_the_model_trained_on(logged: tuple[Path, str, list[str]]) -> None:
     out, _, _ = logged
     args = ["evaluate", "--checkpoint", str(out / "best.pt"), "--device", "cpu"]
