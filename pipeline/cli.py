@@ -13,7 +13,7 @@ import click
 from tqdm import tqdm
 
 from pipeline import build as build_mod
-from pipeline.errors import AslError
+from pipeline.errors import AslError, one_line
 from pipeline.features import MAX_LEN
 from pipeline.location import MIN_RATE, STALL_S, stop_commands_on_signals
 from pipeline.read import clip
@@ -21,13 +21,21 @@ from pipeline.shards import MANIFEST, as_location, manifest_stats, manifest_tota
 
 
 class _Group(click.Group):
-    """A command group that prints a user error (`AslError`) as one line, exit status 1; a bug keeps its traceback."""
+    """A command group that prints a user error (`AslError`, `OSError`: a closed or full stdout too) as one line,
+    exit status 1 (`pipeline.errors.one_line`); a bug keeps its traceback."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, **kwargs)
+        except OSError as exc:  # while click printed help or a usage error to a closed or full stdout
+            click.echo(f"Error: {one_line(exc)}", err=True)
+            sys.exit(1)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except AslError as exc:
-            raise click.ClickException(str(exc)) from None
+        except (AslError, OSError) as exc:
+            raise click.ClickException(one_line(exc)) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -6,6 +6,9 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import signal
+import subprocess
+import sys
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -131,7 +134,9 @@ def test_a_fifo_and_an_oversized_file_are_refused_without_reading(
     with pytest.raises(CheckpointError, match="not a regular file"):
         load_checkpoint("/dev/zero")
     monkeypatch.setattr(train.checkpoint, "MAX_CHECKPOINT_BYTES", OLD.stat().st_size - 1)
-    with pytest.raises(CheckpointError, match=f"{OLD.stat().st_size:,} bytes, over the limit"):
+    with pytest.raises(
+        CheckpointError, match=r"not an asl-train checkpoint: file of [0-9.]+ MB is over the [0-9.]+ MB limit$"
+    ):
         load_checkpoint(OLD)
 
 
@@ -181,3 +186,96 @@ def test_commands_refuse_a_crafted_checkpoint_in_one_line(tmp_path: Path) -> Non
             assert result.exit_code == 1, result.output
             assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
             assert f"{checkpoint}: not an asl-train checkpoint" in result.output
+
+
+def _marks_after_tuples(tuples: int, pairs: int) -> bytes:
+    """`tuples` empty tuples left on the stack, then `pairs` MARK, POP_MARK pairs: quadratic for a scan that
+    looks for each mark from the top of a copy of the stack."""
+    return b"\x80\x02" + b")" * tuples + b"(1" * pairs + b")."
+
+
+def test_the_scan_is_linear_in_many_marks_over_a_deep_stack() -> None:
+    data = _marks_after_tuples(300_000, 800_000)
+    opcodes = 300_000 + 2 * 800_000 + 3
+    work = scan_pickle("x", data)  # under the opcode budget: scanned whole
+    assert opcodes <= work <= 2 * opcodes
+
+
+def test_a_million_mark_pairs_are_refused_at_the_opcode_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    pop_to_mark = train.checkpoint._Stack.pop_to_mark
+    monkeypatch.setattr(train.checkpoint._Stack, "pop_to_mark", lambda self: calls.append(1) or pop_to_mark(self))
+    with pytest.raises(CheckpointError, match=r"its pickle has more than 2,000,000 opcodes"):
+        scan_pickle("x", _marks_after_tuples(300_000, 1_000_000))
+    # PROTO and the tuples are 300,001 opcodes; the 2,000,001st, refused, is the 850,000th POP_MARK
+    assert len(calls) == 849_999
+
+
+def test_a_zip_with_two_pickles_of_one_name_is_refused(tmp_path: Path) -> None:
+    """One reader takes the first, another the last: the scan and the load would see different pickles."""
+    good = pickle.dumps({"model": {}}, protocol=2)
+    buf = io.BytesIO(_archive(good))
+    with zipfile.ZipFile(buf, "a") as z, pytest.warns(UserWarning, match="Duplicate name"):
+        z.writestr("archive/data.pkl", _shared_tuples(40))
+    with pytest.raises(CheckpointError, match=r"member 'archive/data\.pkl' appears twice$"):
+        load_checkpoint(_write(tmp_path, buf.getvalue()))
+
+
+def test_torch_loads_the_members_the_gate_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What torch.load receives is an archive rebuilt from the members read and scanned, byte for byte."""
+    path = tmp_path / "new.pt"
+    save_checkpoint(path, _tiny_checkpoint())
+    received = []
+    real_load = train.checkpoint.torch.load
+    monkeypatch.setattr(
+        train.checkpoint.torch, "load", lambda f, **kw: received.append(f.getvalue()) or real_load(f, **kw)
+    )
+    load_checkpoint(path)
+    with zipfile.ZipFile(path) as original, zipfile.ZipFile(io.BytesIO(received[0])) as loaded:
+        assert sorted(loaded.namelist()) == sorted(original.namelist())
+        assert all(loaded.read(name) == original.read(name) for name in original.namelist())
+
+
+def test_a_state_dict_of_millions_of_keys_is_refused_before_unpickling(tmp_path: Path) -> None:
+    data = _archive(pickle.dumps({"model": dict.fromkeys(range(3_000_000), 0)}, protocol=2))
+    with pytest.raises(
+        CheckpointError, match=r"x\.pt: not an asl-train checkpoint: its pickle has more than 2,000,000"
+    ):
+        load_checkpoint(_write(tmp_path, data))
+
+
+def test_more_tensors_than_the_budget_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "new.pt"
+    ckpt = _tiny_checkpoint()
+    save_checkpoint(path, ckpt)
+    monkeypatch.setattr(train.checkpoint, "MAX_TENSORS", len(ckpt["model"]) - 1)
+    with pytest.raises(CheckpointError, match=f"it holds more than {len(ckpt['model']) - 1:,} tensors$"):
+        load_checkpoint(path)
+    monkeypatch.setattr(train.checkpoint, "MAX_TENSORS", len(ckpt["model"]))
+    assert load_checkpoint(path)["label_map"] == ckpt["label_map"]
+
+
+_STUCK_IN_C = """
+import sys, torch, train.checkpoint
+from pipeline.location import stop_commands_on_signals
+stop_commands_on_signals()  # the Python handlers the command lines install
+def load(*args, **kwargs):
+    print("loading", flush=True)
+    return sum(range(10**13))  # C code that never returns to the interpreter to run a Python handler
+torch.load = load
+train.checkpoint.load_checkpoint(sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_ends_a_load_at_once(signum: int) -> None:
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_IN_C, str(OLD)], cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "loading\n"
+        proc.send_signal(signum)
+        assert proc.wait(timeout=120) == -signum
+    finally:
+        proc.kill()
+        proc.wait()

@@ -19,7 +19,7 @@ from pipeline.shards import read_manifest
 from train import loop
 from train.checkpoint import build_model
 from train.cli import main as train_cli
-from train.config import TrainConfig
+from train.config import TrainConfig, parse_folds
 from train.cv import (
     FINISHED,
     NEW,
@@ -28,13 +28,12 @@ from train.cv import (
     cv_folds,
     cv_report,
     fold_state,
-    parse_folds,
     predictions_table,
     read_oof,
     summary_text,
     write_cv,
 )
-from train.predict import evaluation_scores
+from train.scoring import evaluation_scores
 
 SIGNS = ["apple", "bird", "cloud", "dog", "eat", "fish", "go"]
 LABEL_MAP = {s: i for i, s in enumerate(SIGNS)}
@@ -160,6 +159,8 @@ def test_parse_folds(text: str, folds: list[int]) -> None:
         ("a", "expected fold numbers"),
         ("-1", "expected fold numbers"),
         ("1,1", "named twice"),
+        ("²", "expected fold numbers"),
+        ("1,٣", "expected fold numbers"),
     ],
 )
 def test_parse_folds_refuses(text: str, message: str) -> None:
@@ -380,6 +381,20 @@ def test_a_stop_in_a_later_fold_and_a_rerun_give_the_same_report(
     assert (stopped["step"], stopped["epoch"]) == (2, 0) and stopped["batch_in_epoch"] == 2  # resumes mid-epoch
 
     monkeypatch.setattr(loop, "_step", step)
+    result = CliRunner().invoke(train_cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "cv.json").read_text()) == json.loads((reference / "cv.json").read_text())
+    assert (out / "oof.csv").read_bytes() == (reference / "oof.csv").read_bytes()
+
+
+@pytest.mark.slow  # the cv fixture trains
+def test_a_cv_of_one_fold_keeps_the_folds_an_earlier_run_finished(cv_run: dict, tmp_path: Path) -> None:
+    """`cv --folds 2` into a directory whose folds 0..4 are finished: nothing trains, and cv.json and oof.csv
+    still hold every finished fold (never only fold 2)."""
+    reference, out = cv_run["out"], tmp_path / "cv"
+    for k in range(5):
+        shutil.copytree(reference / f"fold{k}", out / f"fold{k}")
+    args = ["cv", "--shards", str(cv_run["shards"]), "--out", str(out), "--folds", "2", *CV_ARGS]
     result = CliRunner().invoke(train_cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "cv.json").read_text()) == json.loads((reference / "cv.json").read_text())

@@ -183,3 +183,23 @@ def test_awp_on_the_sign_model_restores_it_and_raises_the_loss() -> None:
     assert adv.item() > clean.item()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s["slow"].__setitem__(0, torch.zeros(1)), "slow weights of other shapes"),
+        (lambda s: s.__setitem__("steps", -1), "a step count below 0"),
+        (lambda s: s.__setitem__("steps", 2.5), "a step count below 0"),
+    ],
+)
+def test_lookahead_refuses_a_state_that_would_broadcast_or_count_back(change, message: str) -> None:
+    """A slow tensor of shape (1,) would be broadcast into every weight by copy_: refused, nothing changed."""
+    net = nn.Linear(3, 2)
+    look = Lookahead(torch.optim.SGD(net.parameters(), lr=0.1), k=3, alpha=0.5)
+    state = look.state_dict()
+    before = [s.clone() for s in look.slow]
+    change(state)
+    with pytest.raises(ValueError, match=message):
+        look.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(before, look.slow, strict=True))

@@ -178,6 +178,22 @@ def test_evaluate_json_holds_the_numbers_of_the_text(logged: tuple[Path, str, li
     assert sum(c["count"] for c in report["confused_pairs"]) <= wrong
 
 
+@pytest.mark.slow  # the run fixture trains
+def test_evaluate_notes_folds_the_model_trained_on(logged: tuple[Path, str, list[str]]) -> None:
+    out, _, _ = logged
+    args = ["evaluate", "--checkpoint", str(out / "best.pt"), "--device", "cpu"]
+    held_out = CliRunner().invoke(train_cli, args)
+    assert held_out.exit_code == 0 and "note:" not in held_out.output
+    assert json.loads(CliRunner().invoke(train_cli, [*args, "--format", "json"]).output)["trained_folds"] == []
+    seen = CliRunner().invoke(train_cli, [*args, "--folds", "2,0,1"])  # trained on folds 1 and 2 (validated on 0)
+    assert seen.exit_code == 0, seen.output
+    lines = seen.output.splitlines()
+    assert lines[1].startswith("folds [2, 0, 1]: ")
+    assert lines[2] == "note: the model trained on fold(s) 2,1: these scores are not held out"
+    report = json.loads(CliRunner().invoke(train_cli, [*args, "--folds", "2,0,1", "--format", "json"]).output)
+    assert report["trained_folds"] == [2, 1]
+
+
 def test_config_reruns_the_experiment_exactly(logged: tuple[Path, str, list[str]], tmp_path: Path) -> None:
     out, _, _ = logged
     again = tmp_path / "again"

@@ -7,22 +7,26 @@ in those the training loop writes, which a resumed run needs.
 
 from __future__ import annotations
 
+import contextlib
 import io
-import os
+import math
 import pickle
 import pickletools
 import re
-import stat
+import signal
+import threading
 import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
 import torch
-from torch._weights_only_unpickler import _get_allowed_globals
 
 from pipeline.errors import AslError
 from pipeline.files import write_atomic
+from pipeline.read import InputFileError, read_file
+from pipeline.text import printable
 from train.config import MODEL_BOUNDS, ConfigError, OptionsError, TrainConfig, checked_model_config, fixed_options
 from train.model import SignModel
 
@@ -40,6 +44,14 @@ MAX_CHECKPOINT_BYTES = 8 << 30
 MAX_PICKLE_BYTES = 64 << 20
 MAX_PICKLE_OBJECTS = 10_000_000  # objects of the pickle with every shared one counted wherever it is used
 MAX_PICKLE_DEPTH = 64
+# A default-preset last.pt (model, EMA, optimizer state) has ~15,000 opcodes and ~900 tensors: the budgets bound
+# the scan's time and what a state dict of millions of keys would cost torch to unpickle and the model to check.
+MAX_PICKLE_OPS = 2_000_000
+MAX_TENSORS = 100_000
+# The globals torch.save writes for the dicts of tensors and numbers a checkpoint holds (any torch.*Storage too);
+# torch's own `weights_only` allowlist is wider, and its list is not public API.
+REBUILD_TENSOR = "torch._utils._rebuild_tensor_v2"
+TORCH_GLOBALS = frozenset({"collections.OrderedDict", REBUILD_TENSOR})
 # The members torch.save writes under the archive's one top-level folder.
 MEMBER = re.compile(r"(data\.pkl|version|byteorder|\.format_version|\.storage_alignment|\.data/[\w.]+|data/\w+)")
 # Opcodes that change an object already on the stack: a pickler applies them only to the object it just made.
@@ -63,12 +75,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A checkpoint loaded with `weights_only=True` and checked: its model can be built and takes its weights.
 
-    Before unpickling, the file's structure passes `checked_file`; before any model is built, its
+    Before unpickling, the file's structure passes `checked_archive`; before any model is built, its
     stored config and label map pass `check_stored`. Anything else (an empty, truncated or foreign
     file, or one holding Python objects, which `weights_only` refuses to unpickle) is a CheckpointError.
     """
-    with checked_file(path) as f:
-        ckpt = _unpickled(path, f, map_location)
+    ckpt = _unpickled(path, checked_archive(path), map_location)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
         # only short string keys are named: printing or sorting arbitrary keys can take unbounded time
         have = sorted(k for k in ckpt if isinstance(k, str) and len(k) < 40)[:8] if isinstance(ckpt, dict) else None
@@ -83,58 +94,57 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def checked_file(path: str | Path) -> IO[bytes]:
-    """The checkpoint file opened, once it is known to be a torch zip archive whose pickle `scan_pickle` accepts.
+def checked_archive(path: str | Path) -> io.BytesIO:
+    """The checkpoint rebuilt from exactly the members the gate read: its zip layout checked, its pickle scanned.
 
-    A regular file (a FIFO would block) of at most MAX_CHECKPOINT_BYTES; the members torch writes,
-    uncompressed (what the zip declares cannot inflate), in one folder.
+    The file is read once through the pipeline's input gate (a regular file, opened without blocking,
+    of at most MAX_CHECKPOINT_BYTES); the members torch writes, uncompressed, in one folder, each name once.
+    torch then loads the rebuilt archive, so what it unpickles is the pickle `scan_pickle` accepted,
+    whatever another zip reader would have made of the file.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise CheckpointError(path, "no such file") from None
-    except OSError as exc:
-        raise CheckpointError(path, f"cannot open it ({exc.strerror or exc})") from None
-    f = os.fdopen(fd, "rb")
+        data = read_file(path, MAX_CHECKPOINT_BYTES)
+    except InputFileError as exc:
+        raise CheckpointError(path, exc.reason.removesuffix(" (--max-file-mb)")) from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(path, "not a regular file")
-        if st.st_size > MAX_CHECKPOINT_BYTES:
-            raise CheckpointError(path, f"{st.st_size:,} bytes, over the limit of {MAX_CHECKPOINT_BYTES:,}")
-        try:
-            with zipfile.ZipFile(f) as z:
-                scan_pickle(path, _pickle_of(path, z.infolist(), st.st_size, z))
-        except CheckpointError:
-            raise
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise CheckpointError(path, f"empty, truncated or not a torch file ({type(exc).__name__})") from None
-        f.seek(0)
-        return f
-    except BaseException:
-        f.close()
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            members = _torch_members(path, z.infolist(), len(data))
+            scan_pickle(path, z.read(members["data.pkl"]))
+            out = io.BytesIO()
+            with zipfile.ZipFile(out, "w") as rebuilt:
+                for m in members.values():
+                    rebuilt.writestr(m.filename, z.read(m))  # zipfile checks each member's CRC
+    except CheckpointError:
         raise
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as exc:
+        raise CheckpointError(path, f"empty, truncated or not a torch file ({type(exc).__name__})") from None
+    out.seek(0)
+    return out
 
 
-def _pickle_of(path: str | Path, members: list[zipfile.ZipInfo], size: int, z: zipfile.ZipFile) -> bytes:
-    """The bytes of the archive's data.pkl, once its members are torch's, stored, and fit in the file."""
+def _torch_members(path: str | Path, members: list[zipfile.ZipInfo], size: int) -> dict[str, zipfile.ZipInfo]:
+    """The archive's members by their name inside its one folder, once they are torch's, stored, named once, and
+    fit in the file; a data.pkl among them of at most MAX_PICKLE_BYTES."""
     folders = {m.filename.split("/", 1)[0] for m in members}
     if len(folders) != 1:
         raise CheckpointError(path, f"its members lie in {len(folders)} folders, not one")
     folder = folders.pop()
+    named: dict[str, zipfile.ZipInfo] = {}
     for m in members:
         name = m.filename[len(folder) + 1 :]
         if not MEMBER.fullmatch(name):
-            raise CheckpointError(path, f"a member torch does not write: {m.filename[:100]!r}")
+            raise CheckpointError(path, f"a member torch does not write: {printable(m.filename, 100)!r}")
         if m.compress_type != zipfile.ZIP_STORED or m.file_size > size:
-            raise CheckpointError(path, f"member {m.filename[:100]!r} is compressed or larger than the file")
-    names = {m.filename: m for m in members}
-    pkl = names.get(f"{folder}/data.pkl")
+            raise CheckpointError(path, f"member {printable(m.filename, 100)!r} is compressed or larger than the file")
+        if name in named:  # zip readers differ in which of two same-named members they take
+            raise CheckpointError(path, f"member {printable(m.filename, 100)!r} appears twice")
+        named[name] = m
+    pkl = named.get("data.pkl")
     if pkl is None:
         raise CheckpointError(path, "no data.pkl in the archive")
     if pkl.file_size > MAX_PICKLE_BYTES:
         raise CheckpointError(path, f"its pickle of {pkl.file_size:,} bytes is over the limit of {MAX_PICKLE_BYTES:,}")
-    return z.read(pkl)
+    return named
 
 
 class _Node:
@@ -147,64 +157,110 @@ class _Node:
         self.size, self.depth, self.shared, self.value = size, depth, False, value
 
 
-def scan_pickle(path: str | Path, data: bytes) -> None:
-    """Refuse a pickle that would run code or take long to unpickle or walk, without unpickling it.
+class _Stack:
+    """The unpickler's stack as the scan models it, with the positions of its MARKs, so that popping to a mark
+    costs what it pops (finding the mark by a search from the top made a pickle of many objects and then many
+    MARK, POP_MARK pairs quadratic); `work` counts the opcodes and the entries moved."""
 
-    Walks the opcodes on a model of the unpickler's stack and memo: globals outside torch's
-    `weights_only` allowlist, objects nesting deeper than MAX_PICKLE_DEPTH, more than MAX_PICKLE_OBJECTS
-    objects in all (shared ones counted each time they are used: the work of hashing, comparing or
-    printing them), and shared objects changed after being shared (no pickler writes that) are refused.
+    def __init__(self) -> None:
+        self.items: list[_Node | None] = []  # None: a MARK
+        self.marks: list[int] = []
+        self.work = 0
+
+    def push(self, node: _Node | None) -> None:
+        if node is None:
+            self.marks.append(len(self.items))
+        self.items.append(node)
+
+    def pop(self) -> _Node:
+        node = self.items.pop()
+        if node is None:
+            raise ValueError("a MARK where an object was expected")
+        self.work += 1
+        return node
+
+    def top(self) -> _Node:
+        node = self.items[-1]
+        if node is None:
+            raise ValueError("a MARK where an object was expected")
+        return node
+
+    def pop_to_mark(self) -> list[_Node]:
+        i = self.marks.pop()
+        popped = self.items[i + 1 :]
+        del self.items[i:]
+        self.work += len(popped) + 1
+        return popped  # type: ignore[return-value]
+
+
+def scan_pickle(path: str | Path, data: bytes) -> int:
+    """Refuse a pickle that would run code or take long to unpickle or walk, without unpickling it; the work done.
+
+    Walks the opcodes on a model of the unpickler's stack and memo, in time linear in the pickle's size:
+    globals outside TORCH_GLOBALS, more than MAX_PICKLE_OPS opcodes or MAX_TENSORS tensors, objects
+    nesting deeper than MAX_PICKLE_DEPTH, more than MAX_PICKLE_OBJECTS objects in all (shared ones counted
+    each time they are used: the work of hashing, comparing or printing them), and shared objects changed
+    after being shared (no pickler writes that) are refused. The work returned counts the opcodes read
+    and the stack entries moved: at most a small multiple of the opcodes.
     """
-    allowed = set(_get_allowed_globals())
-    stack: list[_Node | None] = []  # None: a MARK
+    stack = _Stack()
     memo: dict[int, _Node] = {}
-    total = 0
+    total = ops = tensors = 0
     try:
         for op, arg, _ in pickletools.genops(data):
+            ops += 1
+            stack.work += 1
+            if ops > MAX_PICKLE_OPS:
+                raise CheckpointError(
+                    path, f"its pickle has more than {MAX_PICKLE_OPS:,} opcodes (a checkpoint of this project: ~15,000)"
+                )
             name = op.name
             if name in ("GLOBAL", "STACK_GLOBAL", "INST"):
                 module, attr = arg.split(" ", 1) if name != "STACK_GLOBAL" else _popped_strings(stack, 2)
-                if f"{module}.{attr}" not in allowed and not (module == "torch" and attr.endswith("Storage")):
-                    named = f"{str(module)[:60]}.{str(attr)[:60]}"
+                if not _allowed(module, attr):
+                    named = f"{printable(str(module), 60)}.{printable(str(attr), 60)}"
                     raise CheckpointError(
                         path,
                         f"it holds Python objects besides tensors and plain data ({named}; "
                         "refused: unpickling them could run code)",
                     )
                 if name != "INST":
-                    stack.append(_Node())
+                    stack.push(_Node(value=f"{module}.{attr}"))
                     continue
             if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack.top()
                 continue
             if name in ("GET", "BINGET", "LONG_BINGET", "DUP"):
-                node = stack[-1] if name == "DUP" else memo[arg]
+                node = stack.top() if name == "DUP" else memo[arg]
                 node.shared = True
                 total += node.size
-                stack.append(node)
+                stack.push(node)
             elif name in ("MARK", "PROTO", "FRAME", "STOP"):
                 if name == "MARK":
-                    stack.append(None)
+                    stack.push(None)
                 continue
             elif name == "POP_MARK":
-                _pop_to_mark(stack)
+                stack.pop_to_mark()
                 continue
             else:
                 children = _popped(op, stack)
+                tensors += name == "REDUCE" and children[-1].value == REBUILD_TENSOR
+                if tensors > MAX_TENSORS:
+                    raise CheckpointError(path, f"it holds more than {MAX_TENSORS:,} tensors")
                 if name in MUTATORS:
-                    target = stack[-1]
+                    target = stack.top()
                     if target.shared:
                         raise CheckpointError(path, "it changes an object after sharing it (not written by torch)")
                 else:
                     target = _Node(value=arg if isinstance(arg, str) and len(arg) < 256 else None)
-                    stack.append(target)
+                    stack.push(target)
                 if len(op.stack_after) == 0:
                     stack.pop()
                     continue
                 target.size += sum(c.size for c in children)
                 target.depth = max([target.depth, *(c.depth + 1 for c in children)])
                 total += 1
-            if total > MAX_PICKLE_OBJECTS or stack[-1].depth > MAX_PICKLE_DEPTH:
+            if total > MAX_PICKLE_OBJECTS or stack.top().depth > MAX_PICKLE_DEPTH:
                 raise CheckpointError(
                     path,
                     f"its pickle holds more than {MAX_PICKLE_OBJECTS:,} objects (shared "
@@ -214,42 +270,54 @@ def scan_pickle(path: str | Path, data: bytes) -> None:
         raise
     except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:  # ill-formed opcodes or stack
         raise CheckpointError(path, f"not a well-formed pickle ({type(exc).__name__})") from None
+    return stack.work
 
 
-def _popped(op: pickletools.OpcodeInfo, stack: list[_Node | None]) -> list[_Node]:
+def _allowed(module: Any, attr: Any) -> bool:
+    """Whether a global is one torch.save writes for this project's checkpoints (tensors and their storages)."""
+    return f"{module}.{attr}" in TORCH_GLOBALS or (module == "torch" and str(attr).endswith("Storage"))
+
+
+def _popped(op: pickletools.OpcodeInfo, stack: _Stack) -> list[_Node]:
     """Pop what `op` consumes (besides a target it changes in place); the popped nodes."""
     before = op.stack_before
     items: list[_Node] = []
     if pickletools.markobject in before:
-        items = _pop_to_mark(stack)
+        items = stack.pop_to_mark()
         before = before[: before.index(pickletools.markobject)]
     keep = 1 if op.name in MUTATORS else 0  # the object changed stays on the stack
-    for _ in range(len(before) - keep):
-        node = stack.pop()
-        if node is None:
-            raise ValueError("a MARK where an object was expected")
-        items.append(node)
+    items.extend(stack.pop() for _ in range(len(before) - keep))
     return items
 
 
-def _pop_to_mark(stack: list[_Node | None]) -> list[_Node]:
-    i = len(stack) - 1 - stack[::-1].index(None)
-    items = stack[i + 1 :]
-    del stack[i:]
-    return items
-
-
-def _popped_strings(stack: list[_Node | None], n: int) -> list[str]:
+def _popped_strings(stack: _Stack, n: int) -> list[str]:
     nodes = [stack.pop() for _ in range(n)][::-1]
-    if any(node is None or not isinstance(node.value, str) for node in nodes):
+    if any(not isinstance(node.value, str) for node in nodes):
         raise ValueError("STACK_GLOBAL of something other than two strings")
     return [node.value for node in nodes]
 
 
-def _unpickled(path: str | Path, f: IO[bytes], map_location: str | torch.device) -> Any:
-    """torch.load with `weights_only=True` of a file `checked_file` opened; its failures as CheckpointError."""
+@contextlib.contextmanager
+def _signals_stop_at_once() -> Iterator[None]:
+    """SIGTERM and SIGINT end the process at once while torch unpickles: a Python handler (the command lines
+    install one) would wait for torch's C code to return. Loading writes nothing, so nothing is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    ignored = {s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) == signal.SIG_IGN}  # stay so
+    previous = {s: signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGINT) if s not in ignored}
     try:
-        return torch.load(f, map_location=map_location, weights_only=True)
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _unpickled(path: str | Path, archive: IO[bytes], map_location: str | torch.device) -> Any:
+    """torch.load with `weights_only=True` of what `checked_archive` rebuilt; its failures as CheckpointError."""
+    try:
+        with _signals_stop_at_once():
+            return torch.load(archive, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = "empty, truncated or not a torch file (UnpicklingError)"
         if "GLOBAL" in str(exc):  # weights_only met a class or function to import: the file would run code
@@ -277,8 +345,18 @@ def check_stored(path: str | Path, ckpt: dict[str, Any]) -> None:
 
 
 def build_model(cfg: TrainConfig, n_classes: int) -> SignModel:
-    """A freshly initialized model of the config's preset and overrides (refused unless within MODEL_BOUNDS)."""
-    return SignModel(checked_model_config(cfg.preset, n_classes, cfg.model))
+    """A freshly initialized model of the config's preset and overrides (refused unless within MODEL_BOUNDS);
+    a model this machine cannot allocate is a ConfigError."""
+    model_cfg = checked_model_config(cfg.preset, n_classes, cfg.model)
+    try:
+        return SignModel(model_cfg)
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError | torch.OutOfMemoryError) and "alloc" not in str(exc):
+            raise  # not a failed allocation: a bug keeps its traceback
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"the {cfg.preset!r} model with overrides {cfg.model} cannot be allocated here ({first})"
+        ) from None
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> SignModel:
@@ -345,5 +423,114 @@ def resume_checkpoint(run: str | Path, cfg: TrainConfig) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     if absent := [k for k in RESUME_KEYS if k not in ckpt]:
         raise CheckpointError(path, f"cannot resume without {', '.join(absent)}")
+    check_resume_state(path, ckpt)
     check_resumable(run, stored_config(run, ckpt), cfg)
     return ckpt
+
+
+class ResumeError(CheckpointError):
+    """A last.pt whose training state cannot be continued; the message names the file and the field."""
+
+    def __init__(self, path: str | Path, field: str, reason: str) -> None:
+        AslError.__init__(self, f"{path}: cannot resume from it: {field} {reason}")
+
+
+def _whole(value: Any, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _shown(value: Any) -> str:
+    return printable(repr(value), 60)
+
+
+def check_resume_state(path: str | Path, ckpt: dict[str, Any]) -> None:
+    """Refuse a last.pt whose position, scores or state of the optimizer, schedule and RNGs are not what the
+    training loop writes (types, ranges, finiteness, sizes), before any of it is used."""
+    epochs = TrainConfig.from_dict(ckpt["config"]).epochs
+    step, epoch, batch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+    if not _whole(step, 0, MAX_STEPS):
+        raise ResumeError(path, "step", f"is {_shown(step)}, not a whole number in [0, {MAX_STEPS:,}]")
+    if not _whole(epoch, 0, min(epochs, step)):
+        raise ResumeError(path, "epoch", f"is {_shown(epoch)}, not a whole number in [0, {min(epochs, step)}]")
+    if not _whole(batch, 0, step):
+        raise ResumeError(path, "batch_in_epoch", f"is {_shown(batch)}, not a whole number in [0, step {step}]")
+    best = ckpt["best_top1"]
+    if not isinstance(best, float | int) or isinstance(best, bool) or not (best == -1 or 0 <= best <= 1):
+        raise ResumeError(path, "best_top1", f"is {_shown(best)}, not a top-1 in [0, 1] (or -1: none yet)")
+    sums = ckpt.get("epoch_sums", [0.0, 0.0])
+    if not (isinstance(sums, list) and len(sums) == 2 and all(_finite_at_least_0(s) for s in sums)):
+        raise ResumeError(path, "epoch_sums", f"is {_shown(sums)}, not two finite sums >= 0")
+    for name in ("world", "workers", "ema_n_averaged"):
+        if name in ckpt and not _whole(ckpt[name], 1 if name == "world" else 0, MAX_STEPS):
+            raise ResumeError(path, name, f"is {_shown(ckpt[name])}, not a whole number in range")
+    rng = ckpt["rng"]
+    if not (isinstance(rng, list) and 1 <= len(rng) <= 1 << 16 and all(_rng_state(r) for r in rng)):
+        raise ResumeError(path, "rng", "is not a list of each rank's RNG states (uint8 tensors)")
+    trained = ckpt.get("epoch_trained")
+    if trained is not None and not (isinstance(trained, torch.Tensor) and trained.dtype == torch.uint8):
+        raise ResumeError(path, "epoch_trained", "is not a uint8 tensor")
+    if not isinstance(ckpt["optimizer"], dict):  # its keys are the optimizer's (Lookahead nests another's)
+        raise ResumeError(path, "optimizer", "state is not a dict")
+    keys = ("last_epoch", "base_lrs")
+    if not isinstance(ckpt["scheduler"], dict) or any(k not in ckpt["scheduler"] for k in keys):
+        raise ResumeError(path, "scheduler", f"state is not a dict with {', '.join(keys)}")
+    if ckpt["ema"] is not None and not isinstance(ckpt["ema"], dict):
+        raise ResumeError(path, "ema", "is neither weights nor None")
+
+
+MAX_STEPS = 1 << 40  # far above any run; below what overflows a float's exact integers
+
+
+def _finite_at_least_0(value: Any) -> bool:
+    return isinstance(value, float | int) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _rng_state(state: Any) -> bool:
+    return (
+        isinstance(state, dict)
+        and {"torch", "augment"} <= state.keys()
+        and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 for t in state.values())
+    )
+
+
+def check_resume_fit(path: str | Path, ckpt: dict[str, Any], steps_per_epoch: int, resplit: bool, same: bool) -> None:
+    """Refuse a position the data cannot hold: unless the epoch is resplit (its position then comes from the
+    samples trained), the checkpoint's batch must lie inside the epoch; under the same ranks and workers as
+    wrote it, its step must also be where its epoch and batch put it."""
+    if resplit:
+        return
+    step, epoch, batch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+    if batch >= steps_per_epoch:
+        raise ResumeError(path, "batch_in_epoch", f"is {batch}, past the epoch's end ({steps_per_epoch} batches)")
+    if same and step != epoch * steps_per_epoch + batch:
+        raise ResumeError(
+            path, "step", f"is {step}, not epoch {epoch} x {steps_per_epoch} batches + batch_in_epoch {batch}"
+        )
+
+
+def restored(path: str | Path, field: str, load: Any, state: Any) -> None:
+    """`load(state)` (a load_state_dict), any failure of it one line naming the file and the field."""
+    try:
+        load(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ResumeError(path, field, f"does not fit this run ({printable(first, 200)})") from None
+
+
+def check_optimizer_fit(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    """After the optimizer took its state: every per-weight tensor has its weight's shape and is finite (in an
+    optimizer it wraps too, as Lookahead wraps RAdam)."""
+    if isinstance(inner := getattr(optimizer, "inner", None), torch.optim.Optimizer):
+        check_optimizer_fit(path, inner)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                    continue
+                if value.shape != p.shape or not torch.isfinite(value).all():
+                    raise ResumeError(
+                        path,
+                        "optimizer",
+                        f"state {printable(str(key), 40)!r} of a weight of shape {tuple(p.shape)} is "
+                        f"{tuple(value.shape)} or not finite",
+                    )

@@ -9,6 +9,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import os
 import sys
 import typing
@@ -20,9 +21,20 @@ import click
 import torch.distributed as dist
 from click.core import ParameterSource
 
-from pipeline.errors import AslError
+from pipeline.errors import AslError, one_line
 from pipeline.location import stop_commands_on_signals
-from train.config import RESUMABLE, ConfigError, OptionsError, TrainConfig, flag, parse_folds, with_options
+from pipeline.text import printable
+from train.config import (
+    MAX_BATCH,
+    MAX_WORKERS,
+    RESUMABLE,
+    ConfigError,
+    OptionsError,
+    TrainConfig,
+    flag,
+    parse_folds,
+    with_options,
+)
 from train.runfiles import run_summary
 
 
@@ -115,6 +127,43 @@ def _given(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
     return given
 
 
+class _Group(click.Group):
+    """The command group: a user error (`AslError`, `OSError`: a closed or full stdout too) in any subcommand is
+    one line, exit status 1 (`pipeline.errors.one_line`); a bug keeps its traceback."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, **kwargs)
+        except OSError as exc:  # while click printed help or a usage error to a closed or full stdout
+            click.echo(f"Error: {one_line(exc)}", err=True)
+            sys.exit(1)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (AslError, OSError) as exc:
+            raise click.ClickException(one_line(exc)) from None
+
+
+def checkpoint_option(help: str, required: bool = True) -> Callable[[Any], Any]:
+    """--checkpoint, repeatable (an ensemble), as `checkpoints`: a training checkpoint file."""
+    kind = click.Path(exists=True, dir_okay=False, path_type=Path)
+    return click.option("--checkpoint", "checkpoints", required=required, multiple=True, type=kind, help=help)
+
+
+def device_option(help: str | None = None) -> Callable[[Any], Any]:
+    """--device auto|cpu|cuda."""
+    kind = click.Choice(["auto", "cpu", "cuda"])
+    return click.option("--device", default="auto", show_default=True, type=kind, help=help)
+
+
+def format_option(choices: list[str], help: str, default: str | None = None) -> Callable[[Any], Any]:
+    """--format, as `fmt`: one of `choices`."""
+    show = default is not None
+    kind = click.Choice(choices)
+    return click.option("--format", "fmt", default=default, show_default=show, type=kind, help=help)
+
+
 CONFIG_OPTION = click.option(
     "--config",
     default=None,
@@ -126,7 +175,9 @@ CONFIG_OPTION = click.option(
 
 
 @click.group(
-    invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+    cls=_Group,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @CONFIG_OPTION
 @train_options
@@ -147,6 +198,13 @@ def main(ctx: click.Context, config: Path | None, resume: Path | None, **options
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     stop_commands_on_signals()  # a remote location's commands die with this process
     if ctx.invoked_subcommand is not None:
+        if typed := _typed(ctx):
+            one = len(typed) == 1
+            raise click.UsageError(
+                f"{', '.join(typed)} {'is a training option' if one else 'are training options'} of `asl-train` "
+                f"itself, which `{ctx.invoked_subcommand}` would ignore: give {'it' if one else 'them'} without a "
+                "subcommand to train; a subcommand's own options go after its name"
+            )
         return
     from train.loop import train
 
@@ -154,22 +212,33 @@ def main(ctx: click.Context, config: Path | None, resume: Path | None, **options
     _in_process_group(lambda: train(cfg, resume=resume))
     if int(os.environ.get("RANK", "0")) == 0:
         for line in run_summary(Path(cfg.out), cfg.report_to):
-            click.echo(line)
+            click.echo(printable(line, 1000))
+
+
+def _typed(ctx: click.Context) -> list[str]:
+    """The group's options typed on the command line, as flags (they train: a subcommand would ignore them)."""
+    return [
+        next((o for o in p.opts if o.startswith("--")), p.opts[0])
+        for p in ctx.command.params
+        if p.name and ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE
+    ]
 
 
 def _in_process_group(call: Callable[[], Any]) -> None:
-    """Run `call`, then leave the process group it may have joined; an AslError or OSError is a one-line error."""
+    """Run `call`, then leave the process group it may have joined."""
     error = None
     try:
         call()
     except (AslError, OSError) as exc:
-        error = str(exc)  # raised below: the failed run's frames (DDP among them) must go before the process group
+        # raised below without its frames: the failed run's (DDP among them) must go before the process group
+        error = exc.with_traceback(None)
+        error.__context__ = error.__cause__ = None
     finally:
         if dist.is_initialized():
             gc.collect()  # a failed run's objects in reference cycles (DDP's reducer among them) go first
             dist.destroy_process_group()
     if error is not None:
-        raise click.ClickException(error)
+        raise error
 
 
 def _train_config(config: Path | None, resume: Path | None, given: dict[str, Any]) -> TrainConfig:
@@ -185,31 +254,23 @@ def _train_config(config: Path | None, resume: Path | None, given: dict[str, Any
             check_resumable(resume, base, cfg)
         cfg.check()
     except OptionsError as exc:
-        raise click.UsageError(str(exc)) from None
-    except AslError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.UsageError(one_line(exc)) from None
     return cfg
 
 
-def _folds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        folds = parse_folds(value)
-    except ConfigError as exc:
-        raise click.BadParameter(str(exc)) from None
-    if not folds:
-        raise click.BadParameter(f"{value!r} names no fold; e.g. --folds 0 or 0,1")
-    return folds
+class FiniteFloat(click.FloatRange):
+    """A float within bounds that is also finite (a range alone lets nan through, and inf without a maximum)."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
 
 
-def _cv_folds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-    from train import cv
-
-    try:
-        return None if value is None else cv.parse_folds(value)
-    except cv.CvError as exc:
-        raise click.BadParameter(str(exc)) from None
+FOLDS = _parsed(parse_folds)  # the one fold parser, for every --folds
 
 
 @main.command("cv")
@@ -218,7 +279,7 @@ def _cv_folds(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     "--folds",
     "cv_folds",
     default=None,
-    callback=_cv_folds,
+    callback=FOLDS,
     help="The folds to run, e.g. 0,2 (default: every fold of the shards).",
 )
 @train_options
@@ -240,18 +301,14 @@ def cv_cmd(ctx: click.Context, config: Path | None, cv_folds: list[int] | None, 
     cfg = _train_config(config, None, _given(ctx, options))
     _in_process_group(lambda: run_cv(cfg, cv_folds, click.echo))
     if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(f"wrote {Path(cfg.out) / 'cv.json'} and {Path(cfg.out) / 'oof.csv'}")
+        out = Path(cfg.out)
+        click.echo(f"wrote {printable(str(out / 'cv.json'))} and {printable(str(out / 'oof.csv'))}")
 
 
 @main.command("evaluate")
-@click.option(
-    "--checkpoint",
-    "checkpoints",
-    required=True,
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A training checkpoint; repeat the option to evaluate the ensemble of several (the mean of their "
-    "probabilities; they must share one label map, and their validation folds unless --folds is given).",
+@checkpoint_option(
+    "A training checkpoint; repeat the option to evaluate the ensemble of several (the mean of their "
+    "probabilities; they must share one label map, and their validation folds unless --folds is given)."
 )
 @click.option(
     "--shards",
@@ -259,16 +316,16 @@ def cv_cmd(ctx: click.Context, config: Path | None, cv_folds: list[int] | None, 
     help="Shard location: a directory, URL or pipe: template (default: the one the checkpoint was trained on).",
 )
 @click.option(
-    "--folds", default=None, callback=_folds, help="Folds to evaluate (default: the checkpoint's validation folds)."
+    "--folds", default=None, callback=FOLDS, help="Folds to evaluate (default: the checkpoint's validation folds)."
 )
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@device_option()
 @click.option(
     "--workers",
     default=None,
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=MAX_WORKERS),
     help="DataLoader workers (default: the run's, so that batches, and so every number, match its validation).",
 )
-@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Default: the run's.")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1, max=MAX_BATCH), help="Default: the run's.")
 @click.option(
     "--cache-dir",
     default=None,
@@ -278,16 +335,11 @@ def cv_cmd(ctx: click.Context, config: Path | None, cv_folds: list[int] | None, 
 @click.option(
     "--cache-limit",
     default=None,
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True),
     help="GB the cache may hold (default: no limit).",
 )
-@click.option(
-    "--format",
-    "fmt",
-    default="text",
-    show_default=True,
-    type=click.Choice(["text", "json"]),
-    help="json: the whole report as one JSON object on stdout (full-precision numbers).",
+@format_option(
+    ["text", "json"], "json: the whole report as one JSON object on stdout (full-precision numbers).", "text"
 )
 @click.option(
     "--plot",
@@ -313,55 +365,53 @@ def evaluate_cmd(
     asl-train printed for the best epoch.
     """
     from train.confusion import plot_confusion
-    from train.predict import evaluation_report
+    from train.scoring import evaluation_report
 
-    try:
-        r = evaluation_report(
-            list(checkpoints),
-            shards,
-            folds,
-            device=device,
-            workers=workers,
-            batch_size=batch_size,
-            cache_dir=cache_dir,
-            cache_limit=cache_limit,
-        )
-        if plot is not None:
-            members = f"{len(checkpoints)} checkpoints" if len(checkpoints) > 1 else str(checkpoints[0])
-            plot_confusion(r["confusion"], plot, f"{members}, folds {','.join(map(str, r['folds']))}")
-    except (AslError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+    r = evaluation_report(
+        list(checkpoints),
+        shards,
+        folds,
+        device=device,
+        workers=workers,
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        cache_limit=cache_limit,
+    )
+    if plot is not None:
+        members = f"{len(checkpoints)} checkpoints" if len(checkpoints) > 1 else str(checkpoints[0])
+        plot_confusion(r["confusion"], plot, f"{members}, folds {','.join(map(str, r['folds']))}")
     if fmt == "json":
         click.echo(json.dumps(r, indent=2))
         return
     for m in r["members"]:
-        click.echo(f"checkpoint {m['checkpoint']} of epoch {m['epoch']}, step {m['step']} ({m['weights']} weights)")
+        path = printable(str(m["checkpoint"]))
+        click.echo(f"checkpoint {path} of epoch {m['epoch']}, step {m['step']} ({m['weights']} weights)")
     if len(r["members"]) > 1:
         click.echo(f"ensemble of {len(r['members'])}: the mean of their probabilities")
     click.echo(f"folds {r['folds']}: {r['samples']} samples, top-1 {r['top1']:.4f}, top-5 {r['top5']:.4f}")
+    if trained := r["trained_folds"]:
+        who = "a member" if len(r["members"]) > 1 else "the model"
+        click.echo(f"note: {who} trained on fold(s) {','.join(map(str, trained))}: these scores are not held out")
     click.echo("worst signs (top-1, samples):")
     for w in r["worst_signs"]:
-        click.echo(f"  {w['sign']:<20} {w['top1']:.3f}  {w['samples']}")
+        click.echo(f"  {printable(w['sign'], 60):<20} {w['top1']:.3f}  {w['samples']}")
     people = sorted(r["participants"].items(), key=lambda kv: (kv[1]["top1"], kv[0]))
     click.echo(f"participants (top-1, samples), worst {min(10, len(people))} of {len(people)}:")
     for pid, v in people[:10]:
-        click.echo(f"  {pid:<20} {v['top1']:.3f}  {v['samples']}")
+        click.echo(f"  {printable(pid, 60):<20} {v['top1']:.3f}  {v['samples']}")
     click.echo("most confused (true -> predicted: count):")
     for c in r["confused_pairs"]:
-        click.echo(f"  {c['true']} -> {c['predicted']}: {c['count']}")
+        click.echo(f"  {printable(c['true'], 60)} -> {printable(c['predicted'], 60)}: {c['count']}")
     if plot is not None:
-        click.echo(f"wrote {plot}")
+        click.echo(f"wrote {printable(str(plot))}")
 
 
 @main.command("predict")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option(
-    "--checkpoint",
-    "checkpoints",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A training checkpoint (.pt): predict with PyTorch. Repeat it for an ensemble (the mean of the members' "
+@checkpoint_option(
+    "A training checkpoint (.pt): predict with PyTorch. Repeat it for an ensemble (the mean of the members' "
     "probabilities; they must share one label map).",
+    required=False,
 )
 @click.option(
     "--model",
@@ -372,22 +422,13 @@ def evaluate_cmd(
     "ai-edge-litert (the tflite extra); the file's contents decide, not its name. Repeat it for an ensemble.",
 )
 @click.option("--top", "k", default=5, show_default=True, type=click.IntRange(min=1), help="Signs per file.")
-@click.option(
-    "--format",
-    "fmt",
-    default="text",
-    show_default=True,
-    type=click.Choice(["text", "json", "csv"]),
-    help="text: 'path: sign p, ...'; json: one object a line {path, top: [[sign, p], ...], error}; "
+@format_option(
+    ["text", "json", "csv"],
+    "text: 'path: sign p, ...'; json: one object a line {path, top: [[sign, p], ...], error}; "
     "csv: a header, then path, sign_i, probability_i ..., error.",
+    "text",
 )
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    help="For --checkpoint (an exported model runs on the CPU).",
-)
+@device_option("For --checkpoint (an exported model runs on the CPU).")
 def predict_cmd(
     inputs: tuple[str, ...], checkpoints: tuple[Path, ...], onnx_models: tuple[Path, ...], k: int, fmt: str, device: str
 ) -> None:
@@ -411,12 +452,9 @@ def predict_cmd(
 
     if bool(checkpoints) == bool(onnx_models):
         raise click.UsageError("give exactly one of --checkpoint or --model (either may be repeated for an ensemble)")
-    try:
-        files = expand_inputs(inputs)
-        require_video_support(files)
-        scorer = model_scorer(onnx_models) if onnx_models else CheckpointScorer(checkpoints, device)
-    except AslError as exc:
-        raise click.ClickException(str(exc)) from None
+    files = expand_inputs(inputs)
+    require_video_support(files)
+    scorer = model_scorer(onnx_models) if onnx_models else CheckpointScorer(checkpoints, device)
     if fmt == "csv":
         click.echo(csv_header(k))
     failed = 0
@@ -488,14 +526,9 @@ def live_cmd(
 
 
 @main.command("export")
-@click.option(
-    "--checkpoint",
-    "checkpoints",
-    required=True,
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The training checkpoint to export (e.g. runs/NAME/best.pt); repeat it for an ensemble in one file "
-    "(its output: the log of the members' mean probability). Members must share one label map.",
+@checkpoint_option(
+    "The training checkpoint to export (e.g. runs/NAME/best.pt); repeat it for an ensemble in one file "
+    "(its output: the log of the members' mean probability). Members must share one label map."
 )
 @click.option(
     "--out",
@@ -504,13 +537,7 @@ def live_cmd(
     help="The file to write: model.onnx (ONNX) or model.tflite (LiteRT, the tflite extra); its metadata goes "
     "beside it with .json (model.json).",
 )
-@click.option(
-    "--format",
-    "fmt",
-    default=None,
-    type=click.Choice(["onnx", "tflite"]),
-    help="The format to write (default: the one --out's suffix names).",
-)
+@format_option(["onnx", "tflite"], "The format to write (default: the one --out's suffix names).")
 @click.option(
     "--opset",
     default=None,
@@ -552,10 +579,7 @@ def export_cmd(
     """
     from train.export import export_model
 
-    try:
-        r = export_model(checkpoints, out, fmt=fmt, opset=opset, use_ema=ema, check_files=check_files)
-    except AslError as exc:
-        raise click.ClickException(str(exc)) from None
+    r = export_model(checkpoints, out, fmt=fmt, opset=opset, use_ema=ema, check_files=check_files)
     worst = max(row.max_prob_diff for row in r.parity)
     click.echo(
         f"parity: {len(r.parity)} sequences ({min(row.frames for row in r.parity)}.."
@@ -564,4 +588,5 @@ def export_cmd(
     )
     made = f"opset {r.opset}, " if r.opset is not None else ""
     made += f"{r.members} members, " if r.members > 1 else ""
-    click.echo(f"wrote {r.path} ({r.size / 1e6:.2f} MB, {made}{r.weights} weights) and {r.metadata_path}")
+    written = f"{printable(str(r.path))} ({r.size / 1e6:.2f} MB, {made}{r.weights} weights)"
+    click.echo(f"wrote {written} and {printable(str(r.metadata_path))}")

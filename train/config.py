@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -21,6 +22,7 @@ import torch
 from pipeline.errors import AslError
 from pipeline.location import MIN_RATE, RETRIES, STALL_S
 from pipeline.read import InputFileError, read_file
+from pipeline.text import printable
 from train.augment import AugmentConfig
 from train.model import PRESETS, ModelConfig, SignModel, count_parameters, model_config
 from train.optim import OPTIMIZERS
@@ -48,23 +50,30 @@ def option(default: Any, help: str | None = None, **meta: Any) -> Any:
 
 
 def parse_folds(value: str) -> list[int]:
-    """Comma-separated fold numbers."""
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{value!r}: expected comma-separated fold numbers, e.g. 0 or 0,1") from None
+    """The folds of a --folds or --val-folds value such as `0,2`: distinct non-negative integers in ASCII digits
+    (`²` and `٣` are digits to `str.isdigit`, not fold numbers), in the order given. The one fold parser."""
+    parts = [p.strip() for p in value.split(",")]
+    if not all(FOLD.fullmatch(p) for p in parts):
+        raise ConfigError(f"{printable(repr(value), 60)}: expected fold numbers separated by commas, e.g. 0 or 0,2")
+    folds = [int(p) for p in parts]
+    if len(set(folds)) != len(folds):
+        raise ConfigError(f"{printable(repr(value), 60)}: a fold is named twice")
+    return folds
+
+
+FOLD = re.compile(r"[0-9]{1,6}")  # a build writes at most 1,000 folds
 
 
 def parse_val_folds(value: str) -> list[int]:
     """Fold numbers, or [] for `none` (train on every fold)."""
     if value.strip().lower() == "none":
         return []
-    if not (folds := parse_folds(value)):
+    if not value.replace(",", "").strip():
         raise ConfigError(
             f"{value!r} names no fold; use --val-folds none to train on every fold without "
             "validation, or name folds, e.g. --val-folds 0 or 0,1"
         )
-    return folds
+    return parse_folds(value)
 
 
 def parse_report_to(value: str) -> list[str]:
@@ -76,6 +85,10 @@ def parse_report_to(value: str) -> list[str]:
         raise ConfigError(f"{value!r}: expected none, or {' or '.join(BACKENDS)} (both: tensorboard,csv)")
     return names
 
+
+# Upper bounds of options that size memory or processes: far above any useful value.
+MAX_BATCH = 1 << 16
+MAX_WORKERS = 256
 
 MAX_CONFIG_BYTES = 1 << 20  # a config file of every option is about 2 KB
 
@@ -159,7 +172,7 @@ class TrainConfig:
         min=1,
         resumable=True,
     )
-    batch_size: int = option(64, "Per rank.", min=1)
+    batch_size: int = option(64, "Per rank.", min=1, max=MAX_BATCH)
     lr: float = option(1e-3, "Peak learning rate.", min=0, max=10)
     weight_decay: float = option(0.05, "Weight decay (decoupled from the gradient, as in AdamW).", min=0, max=10)
     warmup: float = option(0.1, "Warmup fraction: the share of all steps spent warming up.", min=0, max=1)
@@ -175,7 +188,7 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model.")
     bucket: bool = option(True, "Length bucketing (--no-bucket: pad every batch to 384 frames).")
     device: str = option("auto", "Where to train.", choices=["auto", "cpu", "cuda"])
-    workers: int = option(2, "DataLoader workers.", min=0, resumable=True)
+    workers: int = option(2, "DataLoader workers.", min=0, max=MAX_WORKERS, resumable=True)
     seed: int = option(
         0, "Seed of the weights' initialization, the data order and the augmentations.", min=0, max=2**32 - 1
     )
@@ -291,11 +304,13 @@ class TrainConfig:
         Any subset of the options may be given; the others take their defaults.
         """
         try:  # through the input gate: a FIFO or /dev/zero is refused, never waited on or read without end
-            d = json.loads(read_file(path, MAX_CONFIG_BYTES).decode())
+            d = json.loads(read_file(path, MAX_CONFIG_BYTES).decode(), object_pairs_hook=_unique_keys)
         except InputFileError as exc:
             raise ConfigError(f"{path}: not a readable JSON config ({exc.reason})") from None
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise ConfigError(f"{path}: not a readable JSON config ({str(exc)[:200]})") from None
+            raise ConfigError(f"{path}: not a readable JSON config ({printable(str(exc), 200)})") from None
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"{path}: option {printable(repr(exc.key), 60)} is given twice") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object of options, as in a run's config.json")
         hints = typing.get_type_hints(cls)
@@ -341,6 +356,22 @@ class TrainConfig:
             raise ConfigError(f"wrong type for {', '.join(wrong)}")
         if outside := [problem for k, v in asdict(self).items() if (problem := _out_of_bounds(k, v))]:
             raise ConfigError("; ".join(outside))
+
+
+class DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's dict, refusing a key given twice (json keeps the last silently)."""
+    d: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in d:
+            raise DuplicateKeyError(key)
+        d[key] = value
+    return d
 
 
 def _fits(value: Any, hint: Any) -> bool:

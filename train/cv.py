@@ -21,6 +21,7 @@ import polars as pl
 from pipeline.errors import AslError
 from pipeline.files import write_atomic, write_json_atomic
 from pipeline.shards import read_manifest
+from pipeline.text import printable
 
 if TYPE_CHECKING:
     from train.config import TrainConfig
@@ -46,17 +47,6 @@ class CvError(AslError, ValueError):
 
 
 # ---------------------------------------------------------------------------- which folds
-
-
-def parse_folds(text: str) -> list[int]:
-    """The folds of a `--folds` value such as `0,2`: distinct non-negative integers, in the order given."""
-    parts = [p.strip() for p in text.split(",")]
-    if not all(p.isdigit() for p in parts):
-        raise CvError(f"--folds {text!r}: expected fold numbers separated by commas, e.g. 0,2")
-    folds = [int(p) for p in parts]
-    if len(set(folds)) != len(folds):
-        raise CvError(f"--folds {text!r}: a fold is named twice")
-    return folds
 
 
 def manifest_folds(manifest: dict[str, Any]) -> list[int]:
@@ -196,7 +186,8 @@ def summary_text(report: dict[str, Any], worst: int = 5) -> str:
     )
     for title, groups in (("participants", report["participants"]), ("signs", report["signs"])):
         lowest = sorted(groups.items(), key=lambda kv: (kv[1]["top1"], kv[0]))[:worst]
-        lines.append(f"worst {title}: " + ", ".join(f"{k} {v['top1']:.3f} (n={v['samples']})" for k, v in lowest))
+        named = ", ".join(f"{printable(k, 60)} {v['top1']:.3f} (n={v['samples']})" for k, v in lowest)
+        lines.append(f"worst {title}: {named}")
     return "\n".join(lines)
 
 
@@ -243,8 +234,17 @@ def run_cv(
 
     manifest = read_manifest(cfg.shards)
     chosen = cv_folds(manifest, cfg.shards, folds)
-    _, rank, world = setup_distributed(cfg.device)  # every rank agrees on each fold's report before the next
     out, report, tables = Path(cfg.out), None, []
+    kept = finished_folds(out, [k for k in manifest_folds(manifest) if k not in chosen], cfg)
+    _, rank, world = setup_distributed(cfg.device)  # every rank agrees on each fold's report before the next
+    error = None
+    if rank == 0:
+        try:  # an earlier run's finished folds stay in cv.json, scored again as evaluate scores them
+            tables = [fold_predictions(fold_dir(out, k) / "best.pt", k, cfg.shards, cfg.device) for k in kept]
+        except (AslError, OSError) as exc:
+            error = str(exc)
+    if (error := first_error(error, world)) is not None:
+        raise CvError(error)
     for k in chosen:
         run = fold_dir(out, k)
         fold_cfg = replace(cfg, out=str(run), val_folds=[k])
@@ -267,9 +267,28 @@ def run_cv(
     return report
 
 
+def finished_folds(out: Path, folds: Sequence[int], cfg: TrainConfig) -> list[int]:
+    """Which of `folds`, not run by this command, an earlier run finished in `out` with these options (their report
+    stays in cv.json); a fold left short of `cfg.epochs` is named in the log and left out."""
+    from train.checkpoint import check_resumable, stored_config
+
+    kept = []
+    for k in folds:
+        run = fold_dir(out, k)
+        state = fold_state(run, cfg.epochs, cfg.max_steps)
+        if state == RESUMABLE:
+            log.warning(
+                "%s is not finished at --epochs %d: left out of cv.json (--folds %d finishes it)", run, cfg.epochs, k
+            )
+        elif state == FINISHED:
+            check_resumable(run, stored_config(run), replace(cfg, out=str(run), val_folds=[k]))
+            kept.append(k)
+    return kept
+
+
 def fold_predictions(checkpoint: str | Path, fold: int, shards: str, device: str = "auto") -> pl.DataFrame:
     """The out-of-fold rows of one fold: `checkpoint` scored on `fold` in the batches `evaluate` forms."""
-    from train.predict import evaluation_scores
+    from train.scoring import evaluation_scores
 
     scores, members, _ = evaluation_scores(checkpoint, shards, [fold], device)
     names = np.array(sorted(members.label_map, key=members.label_map.get), dtype=object)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import AslError
+from pipeline.text import printable
 from train.model import SignModel
 
 
@@ -36,9 +37,23 @@ def shared_label_map(members: Sequence[tuple[str, dict[str, int]]]) -> dict[str,
     for name, other in members[1:]:
         if (why := label_map_difference(label_map, other)) is not None:
             raise EnsembleError(
-                f"{first} and {name} have different label maps ({why}); ensemble members must share one"
+                f"{printable(first)} and {printable(name)} have different label maps ({printable(why)}); "
+                "ensemble members must share one"
             )
     return label_map
+
+
+def shared_max_len(members: Sequence[tuple[str, int]]) -> int:
+    """The max_len every member has: members are (file, max_len); one line naming two files that differ (one
+    preprocessing truncates every member's input alike)."""
+    (first, max_len), *others = members
+    for name, other in others:
+        if other != max_len:
+            raise EnsembleError(
+                f"{printable(first)} and {printable(name)} truncate sequences at different lengths ({max_len} and "
+                f"{other} frames); ensemble members must share max_len"
+            )
+    return max_len
 
 
 def mean_probabilities(probabilities: Sequence[np.ndarray]) -> np.ndarray:
@@ -69,7 +84,7 @@ class EnsembleModel(nn.Module):
         if not models:
             raise ValueError("an ensemble needs at least one member")
         if len({(m.cfg.n_classes, m.cfg.max_len) for m in models}) != 1:
-            raise ValueError("ensemble members differ in their number of signs or their max_len")
+            raise EnsembleError("ensemble members differ in their number of signs or their max_len")
         self.members = nn.ModuleList(models)
         self.cfg = models[0].cfg  # what a single-model wrapper reads (max_len, n_classes)
 

@@ -8,11 +8,13 @@ position inside the epoch, so a resumed run ends with the weights of an uninterr
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +27,28 @@ from tqdm import tqdm
 from pipeline.cache import cache_view
 from pipeline.errors import AslError
 from pipeline.shards import ShardError, read_manifest
+from pipeline.text import printable
 from train.augment import AugmentConfig, augment_batch
 from train.batch import Batch
-from train.checkpoint import build_model, load_initial_weights, resume_checkpoint, save_checkpoint
+from train.checkpoint import (
+    ResumeError,
+    build_model,
+    check_optimizer_fit,
+    check_resume_fit,
+    load_initial_weights,
+    restored,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from train.config import ConfigError, TrainConfig
 from train.data import ShardStream, make_loader, train_val_folds
 from train.distributed import agreed_batches, autocast, first_error, gathered_rng, restore_rng, setup_distributed
 from train.model import SignModel, count_parameters, late_dropout_rate
 from train.optim import AWP, make_optimizer
-from train.predict import predict_batches
 from train.report import Reporters, check_backends, open_reporters
 from train.resplit import pack_trained, unpack_trained
 from train.runfiles import RunDirError, append_metrics, check_new_run, open_run_dir, plot_curves, run_lock
+from train.scoring import predict_batches
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +67,7 @@ class TrainResult:
 @dataclass
 class Data:
     manifest: dict[str, Any]
+    digest: str  # `manifest_digest`
     train_folds: list[int]
     val_folds: list[int]
     train_loader: Any
@@ -90,6 +103,7 @@ class Run:
     awp: AWP | None = None  # --awp: the adversarial step on the weights, from its start epoch
     trained: np.ndarray | None = None  # uint8 per training sample id: 1 once this rank trained it this epoch
     resplit_epoch: int | None = None  # the epoch resumed under another split (`_resplit`)
+    manifest_sha256: str = ""  # `manifest_digest` of the shards it trains on
 
     @property
     def master(self) -> bool:
@@ -182,7 +196,11 @@ def open_data(
     error = None
     try:
         manifest = read_manifest(cfg.shards, cfg.io_timeout, cfg.io_min_rate * 1000)
-        if ckpt is not None and ckpt.get("shards_fingerprint") != manifest["fingerprint"]:
+        digest = manifest_digest(manifest)
+        if ckpt is not None and (
+            ckpt.get("shards_fingerprint") != manifest["fingerprint"]
+            or ckpt.get("manifest_sha256", digest) != digest  # older checkpoints have no digest
+        ):
             raise ShardError(f"{cfg.shards} is not the shard set {resume} was trained on (its manifest differs)")
         train_folds, val_folds = split_folds(manifest, cfg.val_folds, cfg.shards)
         loader_args = dict(
@@ -207,7 +225,12 @@ def open_data(
         error = str(exc)
     if (error := first_error(error, world)) is not None:
         raise ShardError(error)
-    return Data(manifest, train_folds, val_folds, train_loader, val_loader)
+    return Data(manifest, digest, train_folds, val_folds, train_loader, val_loader)
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The SHA-256 of a manifest's content: a manifest edited in place keeps the build's fingerprint, not this."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 def start_run(
@@ -234,7 +257,9 @@ def start_run(
     warmup = max(1, int(cfg.warmup * planned))
     cuda = device.type == "cuda"
     label_map = data.manifest["label_map"]
-    model = build_model(cfg, len(label_map)).to(device)
+    model = build_model(cfg, len(label_map))
+    check_max_len(model.cfg.max_len, data, cfg.shards)
+    model = model.to(device)
     if cfg.init_from and ckpt is None:  # a resumed run has its own weights
         load_initial_weights(model, cfg.init_from, label_map, cfg.new_head)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, fused=cuda or None)
@@ -260,14 +285,15 @@ def start_run(
         optimizer,
         scheduler,
         ema,
-        AugmentConfig(**cfg.augment_options),
+        augment_config(cfg.augment_options, model.cfg.max_len),
         generator,
         sums=torch.zeros(3, dtype=torch.float64, device=device),
     )
     run.awp = AWP(model, cfg.awp, cfg.awp_from) if cfg.awp > 0 else None
     run.trained = np.zeros(data.train_loader.dataset.total, dtype=np.uint8)
+    run.manifest_sha256 = data.digest
     if ckpt is not None:
-        _restore(run, ckpt, warmup, data.train_loader.dataset)
+        _restore(run, ckpt, warmup, data.train_loader.dataset, Path(resume) / "last.pt")
     if world > 1:
         run.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     if cfg.compile:
@@ -275,18 +301,46 @@ def start_run(
     return run
 
 
-def _restore(run: Run, ckpt: dict[str, Any], warmup: int, stream: ShardStream) -> None:
-    """Continue from a checkpoint: weights, optimizer, schedule, EMA, position, every rank's RNG states (or, under
-    another split of the epoch, new ones: `_resplit`)."""
-    run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
+def check_max_len(max_len: int, data: Data, shards: str) -> None:
+    """Refuse a model whose max_len is below the longest sequence of the folds it trains and validates on."""
+    folds = {*data.train_folds, *data.val_folds}
+    entries = [e for e in data.manifest["shards"] if e["fold"] in folds]
+    longest = max((max(e["lengths"], default=0) for e in entries), default=0)
+    if longest > max_len:
+        raise ConfigError(
+            f"{printable(shards)} holds sequences of up to {longest} frames, more than the model's max_len {max_len} "
+            f"(model.max_len in the config); set it to {longest} or more"
+        )
+
+
+def augment_config(options: dict[str, Any], max_len: int) -> AugmentConfig:
+    """The augmentation of `options`, never resampling a sequence past the model's `max_len`."""
+    aug = AugmentConfig(**options)
+    return replace(aug, max_len=max_len) if aug.max_len > max_len else aug
+
+
+def _restore(run: Run, ckpt: dict[str, Any], warmup: int, stream: ShardStream, path: Path) -> None:
+    """Continue from a checkpoint (`path`): weights, optimizer, schedule, EMA, position, every rank's RNG states
+    (or, under another split of the epoch, new ones: `_resplit`); a part that does not fit is one line."""
+    restored(path, "model", run.model.load_state_dict, ckpt["model"])
+    restored(path, "optimizer", run.optimizer.load_state_dict, ckpt["optimizer"])
+    check_optimizer_fit(path, run.optimizer)
+    restored(path, "scheduler", run.scheduler.load_state_dict, ckpt["scheduler"])
+    lrs = run.scheduler.base_lrs
+    if len(lrs) != len(run.optimizer.param_groups) or not all(isinstance(x, float) and math.isfinite(x) for x in lrs):
+        raise ResumeError(path, "scheduler", f"base_lrs {printable(repr(lrs), 80)} do not fit this run's optimizer")
     if run.ema is not None:
-        run.ema.module.load_state_dict(ckpt["ema"])
+        restored(path, "ema", run.ema.module.load_state_dict, ckpt["ema"])
         run.ema.n_averaged.fill_(ckpt["ema_n_averaged"])
     run.step, run.epoch, run.skip, run.best = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_top1"]
-    if not _resplit(run, ckpt, stream):
-        restore_rng(ckpt["rng"], run.rank, run.world, run.generator, run.device)
+    try:
+        resplit = _resplit(run, ckpt, stream)
+    except ValueError as exc:  # a trained-sample record of another size
+        raise ResumeError(path, "epoch_trained", str(exc)) from None
+    same_split = ckpt.get("world", run.world) == run.world and ckpt.get("workers", run.cfg.workers) == run.cfg.workers
+    check_resume_fit(path, ckpt, run.steps_per_epoch, resplit, same_split)
+    if not resplit:
+        restored(path, "rng", lambda rng: restore_rng(rng, run.rank, run.world, run.generator, run.device), ckpt["rng"])
     if run.master and "epoch_sums" in ckpt:  # summed over every rank: one rank carries them, the reduction adds
         run.sums[:2] = torch.tensor(ckpt["epoch_sums"], dtype=torch.float64)
     for group, base_lr in zip(run.optimizer.param_groups, run.scheduler.base_lrs, strict=True):
@@ -523,6 +577,7 @@ def _save(run: Run, name: str, batch_in_epoch: int) -> None:
                     "config": asdict(run.cfg),
                     "label_map": run.label_map,
                     "shards_fingerprint": run.fingerprint,
+                    "manifest_sha256": run.manifest_sha256,
                     "epoch_trained": trained,
                     "world": run.world,
                     "workers": run.cfg.workers,

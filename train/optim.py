@@ -80,12 +80,15 @@ class Lookahead(torch.optim.Optimizer):
                 f"Lookahead state for k={state['k']}, alpha={state['alpha']} and {len(state['slow'])} "
                 f"tensors; this one has k={self.k}, alpha={self.alpha} and {len(self.slow)}"
             )
+        shapes = [tuple(getattr(s, "shape", ())) for s in state["slow"]]
+        if shapes != [tuple(s.shape) for s in self.slow] or type(state["steps"]) is not int or state["steps"] < 0:
+            raise ValueError("Lookahead slow weights of other shapes than this model's, or a step count below 0")
         self.inner.load_state_dict(state["inner"])
         self.param_groups = self.inner.param_groups  # load_state_dict replaced the inner group dicts
         with torch.no_grad():
             for slow, saved in zip(self.slow, state["slow"], strict=True):
-                slow.copy_(saved)
-        self.steps = int(state["steps"])
+                slow.copy_(saved)  # same shapes: never a broadcast
+        self.steps = state["steps"]
 
 
 class AWP:

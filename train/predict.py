@@ -1,11 +1,10 @@
-"""Inference: raw parquet files -> top-k signs (a checkpoint, an exported ONNX or LiteRT file); validation reports."""
+"""Inference: raw parquet files -> top-k signs (a checkpoint, an exported ONNX or LiteRT file)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,17 +13,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pipeline.cache import cache_view
 from pipeline.features import compact_features, pack_missing
 from pipeline.read import InputFileError, LandmarkFileError, read_file
-from pipeline.shards import ShardError, read_manifest
 from pipeline.video import VideoError, is_video
-from train.batch import Batch
-from train.checkpoint import load_checkpoint, model_from_checkpoint
-from train.config import ConfigError, TrainConfig
-from train.data import Decoded, checked, collate, make_loader
-from train.distributed import autocast, resolve_device
-from train.ensemble import EnsembleScorer, ensemble_of, shared_label_map
+from train.data import Decoded, collate
+from train.distributed import resolve_device
+from train.ensemble import EnsembleScorer, ensemble_of
+from train.scoring import load_members, predict_batches
 from train.videoinput import read_sequence
 
 MAX_LIST_BYTES = 256 << 20  # an @LIST of every Kaggle file is about 5 MB
@@ -42,17 +37,6 @@ class Prediction:
     def as_dict(self) -> dict[str, Any]:
         """The JSON form: {"path", "top": [[sign, probability], ...], "error"}, and a video's "frames", "hand_share"."""
         return {"path": self.path, "top": [[s, q] for s, q in self.top], "error": self.error, **(self.video or {})}
-
-
-@torch.no_grad()
-def predict_batches(model: torch.nn.Module, loader: Any, device: torch.device) -> Iterator[tuple[Batch, torch.Tensor]]:
-    """(batch on device, logits) for every batch of a loader, in eval mode."""
-    model.eval()
-    for batch in checked(loader):
-        batch = batch.to(device, non_blocking=device.type == "cuda")
-        with autocast(device):
-            logits = model(batch.x, batch.mask)
-        yield batch, logits.float()
 
 
 class Scorer(Protocol):
@@ -83,32 +67,10 @@ class CheckpointScorer:
     def probabilities(self, sequences: list[np.ndarray]) -> np.ndarray:
         samples = []
         for xyz in sequences:
-            compact, missing = compact_features(xyz)
+            compact, missing = compact_features(xyz, self.model.cfg.max_len)  # truncated as the export truncates
             samples.append(Decoded(compact, pack_missing(missing), 0, ""))
         _, logits = next(predict_batches(self.model, [collate(samples)], self.device))
         return torch.softmax(logits, dim=-1).cpu().numpy()
-
-
-@dataclass
-class Members:
-    """Checkpoints loaded as the members of an ensemble (one is an ensemble of one) and their shared label map."""
-
-    paths: list[Path]
-    checkpoints: list[dict[str, Any]]
-    label_map: dict[str, int]
-
-    def models(self, use_ema: bool = True) -> list[torch.nn.Module]:
-        return [model_from_checkpoint(c, use_ema) for c in self.checkpoints]
-
-    def configs(self) -> list[TrainConfig]:
-        return [TrainConfig.from_dict(c["config"]) for c in self.checkpoints]
-
-
-def load_members(paths: Sequence[str | Path]) -> Members:
-    """Checkpoints as ensemble members; one line naming two files whose label maps differ."""
-    checkpoints = [load_checkpoint(p) for p in paths]
-    label_map = shared_label_map([(str(p), c["label_map"]) for p, c in zip(paths, checkpoints, strict=True)])
-    return Members([Path(p) for p in paths], checkpoints, label_map)
 
 
 class OnnxScorer:
@@ -244,137 +206,3 @@ def _csv_line(cells: list[str]) -> str:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="").writerow(cells)
     return buf.getvalue()
-
-
-@dataclass
-class SampleScores:
-    """The probabilities a model (or ensemble) gives each sample of a loader, with the sample's ids and label."""
-
-    keys: list[str]  # sequence ids
-    participants: list[str]
-    labels: np.ndarray  # (N,) int64
-    probabilities: np.ndarray  # (N, n_signs) float64
-
-    def top(self, k: int = 5) -> np.ndarray:
-        """(N, k) label indices, most probable first (ties: the lower index first)."""
-        return np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
-
-
-def score_samples(model: torch.nn.Module, loader: Any, device: torch.device) -> SampleScores:
-    """Every sample of `loader` scored by `model` (logits, or an ensemble's log mean probability)."""
-    keys: list[str] = []
-    participants: list[str] = []
-    labels, probabilities = [], []
-    for batch, logits in predict_batches(model, loader, device):
-        keys += batch.keys
-        participants += batch.participants
-        labels.append(batch.labels.cpu())
-        probabilities.append(torch.softmax(logits.double(), dim=-1).cpu())  # float64: the logits' order is kept
-    return SampleScores(keys, participants, torch.cat(labels).numpy(), torch.cat(probabilities).numpy())
-
-
-def evaluation_scores(
-    checkpoints: str | Path | Sequence[str | Path],
-    shards: str | Path | None = None,
-    folds: list[int] | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
-    cache_dir: str | Path | None = None,
-    cache_limit: float | None = None,
-) -> tuple[SampleScores, Members, dict[str, Any]]:
-    """The scores of a checkpoint (or the ensemble of several) on validation folds; the members; where they ran
-    (`shards`, `folds`).
-
-    The defaults (the run's shards, validation folds, batch size, bucketing and workers, and its EMA
-    weights when it has them) form the same batches of the same weights as the run's validation,
-    so best.pt scores the best epoch's top-1 exactly (on one process and the same device type).
-    An ensemble takes these defaults from its first member; its members must share their validation folds
-    unless `folds` is given.
-    """
-    dev = resolve_device(device)
-    members = load_members([checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints))
-    configs = members.configs()
-    cfg, first = configs[0], members.paths[0]
-    shards = shards or cfg.shards
-    if folds is None:
-        for path, other in zip(members.paths, configs, strict=True):
-            if other.val_folds != cfg.val_folds:
-                raise ConfigError(
-                    f"{first} and {path} were validated on different folds ({cfg.val_folds} and "
-                    f"{other.val_folds}); pass --folds to choose the folds to evaluate"
-                )
-        folds = cfg.val_folds
-    if not folds:
-        raise ConfigError(
-            f"{first} was trained on every fold (--val-folds none), so it has no validation folds; "
-            "pass --folds to choose folds (they were seen in training)"
-        )
-    manifest = read_manifest(shards, cfg.io_timeout, cfg.io_min_rate * 1000)  # once: from a URL, every read is a fetch
-    if manifest["label_map"] != members.label_map:
-        raise ShardError(f"{shards}: its label map is not the one {first} was trained with")
-    model = ensemble_of(members.models()).to(dev)
-    loader = make_loader(
-        shards,
-        folds,
-        batch_size or cfg.batch_size,
-        train=False,
-        manifest=manifest,
-        workers=cfg.workers if workers is None else workers,
-        bucket=cfg.bucket,
-        stall_s=cfg.io_timeout,
-        min_rate=cfg.io_min_rate * 1000,
-        cache=cache_view(cache_dir, cache_limit, shards, manifest),
-    )
-    return score_samples(model, loader, dev), members, {"shards": str(shards), "folds": list(folds)}
-
-
-def accuracy_by(groups: Sequence[str], hits: np.ndarray) -> dict[str, dict[str, Any]]:
-    """{group: {top1, samples}} of boolean `hits` grouped by `groups` (one per sample), in group order."""
-    names, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
-    counts = np.bincount(index, minlength=len(names))
-    right = np.bincount(index, weights=hits.astype(np.float64), minlength=len(names))
-    return {str(n): {"top1": float(r / c), "samples": int(c)} for n, r, c in zip(names, right, counts, strict=True)}
-
-
-def _member(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
-    weights = "EMA" if ckpt.get("ema") else "raw"
-    return {"checkpoint": str(path), "epoch": ckpt.get("epoch"), "step": ckpt.get("step"), "weights": weights}
-
-
-def evaluation_report(
-    checkpoints: str | Path | Sequence[str | Path],
-    shards: str | Path | None = None,
-    folds: list[int] | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
-    cache_dir: str | Path | None = None,
-    cache_limit: float | None = None,
-) -> dict[str, Any]:
-    """Top-1/top-5 on validation folds, per-sign and per-participant accuracy, the most confused pairs and the
-    confusion among the most confused signs, as plain JSON-able data (see `evaluation_scores` for the defaults)."""
-    from train.confusion import confusion_of
-
-    scores, members, where = evaluation_scores(
-        checkpoints, shards, folds, device, batch_size, workers, cache_dir, cache_limit
-    )
-    names = np.array(sorted(members.label_map, key=members.label_map.get), dtype=object)
-    y, t5 = scores.labels, scores.top(5)
-    pred = t5[:, 0]
-    hit = pred == y
-    per_sign = [{"sign": s, **v} for s, v in accuracy_by(names[y], hit).items()]
-    per_participant = accuracy_by(scores.participants, hit)
-    confused = Counter((names[a], names[b]) for a, b in zip(y, pred, strict=True) if a != b)
-    return {
-        **(_member(members.paths[0], members.checkpoints[0]) if len(members.paths) == 1 else {}),
-        "members": [_member(p, c) for p, c in zip(members.paths, members.checkpoints, strict=True)],
-        **where,
-        "samples": int(len(y)),
-        "top1": float(hit.mean()),
-        "top5": float((t5 == y[:, None]).any(axis=1).mean()),
-        "worst_signs": sorted(per_sign, key=lambda w: (w["top1"], w["sign"]))[:10],
-        "participants": per_participant,
-        "confused_pairs": [{"true": a, "predicted": b, "count": n} for (a, b), n in confused.most_common(10)],
-        "confusion": confusion_of(names[y], names[pred]),
-    }
