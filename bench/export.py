@@ -35,7 +35,8 @@ from pipeline.demo import generate_sequence, sample_lengths
 from train.checkpoint import build_model, save_checkpoint
 from train.config import TrainConfig
 from train.ensemble import EnsembleScorer
-from train.export import LandmarkClassifier, export_onnx, onnx_session
+from train.exportgraph import LandmarkClassifier
+from train.onnxexport import export_onnx, onnx_session
 from train.predict import CheckpointScorer
 from train.tflite import TFLiteClassifier, export_tflite
 

@@ -36,19 +36,16 @@ onnx = pytest.importorskip("onnx", reason="the export extra is not installed: pi
 ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
 pytest.importorskip("onnxscript", reason="the export extra is not installed: pip install -e '.[export]'")
 
-from train.export import (  # noqa: E402  (after the extra's skip)
+from train.exportgraph import (  # noqa: E402  (after the extra's skip)
     INPUT_NAME,
     OUTPUT_NAME,
     PROB_TOLERANCE,
     ExportError,
     LandmarkClassifier,
-    OnnxClassifier,
-    export_onnx,
-    onnx_bytes,
-    onnx_session,
     parity_rows,
     softmax,
 )
+from train.onnxexport import OnnxClassifier, export_onnx, onnx_bytes, onnx_session  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REAL_FILES = [SAMPLE_ROOT / rel for rel in sorted(SAMPLE_FRAMES)]
@@ -281,9 +278,9 @@ def test_cli_export_no_ema_opset_18(checkpoint: Path, tmp_path: Path, shared_dir
 
 
 def test_failed_parity_writes_nothing(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import train.export as export
+    import train.exportgraph as graph
 
-    monkeypatch.setattr(export, "torch_logits", _shifted(export.torch_logits))
+    monkeypatch.setattr(graph, "torch_logits", _shifted(graph.torch_logits))
     out = tmp_path / "model.onnx"
     result = CliRunner().invoke(train_cli, ["export", "--checkpoint", str(checkpoint), "--out", str(out)])
     assert result.exit_code == 1
@@ -297,7 +294,7 @@ def test_onnxruntime_failure_is_one_line_and_writes_nothing(
 ) -> None:
     # As `--opset 23` does with onnxruntime 1.32 (its Attention kernel refuses the model's key mask); faked here,
     # so the test does not depend on a runtime version.
-    import train.export as export
+    import train.onnxexport as export
 
     class Failing:
         def run(self, names, feeds):
@@ -336,11 +333,14 @@ def test_parity_rows_measure_the_difference(ema_model) -> None:
                 logits = ema_model(torch.from_numpy(x)[None], torch.ones(1, len(x), dtype=torch.bool))[0].numpy()
             return [logits + np.eye(len(logits), dtype=np.float32)[0] * self.delta]
 
+        def logits(self, xyz):
+            return self.run([OUTPUT_NAME], {INPUT_NAME: xyz})[0]
+
     labels = {f"s{i}": i for i in range(5)}
     xyz = CASES["T50"]()
-    (same,) = parity_rows(Session(0.0), ema_model, labels, [("a", xyz)])
+    (same,) = parity_rows(Session(0.0).logits, ema_model, labels, [("a", xyz)])
     assert same.ok and same.max_prob_diff == 0.0 and same.frames == 50
-    (off,) = parity_rows(Session(0.05), ema_model, labels, [("a", xyz)])
+    (off,) = parity_rows(Session(0.05).logits, ema_model, labels, [("a", xyz)])
     p = softmax(
         ema_model(torch.from_numpy(compact_features(xyz)[0])[None], torch.ones(1, 50, dtype=torch.bool))[0]
         .detach()

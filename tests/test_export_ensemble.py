@@ -32,7 +32,8 @@ from train.predict import CheckpointScorer, OnnxScorer, iter_predictions
 pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
 pytest.importorskip("onnxscript", reason="the export extra is not installed: pip install -e '.[export]'")
 
-from train.export import PROB_TOLERANCE, OnnxClassifier, softmax  # noqa: E402
+from train.exportgraph import PROB_TOLERANCE, softmax  # noqa: E402
+from train.onnxexport import OnnxClassifier  # noqa: E402
 
 REAL_FILES = [SAMPLE_ROOT / rel for rel in sorted(SAMPLE_FRAMES)]
 SIGNS = 20
@@ -306,8 +307,8 @@ def test_disk_full_names_the_file_and_keeps_the_old_pair(
 def test_disk_full_during_export_is_one_line(
     exported: tuple[Path, str], members: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import train.export as export
     import train.modelpair as mp
+    import train.onnxexport as export
 
     data = exported[0].read_bytes()  # these members' graph, reused: the write is what is tested
     monkeypatch.setattr(export, "onnx_bytes", lambda module, metadata, opset: (data, 20))

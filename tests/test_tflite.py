@@ -31,7 +31,8 @@ NO_TFLITE = "the tflite extra is not installed: pip install -e '.[tflite]' (make
 pytest.importorskip("ai_edge_litert.interpreter", reason=NO_TFLITE)
 pytest.importorskip("tensorflow", reason=NO_TFLITE)
 
-from train.export import PROB_TOLERANCE, ExportError, OnnxClassifier, export_onnx, softmax, torch_logits  # noqa: E402
+from train.exportgraph import PROB_TOLERANCE, ExportError, softmax, torch_logits  # noqa: E402
+from train.onnxexport import OnnxClassifier, export_onnx  # noqa: E402
 from train.tflite import AtenToTF, TFLiteClassifier, aten_program, metadata_of, tflite_bytes  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.tflite]

@@ -112,13 +112,13 @@ class OnnxScorer:
     """A file written by `asl-train export`, run by onnxruntime one sequence at a time (its input is one sequence)."""
 
     def __init__(self, path: str | Path, threads: int = 0) -> None:
-        from train.export import OnnxClassifier
+        from train.onnxexport import OnnxClassifier
 
         self.model = OnnxClassifier(path, threads)
         self.label_map = self.model.label_map
 
     def probabilities(self, sequences: list[np.ndarray]) -> np.ndarray:
-        from train.export import softmax
+        from train.exportgraph import softmax
 
         return np.stack([softmax(self.model.logits(xyz)) for xyz in sequences])
 
@@ -133,7 +133,7 @@ class TFLiteScorer:
         self.label_map = self.model.label_map
 
     def probabilities(self, sequences: list[np.ndarray]) -> np.ndarray:
-        from train.export import softmax
+        from train.exportgraph import softmax
 
         return np.stack([softmax(self.model.logits(xyz)) for xyz in sequences])
 

@@ -12,7 +12,7 @@ lowering fails the export by name. The converters tried first could not keep the
   truncation's `Min` of the frame count (it reads the `(T, 543, 3)` input as channels-first); with the
   input kept as it is (`-kat inputs`), `tf.ones` on a dynamic length cannot be called on a Keras
   symbolic tensor, and past that, an `UnboundLocalError` inside its `Div` lowering;
-- `litert-torch` 0.10 (alias `ai-edge-torch`): the errors the README's ONNX section records.
+- `litert-torch` 0.10 (alias `ai-edge-torch`): the errors docs/deploy.md records (How the LiteRT file is made).
 
 Rewrites, both forced by LiteRT's builtin op set and both covered by the parity check:
 
@@ -40,37 +40,32 @@ import numpy as np
 import torch
 
 from pipeline.landmarks import N_RAW
-from pipeline.read import read_landmarks
-from train.export import (
+from train.exportgraph import (
     INPUT_NAME,
     OUTPUT_NAME,
     Checkpoints,
     ExportError,
     ExportResult,
     LandmarkClassifier,
-    _quiet_exporter,
-    builtin_sequences,
+    check_sequences,
+    dynamic_program,
     export_source,
     parity_failure,
     parity_rows,
+    quiet_exporter,
+    require,
 )
 from train.modelpair import write_model_pair
 
 SIGNATURE = "serving_default"
-TFLITE_HINT = "pip install -e '.[tflite]'"
 INT32_MAX = 2**31 - 1
 
 
 def require_tflite(module: str) -> Any:
     """Import tensorflow or ai_edge_litert, or fail with the command that installs the `tflite` extra."""
-    import importlib
-
     if module == "tensorflow":
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # its C++ start-up notes say nothing about this model
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ExportError(f"{module} is not installed; it comes with the tflite extra: {TFLITE_HINT}") from None
+    return require(module, "tflite")
 
 
 # ---------------------------------------------------------------------------- export
@@ -87,7 +82,7 @@ def export_tflite(
     require_tflite("ai_edge_litert.interpreter")
     require_tflite("tensorflow")
     out = Path(out)
-    checks = [(str(p), read_landmarks(p)) for p in check_files] + list(builtin_sequences())  # bad files fail first
+    checks = check_sequences(check_files)
     source = export_source(checkpoint, use_ema)
     data = tflite_bytes(LandmarkClassifier(source.model).eval(), source.metadata)
     runner = TFLiteClassifier(data)
@@ -107,7 +102,7 @@ def tflite_bytes(module: torch.nn.Module, metadata: dict[str, Any]) -> bytes:
     holder = tf.Module()
     serve = lambda inputs: {OUTPUT_NAME: lowering(inputs)}  # noqa: E731
     holder.serve = tf.function(serve, input_signature=[spec], autograph=False)  # plain Python: nothing to rewrite
-    with _quiet_exporter():
+    with quiet_exporter():
         converter = tf.lite.TFLiteConverter.from_concrete_functions([holder.serve.get_concrete_function()], holder)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # no Flex: ai-edge-litert alone runs it
         try:
@@ -119,9 +114,8 @@ def tflite_bytes(module: torch.nn.Module, metadata: dict[str, Any]) -> bytes:
 
 def aten_program(module: torch.nn.Module) -> torch.export.ExportedProgram:
     """`module` through `torch.export` with a dynamic frame axis, decomposed to core ATen ops."""
-    example = torch.from_numpy(next(s for _, s in builtin_sequences()))
-    with _quiet_exporter():
-        program = torch.export.export(module, (example,), dynamic_shapes={INPUT_NAME: {0: torch.export.Dim.DYNAMIC}})
+    program = dynamic_program(module)
+    with quiet_exporter():
         return program.run_decompositions()
 
 
