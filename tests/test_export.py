@@ -40,12 +40,13 @@ from train.exportgraph import (  # noqa: E402  (after the extra's skip)
     INPUT_NAME,
     OUTPUT_NAME,
     PROB_TOLERANCE,
-    ExportError,
     LandmarkClassifier,
     parity_rows,
     softmax,
 )
-from train.onnxexport import OnnxClassifier, export_onnx, onnx_bytes, onnx_session  # noqa: E402
+from train.modelfile import ModelFile, ModelFileError, onnx_session  # noqa: E402
+from train.modelpair import metadata_path  # noqa: E402
+from train.onnxexport import export_onnx, onnx_bytes  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REAL_FILES = [SAMPLE_ROOT / rel for rel in sorted(SAMPLE_FRAMES)]
@@ -117,7 +118,7 @@ def assert_same_prediction(p_onnx: np.ndarray, p_torch: np.ndarray) -> None:
 
 def test_export_writes_the_contract(exported: tuple[Path, object], checkpoint: Path) -> None:
     path, result = exported
-    assert result.path == path and result.metadata_path == path.with_suffix(".json")
+    assert result.path == path and result.metadata_path == path.with_name("model.onnx.json")
     assert result.size == path.stat().st_size and result.weights == "ema" and result.opset == 20
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
@@ -145,24 +146,24 @@ def test_label_map_round_trips_through_metadata_and_json(exported: tuple[Path, o
     assert json.loads(props["label_map"]) == ckpt["label_map"]
     assert props["weights"] == "ema" and json.loads(props["features_version"]) == 1
     assert json.loads(props["step"]) == ckpt["step"]
-    sidecar = json.loads(path.with_suffix(".json").read_text())
+    sidecar = json.loads(metadata_path(path).read_text())
     assert sidecar["label_map"] == ckpt["label_map"]
     assert sidecar["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert sidecar["model"] == "model.onnx" and sidecar["opset"] == 20
-    assert OnnxClassifier(path).label_map == ckpt["label_map"]  # what predict --model reads
+    assert ModelFile(path).label_map == ckpt["label_map"]  # what predict --model reads
 
 
 def test_onnx_equals_pytorch_on_real_files(exported: tuple[Path, object], ema_model, sample_file) -> None:
     path, frames = sample_file
     xyz = read_landmarks(path)
     assert len(xyz) == frames
-    p_onnx = softmax(OnnxClassifier(exported[0]).logits(xyz))
+    p_onnx = softmax(ModelFile(exported[0]).logits(xyz))
     assert_same_prediction(p_onnx, pytorch_probs(ema_model, xyz))
     assert_same_prediction(p_onnx, padded_probs(ema_model, xyz))
 
 
 def test_onnx_equals_pytorch_on_demo_files(exported: tuple[Path, object], ema_model, data_dir: Path) -> None:
-    session = OnnxClassifier(exported[0])
+    session = ModelFile(exported[0])
     files = demo_files(data_dir)
     lengths = set()
     for f in files:
@@ -192,7 +193,7 @@ EDGE_CASES = [
 @pytest.mark.parametrize("name", EDGE_CASES)
 def test_onnx_equals_pytorch_on_edge_cases(exported: tuple[Path, object], ema_model, name: str) -> None:
     xyz = CASES[name]()
-    p_onnx = softmax(OnnxClassifier(exported[0]).logits(xyz))
+    p_onnx = softmax(ModelFile(exported[0]).logits(xyz))
     assert np.isfinite(p_onnx).all()
     assert_same_prediction(p_onnx, pytorch_probs(ema_model, xyz))
     assert_same_prediction(p_onnx, padded_probs(ema_model, xyz))
@@ -208,8 +209,8 @@ def test_exported_features_equal_the_pipeline(tmp_path: Path) -> None:
     data, _ = onnx_bytes(Features(), {})
     session = onnx_session(data)
     (tmp_path / "features.onnx").write_bytes(data)
-    with pytest.raises(ExportError, match=r"features\.onnx: no label_map in its metadata \(not written by"):
-        OnnxClassifier(tmp_path / "features.onnx")  # a valid ONNX file, but not a sign classifier of ours
+    with pytest.raises(ModelFileError, match=r"features\.onnx: no label_map in its metadata \(not written by"):
+        ModelFile(tmp_path / "features.onnx")  # a valid ONNX file, but not a sign classifier of ours
     for name in ["T1", "T2", "T7", "T383", "T384", "T385", "late_shift_500", *EDGE_CASES[7:]]:
         xyz = CASES[name]()
         (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: xyz})
@@ -221,7 +222,7 @@ def test_exported_features_equal_the_pipeline(tmp_path: Path) -> None:
 def test_left_hand_missing_everywhere(exported: tuple[Path, object], ema_model) -> None:
     xyz = CASES["T50"]()
     xyz[:, 468:489] = np.nan  # the left hand only, the right one kept
-    assert_same_prediction(softmax(OnnxClassifier(exported[0]).logits(xyz)), pytorch_probs(ema_model, xyz))
+    assert_same_prediction(softmax(ModelFile(exported[0]).logits(xyz)), pytorch_probs(ema_model, xyz))
 
 
 @pytest.mark.parametrize("fast_convs", [False, True])
@@ -268,11 +269,11 @@ def test_cli_export_no_ema_opset_18(checkpoint: Path, tmp_path: Path, shared_dir
     assert f"wrote {out} (" in result.output and "opset 18, model weights" in result.output
     assert "parity: 11 sequences (1..450 frames), top-1 equal" in result.output
     assert {o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")} == {18}
-    assert json.loads(out.with_suffix(".json").read_text())["weights"] == "model"
+    assert json.loads(metadata_path(out).read_text())["weights"] == "model"
     raw = model_from_checkpoint(load_checkpoint(checkpoint), use_ema=False)
     ema = model_from_checkpoint(load_checkpoint(checkpoint), use_ema=True)
     xyz = read_landmarks(path)
-    p_onnx = softmax(OnnxClassifier(out).logits(xyz))
+    p_onnx = softmax(ModelFile(out).logits(xyz))
     assert_same_prediction(p_onnx, pytorch_probs(raw, xyz))
     assert np.abs(p_onnx - pytorch_probs(ema, xyz)).max() > 1e-3  # the other weights really differ
 
@@ -296,12 +297,15 @@ def test_onnxruntime_failure_is_one_line_and_writes_nothing(
     # so the test does not depend on a runtime version.
     import train.onnxexport as export
 
-    class Failing:
-        def run(self, names, feeds):
+    class Failing(ModelFile):
+        def __init__(self, source, name="model") -> None:
+            super().__init__(source, name=name)
+            self.graph.run = self.fail
+
+        def fail(self, x):
             raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : kernel refused\nmore detail")
 
-    monkeypatch.setattr(export, "onnx_bytes", lambda module, metadata, opset=None: (b"graph", 23))
-    monkeypatch.setattr(export, "onnx_session", lambda data, threads=0: Failing())
+    monkeypatch.setattr(export, "ModelFile", Failing)
     out = tmp_path / "model.onnx"
     result = CliRunner().invoke(train_cli, ["export", "--checkpoint", str(checkpoint), "--out", str(out)])
     assert result.exit_code == 1

@@ -32,8 +32,10 @@ pytest.importorskip("ai_edge_litert.interpreter", reason=NO_TFLITE)
 pytest.importorskip("tensorflow", reason=NO_TFLITE)
 
 from train.exportgraph import PROB_TOLERANCE, ExportError, softmax, torch_logits  # noqa: E402
-from train.onnxexport import OnnxClassifier, export_onnx  # noqa: E402
-from train.tflite import AtenToTF, TFLiteClassifier, aten_program, metadata_of, tflite_bytes  # noqa: E402
+from train.modelfile import ModelFile, metadata_of  # noqa: E402
+from train.modelpair import metadata_path  # noqa: E402
+from train.onnxexport import export_onnx  # noqa: E402
+from train.tflite import AtenToTF, aten_program, tflite_bytes  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.tflite]
 REAL_FILES = [SAMPLE_ROOT / rel for rel in sorted(SAMPLE_FRAMES)]
@@ -80,15 +82,15 @@ def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
 
 @pytest.fixture(scope="module")
-def runners(exported: tuple[Path, str], onnx_file: Path) -> tuple[TFLiteClassifier, OnnxClassifier]:
-    return TFLiteClassifier(exported[0], threads=1), OnnxClassifier(onnx_file, threads=1)
+def runners(exported: tuple[Path, str], onnx_file: Path) -> tuple[ModelFile, ModelFile]:
+    return ModelFile(exported[0], threads=1), ModelFile(onnx_file, threads=1)
 
 
 def demo(frames: int, seed: int = 3) -> np.ndarray:
     return generate_sequence(seed, frames, frames % 5, frames % 3, frames)[1]
 
 
-def assert_same_as_onnx(runners: tuple[TFLiteClassifier, OnnxClassifier], xyz: np.ndarray) -> None:
+def assert_same_as_onnx(runners: tuple[ModelFile, ModelFile], xyz: np.ndarray) -> None:
     litert, onnx = runners
     p_lite, p_onnx = softmax(litert.logits(xyz)), softmax(onnx.logits(xyz))
     assert p_lite.shape == (SIGNS,) and np.isfinite(p_lite).all()
@@ -107,14 +109,14 @@ def test_export_writes_the_contract(exported: tuple[Path, str], checkpoint: Path
     params = sum(v.numel() for v in torch.load(checkpoint, weights_only=True)["model"].values())
     assert len(data) >= 4 * params  # float32 weights: nothing was quantized away
     assert output.startswith("parity: 13 sequences (1..450 frames), top-1 equal, largest probability difference ")
-    assert f"wrote {path} ({len(data) / 1e6:.2f} MB, model weights) and {path.with_suffix('.json')}" in output
+    assert f"wrote {path} ({len(data) / 1e6:.2f} MB, model weights) and {metadata_path(path)}" in output
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_content=data)
     assert interpreter.get_signature_list() == {"serving_default": {"inputs": ["inputs"], "outputs": ["outputs"]}}
     (inp,) = interpreter.get_input_details()
     assert list(inp["shape_signature"]) == [-1, 543, 3] and inp["dtype"] == np.float32  # T dynamic
-    sidecar = json.loads(path.with_suffix(".json").read_text())
+    sidecar = json.loads(metadata_path(path).read_text())
     import hashlib
 
     assert sidecar["sha256"] == hashlib.sha256(data).hexdigest() and sidecar["format"] == "tflite"
@@ -122,7 +124,7 @@ def test_export_writes_the_contract(exported: tuple[Path, str], checkpoint: Path
     label_map = {f"sign_{i:03d}": i for i in range(SIGNS)}
     assert sidecar["label_map"] == label_map
     meta = metadata_of(data)
-    assert json.loads(meta["label_map"]) == label_map and TFLiteClassifier(path).label_map == label_map
+    assert json.loads(meta["label_map"]) == label_map and ModelFile(path).label_map == label_map
     assert meta["input"] == sidecar["input"] and json.loads(meta["features_version"]) == sidecar["features_version"]
 
 
@@ -239,11 +241,11 @@ def test_failed_parity_writes_nothing(
 
     data = exported[0].read_bytes()  # this checkpoint's conversion, reused: the runtime is what differs
 
-    class Off(tflite.TFLiteClassifier):
+    class Off(ModelFile):
         def logits(self, xyz: np.ndarray) -> np.ndarray:
             return super().logits(xyz) * 1.05  # a 5% sharper softmax: about 1e-3 in probability
 
-    monkeypatch.setattr(tflite, "TFLiteClassifier", Off)
+    monkeypatch.setattr(tflite, "ModelFile", Off)
     monkeypatch.setattr(tflite, "tflite_bytes", lambda module, metadata: data)
     out = tmp_path / "model.tflite"
     code, output = _export("--checkpoint", str(checkpoint), "--out", str(out))
@@ -338,12 +340,12 @@ def test_two_member_ensemble_equals_onnx_and_the_pytorch_ensemble(tmp_path: Path
     code, output = _export(*(a for m in members for a in ("--checkpoint", str(m))), "--out", str(out))
     assert code == 0, output
     assert ", 2 members, model weights) and " in output
-    sidecar = json.loads(out.with_suffix(".json").read_text())
+    sidecar = json.loads(metadata_path(out).read_text())
     assert [m["checkpoint"] for m in sidecar["members"]] == [str(m) for m in members]
     assert json.loads(metadata_of(out.read_bytes())["members"]) == sidecar["members"]
     onnx_out = tmp_path / "ensemble.onnx"
     export_onnx(members, onnx_out)
-    litert, onnx = TFLiteClassifier(out, threads=1), OnnxClassifier(onnx_out)
+    litert, onnx = ModelFile(out, threads=1), ModelFile(onnx_out)
     scorers = [CheckpointScorer(m, device="cpu") for m in members]
     ensemble = EnsembleScorer(scorers, [str(m) for m in members])
     xyzs = [demo(t) for t in (1, 2, 57, 500)] + [read_landmarks(p) for p in REAL_FILES if p.exists()]
@@ -367,7 +369,7 @@ def test_deploy_snippets_run(exported: tuple[Path, str], onnx_file: Path, tmp_pa
     source = next((p for p in REAL_FILES if p.exists()), None) or pytest.skip("no real files")
     shutil.copy(source, tmp_path / "sequence.parquet")
     shutil.copy(exported[0], tmp_path / "model.tflite")
-    shutil.copy(exported[0].with_suffix(".json"), tmp_path / "model.json")
+    shutil.copy(metadata_path(exported[0]), tmp_path / "model.tflite.json")
     shutil.copy(onnx_file, tmp_path / "model.onnx")
     monkeypatch.chdir(tmp_path)
     text = (Path(__file__).parents[1] / "docs" / "deploy.md").read_text()
@@ -378,6 +380,6 @@ def test_deploy_snippets_run(exported: tuple[Path, str], onnx_file: Path, tmp_pa
         exec(compile(block, "docs/deploy.md", "exec"), scope)
     xyz = read_landmarks(source)
     np.testing.assert_array_equal(scope["xyz"], xyz)
-    np.testing.assert_array_equal(scope["tflite_logits"], TFLiteClassifier(exported[0]).logits(xyz))
-    np.testing.assert_array_equal(scope["onnx_logits"], OnnxClassifier(onnx_file).logits(xyz))
+    np.testing.assert_array_equal(scope["tflite_logits"], ModelFile(exported[0]).logits(xyz))
+    np.testing.assert_array_equal(scope["onnx_logits"], ModelFile(onnx_file).logits(xyz))
     assert scope["signs"] == {i: f"sign_{i:03d}" for i in range(SIGNS)}

@@ -371,6 +371,14 @@ def evaluate_cmd(
     help="A file written by `asl-train export`: .onnx runs with onnxruntime (the export extra), .tflite with "
     "ai-edge-litert (the tflite extra); the file's contents decide, not its name. Repeat it for an ensemble.",
 )
+@click.option(
+    "--label-map",
+    "label_map",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="For --model: the label map JSON {sign: index} (the competition's sign_to_prediction_index_map.json) of a "
+    "model made elsewhere, with one input (T, 543, 3) float32 and one output per sign, and no metadata of ours.",
+)
 @click.option("--top", "k", default=5, show_default=True, type=click.IntRange(min=1), help="Signs per file.")
 @click.option(
     "--format",
@@ -389,7 +397,13 @@ def evaluate_cmd(
     help="For --checkpoint (an exported model runs on the CPU).",
 )
 def predict_cmd(
-    inputs: tuple[str, ...], checkpoints: tuple[Path, ...], onnx_models: tuple[Path, ...], k: int, fmt: str, device: str
+    inputs: tuple[str, ...],
+    checkpoints: tuple[Path, ...],
+    onnx_models: tuple[Path, ...],
+    label_map: Path | None,
+    k: int,
+    fmt: str,
+    device: str,
 ) -> None:
     """Top-k signs with probabilities for raw Kaggle landmark parquet files.
 
@@ -409,9 +423,11 @@ def predict_cmd(
 
     if bool(checkpoints) == bool(onnx_models):
         raise click.UsageError("give exactly one of --checkpoint or --model (either may be repeated for an ensemble)")
+    if label_map is not None and not onnx_models:
+        raise click.UsageError("--label-map applies to --model (a checkpoint holds its own label map)")
     try:
         files = expand_inputs(inputs)
-        scorer = model_scorer(onnx_models) if onnx_models else CheckpointScorer(checkpoints, device)
+        scorer = model_scorer(onnx_models, label_map) if onnx_models else CheckpointScorer(checkpoints, device)
     except AslError as exc:
         raise click.ClickException(str(exc)) from None
     if fmt == "csv":
@@ -438,7 +454,7 @@ def predict_cmd(
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="The file to write: model.onnx (ONNX) or model.tflite (LiteRT, the tflite extra); its metadata goes "
-    "beside it with .json (model.json).",
+    "beside it, named after it (model.onnx.json).",
 )
 @click.option(
     "--format",

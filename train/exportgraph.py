@@ -304,9 +304,10 @@ def parity_rows(
         try:
             p_file = softmax(run(xyz))
         except Exception as exc:  # the runtimes' own error classes share no useful base
+            reason = getattr(exc, "reason", None) or str(exc).splitlines()[0][:300]  # a model file's: the runtime's
             raise ExportError(
-                f"{runtime} cannot run the exported model on '{name}' ({len(xyz)} frames): "
-                f"{str(exc).splitlines()[0][:300]}; nothing was written"
+                f"{runtime} cannot run the exported model on '{name}' ({len(xyz)} frames): {reason}; "
+                "nothing was written"
             ) from None
         top1_torch, top1_file = names[int(p_torch.argmax())], names[int(p_file.argmax())]
         rows.append(ParityRow(name, len(xyz), top1_torch, top1_file, float(np.abs(p_torch - p_file).max())))

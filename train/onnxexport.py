@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +38,7 @@ from train.exportgraph import (
     quiet_exporter,
     require,
 )
+from train.modelfile import ModelFile
 from train.modelpair import write_model_pair
 
 
@@ -61,9 +61,8 @@ def export_onnx(
     checks = check_sequences(check_files)
     source = export_source(checkpoint, use_ema)
     data, opset_used = onnx_bytes(LandmarkClassifier(source.model, fast_convs=True).eval(), source.metadata, opset)
-    session = onnx_session(data)
-    run = lambda xyz: session.run([OUTPUT_NAME], {INPUT_NAME: xyz})[0]  # noqa: E731
-    parity = parity_rows(run, source.model, source.label_map, checks)
+    written = ModelFile(data, name=str(out))  # as `predict --model` will open it: metadata and contract checked
+    parity = parity_rows(written.logits, source.model, source.label_map, checks)
     if any(not r.ok for r in parity):
         raise ExportError(parity_failure(parity))
     meta_path = write_model_pair(out, data, {"opset": opset_used, **source.metadata})
@@ -95,39 +94,3 @@ def onnx_bytes(module: nn.Module, metadata: dict[str, Any], opset: int | None = 
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     opset_used = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return proto.SerializeToString(), opset_used
-
-
-# ---------------------------------------------------------------------------- running an exported file
-
-
-def onnx_session(model: bytes | str | Path, threads: int = 0) -> Any:
-    """An onnxruntime CPU session (`threads` intra-op threads; 0: onnxruntime's default)."""
-    ort = require("onnxruntime")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 4  # fatal only: errors reach the caller as exceptions, said once
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-class OnnxClassifier:
-    """An exported file ready to run: `logits(xyz)` for one (T, 543, 3) sequence, and its label map."""
-
-    def __init__(self, path: str | Path, threads: int = 0) -> None:
-        require("onnxruntime")
-        try:
-            self.session = onnx_session(path, threads)
-        except Exception as exc:  # onnxruntime's own classes (NoSuchFile, InvalidProtobuf, ...) share no base
-            raise ExportError(f"{path}: not a model onnxruntime can load ({exc})") from None
-        self.label_map = label_map_of(self.session, path)
-
-    def logits(self, xyz: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.asarray(xyz, dtype=np.float32)})[0]
-
-
-def label_map_of(session: Any, path: str | Path = "model") -> dict[str, int]:
-    """The label map stored in an exported file's metadata_props."""
-    raw = session.get_modelmeta().custom_metadata_map.get("label_map")
-    if raw is None:
-        raise ExportError(f"{path}: no label_map in its metadata (not written by `asl-train export`)")
-    return json.loads(raw)

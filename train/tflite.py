@@ -55,9 +55,9 @@ from train.exportgraph import (
     quiet_exporter,
     require,
 )
+from train.modelfile import ModelFile
 from train.modelpair import write_model_pair
 
-SIGNATURE = "serving_default"
 INT32_MAX = 2**31 - 1
 
 
@@ -85,8 +85,8 @@ def export_tflite(
     checks = check_sequences(check_files)
     source = export_source(checkpoint, use_ema)
     data = tflite_bytes(LandmarkClassifier(source.model).eval(), source.metadata)
-    runner = TFLiteClassifier(data)
-    parity = parity_rows(runner.logits, source.model, source.label_map, checks, runtime="ai-edge-litert")
+    written = ModelFile(data, name=str(out))  # as `predict --model` will open it: metadata and contract checked
+    parity = parity_rows(written.logits, source.model, source.label_map, checks, runtime="ai-edge-litert")
     if any(not r.ok for r in parity):
         raise ExportError(parity_failure(parity, "ai-edge-litert"))
     meta_path = write_model_pair(out, data, {"format": "tflite", **source.metadata})
@@ -427,49 +427,3 @@ def with_metadata(data: bytes, entries: dict[str, str]) -> bytes:
     builder = flatbuffers.Builder(len(data) + 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
-
-
-def metadata_of(data: bytes) -> dict[str, str]:
-    """The `metadata` entries of a `.tflite` flatbuffer whose buffers hold text (name -> text)."""
-    schema = require_tflite("ai_edge_litert.schema_py_generated")
-    model = schema.Model.GetRootAs(data, 0)
-    found = {}
-    for i in range(model.MetadataLength()):
-        entry = model.Metadata(i)
-        raw = model.Buffers(entry.Buffer()).DataAsNumpy()
-        if isinstance(raw, np.ndarray):  # an empty buffer reads as 0
-            with_text = raw.tobytes()
-            try:
-                found[entry.Name().decode()] = with_text.decode()
-            except UnicodeDecodeError:
-                continue  # the converter's own binary entries (min_runtime_version is text, others may not be)
-    return found
-
-
-# ---------------------------------------------------------------------------- running an exported file
-
-
-class TFLiteClassifier:
-    """A `.tflite` file written by `asl-train export`, run by ai-edge-litert: `logits(xyz)` and its label map."""
-
-    def __init__(self, model: bytes | str | Path, threads: int | None = None) -> None:
-        litert = require_tflite("ai_edge_litert.interpreter")
-        name = "model" if isinstance(model, bytes) else str(model)
-        try:
-            data = model if isinstance(model, bytes) else Path(model).read_bytes()
-        except OSError as exc:
-            raise ExportError(f"{name}: cannot read the model ({exc.strerror or exc})") from None
-        try:
-            interpreter = litert.Interpreter(model_content=data, num_threads=threads)
-            self.runner = interpreter.get_signature_runner(SIGNATURE)
-            entries = metadata_of(data)
-        except Exception as exc:  # the interpreter's errors are plain ValueError/RuntimeError with long texts
-            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise ExportError(f"{name}: not a model ai-edge-litert can load ({reason})") from None
-        if "label_map" not in entries:
-            raise ExportError(f"{name}: no label_map in its metadata (not written by `asl-train export`)")
-        self.label_map: dict[str, int] = json.loads(entries["label_map"])
-        self.metadata = entries
-
-    def logits(self, xyz: np.ndarray) -> np.ndarray:
-        return self.runner(**{INPUT_NAME: np.asarray(xyz, dtype=np.float32)})[OUTPUT_NAME]
