@@ -523,3 +523,28 @@ def test_core_install_does_not_need_the_export_extra(tmp_path: Path) -> None:
         f"1 Error: onnxscript is not installed; {hint}",
     ]
     assert not (tmp_path / "o.onnx").exists()
+
+
+# ---------------------------------------------------------------------------- a file without our metadata
+
+
+def test_exported_file_stripped_of_metadata_runs_with_label_map(exported, checkpoint: Path, tmp_path: Path) -> None:
+    files = [str(p) for p in REAL_FILES if p.exists()] or pytest.skip("no real files")
+    proto = onnx.load(str(exported[0]))
+    del proto.metadata_props[:]  # as a model made elsewhere comes: the competition's contract, nothing of ours
+    stripped = tmp_path / "stripped.onnx"
+    stripped.write_bytes(proto.SerializeToString())
+    labels = tmp_path / "sign_to_prediction_index_map.json"
+    labels.write_text(json.dumps(load_checkpoint(checkpoint)["label_map"]))
+    code, _, err = _predict("--model", str(stripped), files[0])
+    assert code == 1 and err.startswith(f"Error: {stripped}: no label_map in its metadata (not written by")
+    code, with_map, _ = _predict("--model", str(stripped), "--label-map", str(labels), *files, "--format", "json")
+    assert code == 0
+    code, ours, _ = _predict("--model", str(exported[0]), *files, "--format", "json")
+    assert code == 0 and with_map == ours  # the same graph: the same signs and probabilities, bit for bit
+    # The JSON beside it, written for these bytes, stands in for the stripped metadata.
+    from train.modelpair import write_model_pair
+
+    write_model_pair(stripped, stripped.read_bytes(), {"label_map": load_checkpoint(checkpoint)["label_map"]})
+    code, from_sidecar, _ = _predict("--model", str(stripped), *files, "--format", "json")
+    assert code == 0 and from_sidecar == ours

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import SAMPLE_FRAMES, SAMPLE_ROOT
+from conftest import SAMPLE_FRAMES, SAMPLE_ROOT, SHARED
 
 from pipeline.demo import generate_sequence
 from pipeline.landmarks import TYPE_OFFSETS, TYPE_SIZES
@@ -383,3 +383,68 @@ def test_deploy_snippets_run(exported: tuple[Path, str], onnx_file: Path, tmp_pa
     np.testing.assert_array_equal(scope["tflite_logits"], ModelFile(exported[0]).logits(xyz))
     np.testing.assert_array_equal(scope["onnx_logits"], ModelFile(onnx_file).logits(xyz))
     assert scope["signs"] == {i: f"sign_{i:03d}" for i in range(SIGNS)}
+
+
+# ---------------------------------------------------------------------------- any competition model
+
+KITTU = SHARED / "videos" / "Kittu1209_model_89.tflite"
+COMPETITION_MAP = SHARED / "gislr-sample" / "sign_to_prediction_index_map.json"
+
+
+def test_a_third_party_competition_model_runs_with_the_label_map(shared_dir: Path) -> None:
+    # A LiteRT model trained elsewhere on the full data, in the competition's contract, with no metadata of ours.
+    sample = SAMPLE_ROOT / "16069" / "100015657.parquet"  # sign `cloud`, as the model's author states
+    code, _, err = _predict("--model", str(KITTU), str(sample))
+    assert code == 1 and err.startswith(f"Error: {KITTU}: no label_map in its metadata (not written by")
+    code, out, _ = _predict("--model", str(KITTU), "--label-map", str(COMPETITION_MAP), str(sample), "--format", "json")
+    assert code == 0
+    (row,) = [json.loads(line) for line in out.splitlines()]
+    assert row["top"][0][0] == "cloud" and len(row["top"]) == 5
+    # The same numbers as the runtime called as the competition's notebooks call it.
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(KITTU)).get_signature_runner("serving_default")
+    p = softmax(runner(inputs=read_landmarks(sample))["outputs"].astype(np.float64))
+    names = {i: s for s, i in json.loads(COMPETITION_MAP.read_text()).items()}
+    order = np.argsort(-p, kind="stable")[:5]
+    assert [s for s, _ in row["top"]] == [names[int(i)] for i in order]
+    np.testing.assert_allclose([q for _, q in row["top"]], p[order], atol=1e-6, rtol=0)
+
+
+def _litert_file(path: Path, fn, spec) -> Path:
+    import tensorflow as tf
+
+    holder = tf.Module()
+    holder.serve = tf.function(fn, input_signature=spec, autograph=False)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([holder.serve.get_concrete_function()], holder)
+    path.write_bytes(converter.convert())
+    return path
+
+
+def test_wrong_contract_litert_files_name_the_part(tmp_path: Path, shared_dir: Path) -> None:
+    import tensorflow as tf
+
+    sample = str(SAMPLE_ROOT / "16069" / "100015657.parquet")
+    two = _litert_file(
+        tmp_path / "two.tflite",
+        lambda inputs: {"outputs": tf.reduce_sum(inputs, [0, 2])[:250], "extra": tf.reduce_sum(inputs)},
+        [tf.TensorSpec([None, 543, 3], tf.float32, name="inputs")],
+    )
+    flat = _litert_file(
+        tmp_path / "flat.tflite",
+        lambda inputs: {"outputs": tf.reduce_sum(inputs, 0)[:250]},
+        [tf.TensorSpec([None, 543], tf.float32, name="inputs")],
+    )
+    small = _litert_file(
+        tmp_path / "small.tflite",
+        lambda inputs: {"outputs": tf.reduce_sum(inputs, [0, 2])[:10]},
+        [tf.TensorSpec([None, 543, 3], tf.float32, name="inputs")],
+    )
+    parts = {
+        two: "outputs: 2 (extra, outputs), not one of 250 values",
+        flat: "input 'inputs': shape (T, 543), not (T, 543, 3)",
+        small: f"output 'outputs': shape (10,), not (250,) for the 250 signs of {COMPETITION_MAP}",
+    }
+    for model, part in parts.items():
+        code, out, err = _predict("--model", str(model), "--label-map", str(COMPETITION_MAP), sample)
+        assert (code, out, err) == (1, "", f"Error: {model}: not the contract of a sign model: {part}\n")
