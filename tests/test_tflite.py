@@ -24,6 +24,7 @@ from pipeline.read import read_landmarks
 from train.checkpoint import build_model, save_checkpoint
 from train.cli import main as train_cli
 from train.config import TrainConfig
+from train.model import PRESETS
 
 pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
 pytest.importorskip("onnxscript", reason="the export extra is not installed: pip install -e '.[export]'")
@@ -35,7 +36,7 @@ from train.exportgraph import PROB_TOLERANCE, ExportError, softmax, torch_logits
 from train.modelfile import ModelFile, metadata_of  # noqa: E402
 from train.modelpair import metadata_path  # noqa: E402
 from train.onnxexport import export_onnx  # noqa: E402
-from train.tflite import AtenToTF, aten_program, tflite_bytes  # noqa: E402
+from train.tflite import LOWERINGS, AtenToTF, aten_program, tflite_bytes  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.tflite]
 REAL_FILES = [SAMPLE_ROOT / rel for rel in sorted(SAMPLE_FRAMES)]
@@ -448,3 +449,64 @@ def test_wrong_contract_litert_files_name_the_part(tmp_path: Path, shared_dir: P
     for model, part in parts.items():
         code, out, err = _predict("--model", str(model), "--label-map", str(COMPETITION_MAP), sample)
         assert (code, out, err) == (1, "", f"Error: {model}: not the contract of a sign model: {part}\n")
+
+
+# ---------------------------------------------------------------------------- the registry of lowerings
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_has_a_lowering_for_each_op_and_passes_parity(preset: str) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    from train.ensemble import EnsembleModel
+    from train.exportgraph import LandmarkClassifier, builtin_sequences, parity_rows
+
+    cfg = TrainConfig(preset=preset)
+    torch.manual_seed(1)
+    model = build_model(cfg, 30)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0 if p.ndim >= 2 else 1.0)  # sharper probabilities: a difference in the logits shows
+    model.eval()
+    ensemble = [EnsembleModel([model, build_model(cfg, 30).eval()]).eval()] if preset == "tiny" else []
+    for exported in [model, *ensemble]:
+        module = LandmarkClassifier(exported).eval()
+        program = aten_program(module)
+        ops = {n.target for n in program.graph.nodes if n.op == "call_function"}
+        assert ops and not {str(op) for op in ops - set(LOWERINGS)}, "ATen ops without a LiteRT lowering"
+        data = tflite_bytes(module, {"label_map": "{}"})
+        runner = Interpreter(model_content=data).get_signature_runner("serving_default")
+        label_map = {f"s{i}": i for i in range(30)}
+        run = lambda xyz, r=runner: r(inputs=xyz)["outputs"]  # noqa: E731
+        rows = parity_rows(run, exported, label_map, list(builtin_sequences()))
+        assert all(r.ok for r in rows), [(r.name, r.max_prob_diff) for r in rows if not r.ok]
+
+
+class Comparisons(torch.nn.Module):
+    """Each comparison with a tensor and with a number, on values where equality also happens."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = inputs[:, :4, 0].nan_to_num(0.0)  # (T, 4), 0 where the test put NaN
+        y = torch.cat([x[:, :2], inputs[:, 4:6, 1].nan_to_num(0.0)], dim=1)  # equal to x in two columns
+        ops = [torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge]
+        tensor = [op(x, y) for op in ops]
+        scalar = [op(x, 0.0) for op in ops]
+        return torch.stack(tensor + scalar).float().sum((1, 2))  # (12,)
+
+
+def test_comparisons_are_lowered_both_ways() -> None:
+    module = Comparisons().eval()
+    program = aten_program(module)
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    for name in ("eq", "ne", "lt", "le", "gt", "ge"):
+        assert {f"aten.{name}.Tensor", f"aten.{name}.Scalar"} <= ops
+        assert getattr(torch.ops.aten, name).Tensor in LOWERINGS and getattr(torch.ops.aten, name).Scalar in LOWERINGS
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_content=tflite_bytes(module, {})).get_signature_runner("serving_default")
+    for frames in (1, 7, 40):
+        xyz = demo(frames)
+        xyz[::2, :3, 0] = np.nan  # zeros once cleaned: equal to the number compared with
+        with torch.no_grad():
+            expected = module(torch.from_numpy(xyz)).numpy()
+        np.testing.assert_array_equal(runner(inputs=xyz)["outputs"], expected)
