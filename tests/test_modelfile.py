@@ -141,6 +141,10 @@ def test_bad_label_map_in_metadata_is_one_line(tmp_path: Path, sample: Path, sto
     [
         ({"output_name": "logits"}, "output: named 'logits', not 'outputs' as the files of `asl-train export` name it"),
         ({"input_name": "x"}, "input: named 'x', not 'inputs' as the files of `asl-train export` name it"),
+        (
+            {"output_name": "out\x1b[2J"},  # printed escaped: the file chose the name
+            "output: named 'out\\x1b[2J', not 'outputs' as the files of `asl-train export` name it",
+        ),
     ],
 )
 def test_our_metadata_with_other_port_names_is_refused(tmp_path: Path, names: dict, reason: str) -> None:

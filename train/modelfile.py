@@ -62,6 +62,11 @@ class Port:
     shape: tuple[int | None, ...]
     dtype: str
 
+    @property
+    def shown(self) -> str:
+        """The name as it may be printed (the file chose it)."""
+        return printable(self.name, 80)
+
     def shape_text(self) -> str:
         return (
             "("
@@ -240,22 +245,22 @@ def contract_problem(graph: Graph, signs: int, labels: str, ours: bool) -> str |
     """Which part of the contract `graph` breaks, or None; `labels` names where the label map of `signs` came
     from; `ours`: the file's metadata says `asl-train export` wrote it, so its ports carry our names too."""
     if len(graph.inputs) != 1:
-        return f"inputs: {len(graph.inputs)} ({', '.join(p.name for p in graph.inputs)}), not one (T, {N_RAW}, 3)"
+        return f"inputs: {len(graph.inputs)} ({', '.join(p.shown for p in graph.inputs)}), not one (T, {N_RAW}, 3)"
     if len(graph.outputs) != 1:
-        return f"outputs: {len(graph.outputs)} ({', '.join(p.name for p in graph.outputs)}), not one of {signs} values"
+        return f"outputs: {len(graph.outputs)} ({', '.join(p.shown for p in graph.outputs)}), not one of {signs} values"
     (inp,), (out,) = graph.inputs, graph.outputs
     if len(inp.shape) != 3 or inp.shape[1:] != (N_RAW, 3):
-        return f"input '{inp.name}': shape {inp.shape_text()}, not (T, {N_RAW}, 3)"
+        return f"input '{inp.shown}': shape {inp.shape_text()}, not (T, {N_RAW}, 3)"
     if inp.shape[0] is not None:
-        return f"input '{inp.name}': a fixed length of {inp.shape[0]} frames, not a dynamic T"
+        return f"input '{inp.shown}': a fixed length of {inp.shape[0]} frames, not a dynamic T"
     if inp.dtype != "float32":
-        return f"input '{inp.name}': {inp.dtype}, not float32"
+        return f"input '{inp.shown}': {inp.dtype}, not float32"
     if [d for d in out.shape if d != 1] not in ([signs], [None]):
-        return f"output '{out.name}': shape {out.shape_text()}, not ({signs},) for the {signs} signs of {labels}"
+        return f"output '{out.shown}': shape {out.shape_text()}, not ({signs},) for the {signs} signs of {labels}"
     if ours and inp.name != INPUT_NAME:
-        return f"input: named '{inp.name}', not '{INPUT_NAME}' as the files of `asl-train export` name it"
+        return f"input: named '{inp.shown}', not '{INPUT_NAME}' as the files of `asl-train export` name it"
     if ours and out.name != OUTPUT_NAME:
-        return f"output: named '{out.name}', not '{OUTPUT_NAME}' as the files of `asl-train export` name it"
+        return f"output: named '{out.shown}', not '{OUTPUT_NAME}' as the files of `asl-train export` name it"
     return None
 
 
@@ -318,7 +323,7 @@ class ModelFile:
             ) from None
         if out.size != len(self.label_map):
             raise ModelFileError(
-                f"{self.name}: output '{self.graph.outputs[0].name}': {out.size} values, "
+                f"{self.name}: output '{self.graph.outputs[0].shown}': {out.size} values, "
                 f"not one per sign of the label map ({len(self.label_map)})"
             )
         return out.reshape(-1)
