@@ -11,9 +11,10 @@ lowering can go.
     .venv-tflite/bin/python bench/converters.py                      # the converters this Python has
     .venv-tflite/bin/python bench/converters.py --install /tmp/conv  # each one pip-installed first
 
-`--install DIR` installs each converter with `pip install --no-deps --target DIR/NAME` and runs its trial with
-that directory on PYTHONPATH, over this environment's torch and TensorFlow: nothing in the environment changes,
-and a converter whose other dependencies are missing says so in its row.
+`--install DIR` installs each converter (and the few packages it imports that the LiteRT venv lacks, listed in
+`CONVERTERS`) with `pip install --no-deps --target DIR/NAME` and runs its trial with that directory on
+PYTHONPATH, over this environment's torch and TensorFlow: nothing in the environment changes, and a converter
+that needs other versions of them says so in its row.
 """
 
 from __future__ import annotations
@@ -31,11 +32,37 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-CONVERTERS = {  # name -> (pip requirement, module to import)
-    "litert-torch": ("litert-torch", "litert_torch"),
-    "litert-torch-nightly": ("litert-torch-nightly", "litert_torch"),
-    "onnx2tf": ("onnx2tf", "onnx2tf"),
-    "nobuco": ("nobuco", "nobuco"),
+LITERT_TORCH_NEEDS = [
+    "litert-converter==0.5.*",
+    "ai-edge-quantizer==0.10.*",
+    "multipledispatch",
+    "jaxtyping",
+    "tabulate",
+    "jax",
+    "jaxlib",
+    "scipy",
+    "opt-einsum",
+    "torchao",
+    "immutabledict",
+    "xdsl",
+    "safetensors",
+    "wadler-lindig",
+]
+# name -> (pip requirement, module to import, the other packages it imports that this venv lacks). Those are
+# installed with it, also without their own dependencies: torch, TensorFlow and numpy stay the venv's.
+CONVERTERS = {
+    "litert-torch": (
+        "litert-torch",
+        "litert_torch",
+        LITERT_TORCH_NEEDS,
+    ),
+    "litert-torch-nightly": (
+        "litert-torch-nightly",
+        "litert_torch",
+        LITERT_TORCH_NEEDS,
+    ),
+    "onnx2tf": ("onnx2tf", "onnx2tf", ["tf-keras==2.21.0", "onnx-graphsurgeon", "sng4onnx", "psutil"]),
+    "nobuco": ("nobuco", "nobuco", ["sty", "rich"]),
 }
 SIGNS = 250
 TRIAL_TIMEOUT_S = 1800
@@ -174,7 +201,7 @@ def run_trial(name: str, install: Path | None) -> dict[str, Any]:
     if install is not None:
         target = install / name
         pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target)]
-        done = subprocess.run([*pip, CONVERTERS[name][0]], capture_output=True, text=True)
+        done = subprocess.run([*pip, CONVERTERS[name][0], *CONVERTERS[name][2]], capture_output=True, text=True)
         if done.returncode != 0:
             reason = (done.stderr.strip().splitlines() or ["pip failed"])[-1][:300]
             return {"converter": name, "stopped_at": "install", "error": reason}
