@@ -35,9 +35,11 @@ from pipeline.demo import generate_sequence, sample_lengths
 from train.checkpoint import build_model, save_checkpoint
 from train.config import TrainConfig
 from train.ensemble import EnsembleScorer
-from train.export import LandmarkClassifier, export_onnx, onnx_session
+from train.exportgraph import LandmarkClassifier
+from train.modelfile import ModelFile, onnx_session
+from train.onnxexport import export_onnx
 from train.predict import CheckpointScorer
-from train.tflite import TFLiteClassifier, export_tflite
+from train.tflite import export_tflite
 
 TARGET_MS = 10.0
 TARGET_SPEEDUP = 3.0
@@ -106,7 +108,7 @@ def main() -> None:
     lite_result = export_tflite(ckpt, tmp / "model.tflite")
     lite_export_s = time.perf_counter() - start
     session = onnx_session(result.path, threads=1)
-    litert = TFLiteClassifier(lite_result.path, threads=1)
+    litert = ModelFile(lite_result.path, threads=1).graph  # the runtime's own call, as for onnxruntime
     scorer = CheckpointScorer(ckpt, device="cpu")
     module = LandmarkClassifier(scorer.model).eval()
 
@@ -116,7 +118,7 @@ def main() -> None:
 
     methods = {
         "onnxruntime": lambda xyz: session.run(["outputs"], {"inputs": xyz}),
-        "ai-edge-litert": litert.logits,
+        "ai-edge-litert": litert.run,
         "pytorch predict": lambda xyz: scorer.probabilities([xyz]),
         "pytorch module": run_module,
     }
@@ -133,11 +135,11 @@ def main() -> None:
             f"{args.members}-member ensemble: export + parity check of both files {time.perf_counter() - start:.1f} s"
         )
         ens_session = onnx_session(ens.path, threads=1)
-        ens_litert = TFLiteClassifier(ens_lite.path, threads=1)
+        ens_litert = ModelFile(ens_lite.path, threads=1).graph
         ens_scorer = EnsembleScorer([CheckpointScorer(m, device="cpu") for m in members], [str(m) for m in members])
         methods |= {
             f"ensemble x{args.members} onnxruntime": lambda xyz: ens_session.run(["outputs"], {"inputs": xyz}),
-            f"ensemble x{args.members} ai-edge-litert": ens_litert.logits,
+            f"ensemble x{args.members} ai-edge-litert": ens_litert.run,
             f"ensemble x{args.members} pytorch predict": lambda xyz: ens_scorer.probabilities([xyz]),
         }
         sizes |= {

@@ -36,19 +36,17 @@ onnx = pytest.importorskip("onnx", reason="the export extra is not installed: pi
 ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
 pytest.importorskip("onnxscript", reason="the export extra is not installed: pip install -e '.[export]'")
 
-from train.export import (  # noqa: E402  (after the extra's skip)
+from train.exportgraph import (  # noqa: E402  (after the extra's skip)
     INPUT_NAME,
     OUTPUT_NAME,
     PROB_TOLERANCE,
-    ExportError,
     LandmarkClassifier,
-    OnnxClassifier,
-    export_onnx,
-    onnx_bytes,
-    onnx_session,
     parity_rows,
     softmax,
 )
+from train.modelfile import ModelFile, ModelFileError, onnx_session  # noqa: E402
+from train.modelpair import metadata_path  # noqa: E402
+from train.onnxexport import export_onnx, onnx_bytes  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REAL_FILES = [SAMPLE_ROOT / rel for rel in sorted(SAMPLE_FRAMES)]
@@ -120,7 +118,7 @@ def assert_same_prediction(p_onnx: np.ndarray, p_torch: np.ndarray) -> None:
 
 def test_export_writes_the_contract(exported: tuple[Path, object], checkpoint: Path) -> None:
     path, result = exported
-    assert result.path == path and result.metadata_path == path.with_suffix(".json")
+    assert result.path == path and result.metadata_path == path.with_name("model.onnx.json")
     assert result.size == path.stat().st_size and result.weights == "ema" and result.opset == 20
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
@@ -148,24 +146,24 @@ def test_label_map_round_trips_through_metadata_and_json(exported: tuple[Path, o
     assert json.loads(props["label_map"]) == ckpt["label_map"]
     assert props["weights"] == "ema" and json.loads(props["features_version"]) == 1
     assert json.loads(props["step"]) == ckpt["step"]
-    sidecar = json.loads(path.with_suffix(".json").read_text())
+    sidecar = json.loads(metadata_path(path).read_text())
     assert sidecar["label_map"] == ckpt["label_map"]
     assert sidecar["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert sidecar["model"] == "model.onnx" and sidecar["opset"] == 20
-    assert OnnxClassifier(path).label_map == ckpt["label_map"]  # what predict --model reads
+    assert ModelFile(path).label_map == ckpt["label_map"]  # what predict --model reads
 
 
 def test_onnx_equals_pytorch_on_real_files(exported: tuple[Path, object], ema_model, sample_file) -> None:
     path, frames = sample_file
     xyz = read_landmarks(path)
     assert len(xyz) == frames
-    p_onnx = softmax(OnnxClassifier(exported[0]).logits(xyz))
+    p_onnx = softmax(ModelFile(exported[0]).logits(xyz))
     assert_same_prediction(p_onnx, pytorch_probs(ema_model, xyz))
     assert_same_prediction(p_onnx, padded_probs(ema_model, xyz))
 
 
 def test_onnx_equals_pytorch_on_demo_files(exported: tuple[Path, object], ema_model, data_dir: Path) -> None:
-    session = OnnxClassifier(exported[0])
+    session = ModelFile(exported[0])
     files = demo_files(data_dir)
     lengths = set()
     for f in files:
@@ -195,7 +193,7 @@ EDGE_CASES = [
 @pytest.mark.parametrize("name", EDGE_CASES)
 def test_onnx_equals_pytorch_on_edge_cases(exported: tuple[Path, object], ema_model, name: str) -> None:
     xyz = CASES[name]()
-    p_onnx = softmax(OnnxClassifier(exported[0]).logits(xyz))
+    p_onnx = softmax(ModelFile(exported[0]).logits(xyz))
     assert np.isfinite(p_onnx).all()
     assert_same_prediction(p_onnx, pytorch_probs(ema_model, xyz))
     assert_same_prediction(p_onnx, padded_probs(ema_model, xyz))
@@ -211,8 +209,8 @@ def test_exported_features_equal_the_pipeline(tmp_path: Path) -> None:
     data, _ = onnx_bytes(Features(), {})
     session = onnx_session(data)
     (tmp_path / "features.onnx").write_bytes(data)
-    with pytest.raises(ExportError, match=r"features\.onnx: no label_map in its metadata \(not written by"):
-        OnnxClassifier(tmp_path / "features.onnx")  # a valid ONNX file, but not a sign classifier of ours
+    with pytest.raises(ModelFileError, match=r"features\.onnx: no label_map in its metadata \(not written by"):
+        ModelFile(tmp_path / "features.onnx")  # a valid ONNX file, but not a sign classifier of ours
     for name in ["T1", "T2", "T7", "T383", "T384", "T385", "late_shift_500", *EDGE_CASES[7:]]:
         xyz = CASES[name]()
         (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: xyz})
@@ -224,7 +222,7 @@ def test_exported_features_equal_the_pipeline(tmp_path: Path) -> None:
 def test_left_hand_missing_everywhere(exported: tuple[Path, object], ema_model) -> None:
     xyz = CASES["T50"]()
     xyz[:, 468:489] = np.nan  # the left hand only, the right one kept
-    assert_same_prediction(softmax(OnnxClassifier(exported[0]).logits(xyz)), pytorch_probs(ema_model, xyz))
+    assert_same_prediction(softmax(ModelFile(exported[0]).logits(xyz)), pytorch_probs(ema_model, xyz))
 
 
 @pytest.mark.parametrize("fast_convs", [False, True])
@@ -271,19 +269,19 @@ def test_cli_export_no_ema_opset_18(checkpoint: Path, tmp_path: Path, shared_dir
     assert f"wrote {out} (" in result.output and "opset 18, model weights" in result.output
     assert "parity: 11 sequences (1..450 frames), top-1 equal" in result.output
     assert {o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")} == {18}
-    assert json.loads(out.with_suffix(".json").read_text())["weights"] == "model"
+    assert json.loads(metadata_path(out).read_text())["weights"] == "model"
     raw = model_from_checkpoint(load_checkpoint(checkpoint), use_ema=False)
     ema = model_from_checkpoint(load_checkpoint(checkpoint), use_ema=True)
     xyz = read_landmarks(path)
-    p_onnx = softmax(OnnxClassifier(out).logits(xyz))
+    p_onnx = softmax(ModelFile(out).logits(xyz))
     assert_same_prediction(p_onnx, pytorch_probs(raw, xyz))
     assert np.abs(p_onnx - pytorch_probs(ema, xyz)).max() > 1e-3  # the other weights really differ
 
 
 def test_failed_parity_writes_nothing(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import train.export as export
+    import train.exportgraph as graph
 
-    monkeypatch.setattr(export, "torch_logits", _shifted(export.torch_logits))
+    monkeypatch.setattr(graph, "torch_logits", _shifted(graph.torch_logits))
     out = tmp_path / "model.onnx"
     result = CliRunner().invoke(train_cli, ["export", "--checkpoint", str(checkpoint), "--out", str(out)])
     assert result.exit_code == 1
@@ -297,14 +295,17 @@ def test_onnxruntime_failure_is_one_line_and_writes_nothing(
 ) -> None:
     # As `--opset 23` does with onnxruntime 1.32 (its Attention kernel refuses the model's key mask); faked here,
     # so the test does not depend on a runtime version.
-    import train.export as export
+    import train.onnxexport as export
 
-    class Failing:
-        def run(self, names, feeds):
+    class Failing(ModelFile):
+        def __init__(self, source, name="model") -> None:
+            super().__init__(source, name=name)
+            self.graph.run = self.fail
+
+        def fail(self, x):
             raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : kernel refused\nmore detail")
 
-    monkeypatch.setattr(export, "onnx_bytes", lambda module, metadata, opset=None: (b"graph", 23))
-    monkeypatch.setattr(export, "onnx_session", lambda data, threads=0: Failing())
+    monkeypatch.setattr(export, "ModelFile", Failing)
     out = tmp_path / "model.onnx"
     result = CliRunner().invoke(train_cli, ["export", "--checkpoint", str(checkpoint), "--out", str(out)])
     assert result.exit_code == 1
@@ -336,11 +337,14 @@ def test_parity_rows_measure_the_difference(ema_model) -> None:
                 logits = ema_model(torch.from_numpy(x)[None], torch.ones(1, len(x), dtype=torch.bool))[0].numpy()
             return [logits + np.eye(len(logits), dtype=np.float32)[0] * self.delta]
 
+        def logits(self, xyz):
+            return self.run([OUTPUT_NAME], {INPUT_NAME: xyz})[0]
+
     labels = {f"s{i}": i for i in range(5)}
     xyz = CASES["T50"]()
-    (same,) = parity_rows(Session(0.0), ema_model, labels, [("a", xyz)])
+    (same,) = parity_rows(Session(0.0).logits, ema_model, labels, [("a", xyz)])
     assert same.ok and same.max_prob_diff == 0.0 and same.frames == 50
-    (off,) = parity_rows(Session(0.05), ema_model, labels, [("a", xyz)])
+    (off,) = parity_rows(Session(0.05).logits, ema_model, labels, [("a", xyz)])
     p = softmax(
         ema_model(torch.from_numpy(compact_features(xyz)[0])[None], torch.ones(1, 50, dtype=torch.bool))[0]
         .detach()
@@ -519,3 +523,28 @@ def test_core_install_does_not_need_the_export_extra(tmp_path: Path) -> None:
         f"1 Error: onnxscript is not installed; {hint}",
     ]
     assert not (tmp_path / "o.onnx").exists()
+
+
+# ---------------------------------------------------------------------------- a file without our metadata
+
+
+def test_exported_file_stripped_of_metadata_runs_with_label_map(exported, checkpoint: Path, tmp_path: Path) -> None:
+    files = [str(p) for p in REAL_FILES if p.exists()] or pytest.skip("no real files")
+    proto = onnx.load(str(exported[0]))
+    del proto.metadata_props[:]  # as a model made elsewhere comes: the competition's contract, nothing of ours
+    stripped = tmp_path / "stripped.onnx"
+    stripped.write_bytes(proto.SerializeToString())
+    labels = tmp_path / "sign_to_prediction_index_map.json"
+    labels.write_text(json.dumps(load_checkpoint(checkpoint)["label_map"]))
+    code, _, err = _predict("--model", str(stripped), files[0])
+    assert code == 1 and err.startswith(f"Error: {stripped}: no label_map in its metadata (not written by")
+    code, with_map, _ = _predict("--model", str(stripped), "--label-map", str(labels), *files, "--format", "json")
+    assert code == 0
+    code, ours, _ = _predict("--model", str(exported[0]), *files, "--format", "json")
+    assert code == 0 and with_map == ours  # the same graph: the same signs and probabilities, bit for bit
+    # The JSON beside it, written for these bytes, stands in for the stripped metadata.
+    from train.modelpair import write_model_pair
+
+    write_model_pair(stripped, stripped.read_bytes(), {"label_map": load_checkpoint(checkpoint)["label_map"]})
+    code, from_sidecar, _ = _predict("--model", str(stripped), *files, "--format", "json")
+    assert code == 0 and from_sidecar == ours

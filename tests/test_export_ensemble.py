@@ -26,13 +26,21 @@ from train.checkpoint import build_model, save_checkpoint
 from train.cli import main as train_cli
 from train.config import TrainConfig
 from train.ensemble import EnsembleScorer
-from train.modelpair import ModelWriteError, metadata_path, settle_pair, write_model_pair
-from train.predict import CheckpointScorer, OnnxScorer, iter_predictions
+from train.modelpair import (
+    ModelWriteError,
+    legacy_metadata_path,
+    metadata_path,
+    settle_pair,
+    sidecar_of,
+    write_model_pair,
+)
+from train.predict import CheckpointScorer, iter_predictions
 
 pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
 pytest.importorskip("onnxscript", reason="the export extra is not installed: pip install -e '.[export]'")
 
-from train.export import PROB_TOLERANCE, OnnxClassifier, softmax  # noqa: E402
+from train.exportgraph import PROB_TOLERANCE, softmax  # noqa: E402
+from train.modelfile import ModelFile  # noqa: E402
 
 REAL_FILES = [SAMPLE_ROOT / rel for rel in sorted(SAMPLE_FRAMES)]
 SIGNS = 20
@@ -104,12 +112,12 @@ def test_ensemble_file_holds_every_member(exported: tuple[Path, str], members: l
         for k, m in enumerate(members)
     ]
     assert "log of the mean probability of 3 members" in sidecar["output"]
-    props = OnnxClassifier(path).session.get_modelmeta().custom_metadata_map
+    props = ModelFile(path).metadata
     assert json.loads(props["members"]) == sidecar["members"] and json.loads(props["label_map"]) == LABEL_MAP
 
 
 def test_ensemble_onnx_equals_the_pytorch_ensemble(exported: tuple[Path, str], members: list[Path]) -> None:
-    onnx = OnnxClassifier(exported[0])
+    onnx = ModelFile(exported[0])
     scorers = [CheckpointScorer(m, device="cpu") for m in members]
     ensemble = EnsembleScorer(scorers, [str(m) for m in members])
     seen_disagreement = False
@@ -132,7 +140,7 @@ def test_predict_with_the_ensemble_file_equals_ensemble_predict(
     files = [p for p in REAL_FILES if p.exists()] or pytest.skip("no real files")
     ensemble = EnsembleScorer([CheckpointScorer(m, device="cpu") for m in members], [str(m) for m in members])
     want = list(iter_predictions(ensemble, files, k=3))
-    got = list(iter_predictions(OnnxScorer(exported[0]), files, k=3))
+    got = list(iter_predictions(ModelFile(exported[0]), files, k=3))
     for a, b in zip(got, want, strict=True):
         assert [s for s, _ in a.top] == [s for s, _ in b.top]
         np.testing.assert_allclose([q for _, q in a.top], [q for _, q in b.top], atol=PROB_TOLERANCE, rtol=0)
@@ -191,10 +199,40 @@ def test_format_that_contradicts_the_suffix(members: list[Path], tmp_path: Path)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_metadata_path_never_is_the_model() -> None:
-    assert metadata_path("a/model.onnx") == Path("a/model.json")
-    with pytest.raises(ModelWriteError, match=r"^m\.json: a model file cannot be named \.json"):
-        metadata_path("m.json")
+def test_metadata_is_named_after_the_model_file() -> None:
+    assert metadata_path("a/model.onnx") == Path("a/model.onnx.json")
+    assert metadata_path("a/model.tflite") == Path("a/model.tflite.json")
+    assert legacy_metadata_path("a/model.onnx") == Path("a/model.json")
+
+
+def test_onnx_then_tflite_in_one_folder_keep_their_own_metadata(tmp_path: Path) -> None:
+    onnx_file, tflite_file = tmp_path / "model.onnx", tmp_path / "model.tflite"
+    write_model_pair(onnx_file, b"ONNX", {"format": "onnx"})
+    write_model_pair(tflite_file, b"TFL3", {"format": "tflite"})
+    assert_valid_pair_names(tmp_path, ["model.onnx", "model.onnx.json", "model.tflite", "model.tflite.json"])
+    assert sidecar_of(onnx_file, b"ONNX") == {
+        "model": "model.onnx",
+        "sha256": hashlib.sha256(b"ONNX").hexdigest(),
+        "format": "onnx",
+    }
+    assert sidecar_of(tflite_file, b"TFL3")["format"] == "tflite"
+    assert sidecar_of(onnx_file, b"changed") is None  # the sha256 names other contents
+
+
+def test_the_metadata_of_a_file_exported_before_is_still_read(tmp_path: Path) -> None:
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"OLD EXPORT")
+    old = {"model": "model.onnx", "sha256": hashlib.sha256(b"OLD EXPORT").hexdigest(), "label_map": {"a": 0}}
+    (tmp_path / "model.json").write_text(json.dumps(old))
+    assert sidecar_of(model, b"OLD EXPORT") == old
+    (tmp_path / "model.json").write_text(json.dumps({**old, "model": "model.tflite"}))  # the other format's
+    assert sidecar_of(model, b"OLD EXPORT") is None
+    (tmp_path / "model.json").write_text("[" * 100_000)
+    assert sidecar_of(model, b"OLD EXPORT") is None
+
+
+def assert_valid_pair_names(folder: Path, names: list[str]) -> None:
+    assert sorted(p.name for p in folder.iterdir()) == names
 
 
 # ---------------------------------------------------------------------------- the pair on disk
@@ -209,7 +247,7 @@ def assert_valid_pair(model: Path, data: bytes, step: int) -> None:
     got, sidecar = pair_state(model)
     assert got == data and sidecar["sha256"] == hashlib.sha256(data).hexdigest() and sidecar["step"] == step
     names = {p.name for p in model.parent.iterdir()} - {model.name + ".lock"}
-    assert sorted(names) == [metadata_path(model).name, model.name]
+    assert sorted(names) == sorted([metadata_path(model).name, model.name])
 
 
 KILLER = """
@@ -235,8 +273,9 @@ mp.write_model_pair(Path(sys.argv[1]), b"NEW" * 1000, {{"step": 2}})
     [
         ("fsync", 1, "old", "discarded"),  # the pending model half-written
         ("fsync", 2, "old", "discarded"),  # the pending metadata half-written
-        ("replace", 1, "old", "discarded"),  # both pending, nothing renamed
-        ("replace", 2, "mismatch", "completed"),  # the metadata renamed (committed), the model not yet
+        ("replace", 2, "old", "discarded"),  # the pending model written, the pending metadata half-way
+        ("replace", 3, "old", "discarded"),  # both pending, nothing renamed
+        ("replace", 4, "mismatch", "completed"),  # the metadata renamed (committed), the model not yet
     ],
 )
 def test_a_kill_leaves_the_old_pair_or_the_new_one(
@@ -269,14 +308,14 @@ def test_the_next_write_settles_an_interrupted_one(tmp_path: Path) -> None:
     model = tmp_path / "model.tflite"
     write_model_pair(model, b"old", {"step": 1})
     run = subprocess.run(
-        [sys.executable, "-c", KILLER.format(kind="replace", n=2), str(model)], cwd=Path(__file__).parents[1]
+        [sys.executable, "-c", KILLER.format(kind="replace", n=4), str(model)], cwd=Path(__file__).parents[1]
     )
     assert run.returncode == -9
     write_model_pair(model, b"newer", {"step": 3})
     assert_valid_pair(model, b"newer", 3)
 
 
-@pytest.mark.parametrize(("failing_call", "named"), [(1, "model.onnx"), (2, "model.json")])
+@pytest.mark.parametrize(("failing_call", "named"), [(1, "model.onnx"), (2, "model.onnx.json")])
 def test_disk_full_names_the_file_and_keeps_the_old_pair(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_call: int, named: str
 ) -> None:
@@ -306,8 +345,8 @@ def test_disk_full_names_the_file_and_keeps_the_old_pair(
 def test_disk_full_during_export_is_one_line(
     exported: tuple[Path, str], members: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import train.export as export
     import train.modelpair as mp
+    import train.onnxexport as export
 
     data = exported[0].read_bytes()  # these members' graph, reused: the write is what is tested
     monkeypatch.setattr(export, "onnx_bytes", lambda module, metadata, opset: (data, 20))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import SAMPLE_FRAMES, SAMPLE_ROOT
+from conftest import SAMPLE_FRAMES, SAMPLE_ROOT, SHARED
 
 from pipeline.demo import generate_sequence
 from pipeline.landmarks import TYPE_OFFSETS, TYPE_SIZES
@@ -24,6 +24,7 @@ from pipeline.read import read_landmarks
 from train.checkpoint import build_model, save_checkpoint
 from train.cli import main as train_cli
 from train.config import TrainConfig
+from train.model import PRESETS
 
 pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
 pytest.importorskip("onnxscript", reason="the export extra is not installed: pip install -e '.[export]'")
@@ -31,8 +32,11 @@ NO_TFLITE = "the tflite extra is not installed: pip install -e '.[tflite]' (make
 pytest.importorskip("ai_edge_litert.interpreter", reason=NO_TFLITE)
 pytest.importorskip("tensorflow", reason=NO_TFLITE)
 
-from train.export import PROB_TOLERANCE, ExportError, OnnxClassifier, export_onnx, softmax, torch_logits  # noqa: E402
-from train.tflite import AtenToTF, TFLiteClassifier, aten_program, metadata_of, tflite_bytes  # noqa: E402
+from train.exportgraph import PROB_TOLERANCE, ExportError, softmax, torch_logits  # noqa: E402
+from train.modelfile import ModelFile, metadata_of  # noqa: E402
+from train.modelpair import metadata_path  # noqa: E402
+from train.onnxexport import export_onnx  # noqa: E402
+from train.tflite import LOWERINGS, AtenToTF, aten_program, tflite_bytes  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.tflite]
 REAL_FILES = [SAMPLE_ROOT / rel for rel in sorted(SAMPLE_FRAMES)]
@@ -79,15 +83,15 @@ def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
 
 @pytest.fixture(scope="module")
-def runners(exported: tuple[Path, str], onnx_file: Path) -> tuple[TFLiteClassifier, OnnxClassifier]:
-    return TFLiteClassifier(exported[0], threads=1), OnnxClassifier(onnx_file, threads=1)
+def runners(exported: tuple[Path, str], onnx_file: Path) -> tuple[ModelFile, ModelFile]:
+    return ModelFile(exported[0], threads=1), ModelFile(onnx_file, threads=1)
 
 
 def demo(frames: int, seed: int = 3) -> np.ndarray:
     return generate_sequence(seed, frames, frames % 5, frames % 3, frames)[1]
 
 
-def assert_same_as_onnx(runners: tuple[TFLiteClassifier, OnnxClassifier], xyz: np.ndarray) -> None:
+def assert_same_as_onnx(runners: tuple[ModelFile, ModelFile], xyz: np.ndarray) -> None:
     litert, onnx = runners
     p_lite, p_onnx = softmax(litert.logits(xyz)), softmax(onnx.logits(xyz))
     assert p_lite.shape == (SIGNS,) and np.isfinite(p_lite).all()
@@ -106,14 +110,14 @@ def test_export_writes_the_contract(exported: tuple[Path, str], checkpoint: Path
     params = sum(v.numel() for v in torch.load(checkpoint, weights_only=True)["model"].values())
     assert len(data) >= 4 * params  # float32 weights: nothing was quantized away
     assert output.startswith("parity: 13 sequences (1..450 frames), top-1 equal, largest probability difference ")
-    assert f"wrote {path} ({len(data) / 1e6:.2f} MB, model weights) and {path.with_suffix('.json')}" in output
+    assert f"wrote {path} ({len(data) / 1e6:.2f} MB, model weights) and {metadata_path(path)}" in output
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_content=data)
     assert interpreter.get_signature_list() == {"serving_default": {"inputs": ["inputs"], "outputs": ["outputs"]}}
     (inp,) = interpreter.get_input_details()
     assert list(inp["shape_signature"]) == [-1, 543, 3] and inp["dtype"] == np.float32  # T dynamic
-    sidecar = json.loads(path.with_suffix(".json").read_text())
+    sidecar = json.loads(metadata_path(path).read_text())
     import hashlib
 
     assert sidecar["sha256"] == hashlib.sha256(data).hexdigest() and sidecar["format"] == "tflite"
@@ -121,7 +125,7 @@ def test_export_writes_the_contract(exported: tuple[Path, str], checkpoint: Path
     label_map = {f"sign_{i:03d}": i for i in range(SIGNS)}
     assert sidecar["label_map"] == label_map
     meta = metadata_of(data)
-    assert json.loads(meta["label_map"]) == label_map and TFLiteClassifier(path).label_map == label_map
+    assert json.loads(meta["label_map"]) == label_map and ModelFile(path).label_map == label_map
     assert meta["input"] == sidecar["input"] and json.loads(meta["features_version"]) == sidecar["features_version"]
 
 
@@ -238,11 +242,11 @@ def test_failed_parity_writes_nothing(
 
     data = exported[0].read_bytes()  # this checkpoint's conversion, reused: the runtime is what differs
 
-    class Off(tflite.TFLiteClassifier):
+    class Off(ModelFile):
         def logits(self, xyz: np.ndarray) -> np.ndarray:
             return super().logits(xyz) * 1.05  # a 5% sharper softmax: about 1e-3 in probability
 
-    monkeypatch.setattr(tflite, "TFLiteClassifier", Off)
+    monkeypatch.setattr(tflite, "ModelFile", Off)
     monkeypatch.setattr(tflite, "tflite_bytes", lambda module, metadata: data)
     out = tmp_path / "model.tflite"
     code, output = _export("--checkpoint", str(checkpoint), "--out", str(out))
@@ -337,12 +341,12 @@ def test_two_member_ensemble_equals_onnx_and_the_pytorch_ensemble(tmp_path: Path
     code, output = _export(*(a for m in members for a in ("--checkpoint", str(m))), "--out", str(out))
     assert code == 0, output
     assert ", 2 members, model weights) and " in output
-    sidecar = json.loads(out.with_suffix(".json").read_text())
+    sidecar = json.loads(metadata_path(out).read_text())
     assert [m["checkpoint"] for m in sidecar["members"]] == [str(m) for m in members]
     assert json.loads(metadata_of(out.read_bytes())["members"]) == sidecar["members"]
     onnx_out = tmp_path / "ensemble.onnx"
     export_onnx(members, onnx_out)
-    litert, onnx = TFLiteClassifier(out, threads=1), OnnxClassifier(onnx_out)
+    litert, onnx = ModelFile(out, threads=1), ModelFile(onnx_out)
     scorers = [CheckpointScorer(m, device="cpu") for m in members]
     ensemble = EnsembleScorer(scorers, [str(m) for m in members])
     xyzs = [demo(t) for t in (1, 2, 57, 500)] + [read_landmarks(p) for p in REAL_FILES if p.exists()]
@@ -366,7 +370,7 @@ def test_deploy_snippets_run(exported: tuple[Path, str], onnx_file: Path, tmp_pa
     source = next((p for p in REAL_FILES if p.exists()), None) or pytest.skip("no real files")
     shutil.copy(source, tmp_path / "sequence.parquet")
     shutil.copy(exported[0], tmp_path / "model.tflite")
-    shutil.copy(exported[0].with_suffix(".json"), tmp_path / "model.json")
+    shutil.copy(metadata_path(exported[0]), tmp_path / "model.tflite.json")
     shutil.copy(onnx_file, tmp_path / "model.onnx")
     monkeypatch.chdir(tmp_path)
     text = (Path(__file__).parents[1] / "docs" / "deploy.md").read_text()
@@ -377,6 +381,132 @@ def test_deploy_snippets_run(exported: tuple[Path, str], onnx_file: Path, tmp_pa
         exec(compile(block, "docs/deploy.md", "exec"), scope)
     xyz = read_landmarks(source)
     np.testing.assert_array_equal(scope["xyz"], xyz)
-    np.testing.assert_array_equal(scope["tflite_logits"], TFLiteClassifier(exported[0]).logits(xyz))
-    np.testing.assert_array_equal(scope["onnx_logits"], OnnxClassifier(onnx_file).logits(xyz))
+    np.testing.assert_array_equal(scope["tflite_logits"], ModelFile(exported[0]).logits(xyz))
+    np.testing.assert_array_equal(scope["onnx_logits"], ModelFile(onnx_file).logits(xyz))
     assert scope["signs"] == {i: f"sign_{i:03d}" for i in range(SIGNS)}
+
+
+# ---------------------------------------------------------------------------- any competition model
+
+KITTU = SHARED / "videos" / "Kittu1209_model_89.tflite"
+COMPETITION_MAP = SHARED / "gislr-sample" / "sign_to_prediction_index_map.json"
+
+
+def test_a_third_party_competition_model_runs_with_the_label_map(shared_dir: Path) -> None:
+    # A LiteRT model trained elsewhere on the full data, in the competition's contract, with no metadata of ours.
+    sample = SAMPLE_ROOT / "16069" / "100015657.parquet"  # sign `cloud`, as the model's author states
+    code, _, err = _predict("--model", str(KITTU), str(sample))
+    assert code == 1 and err.startswith(f"Error: {KITTU}: no label_map in its metadata (not written by")
+    code, out, _ = _predict("--model", str(KITTU), "--label-map", str(COMPETITION_MAP), str(sample), "--format", "json")
+    assert code == 0
+    (row,) = [json.loads(line) for line in out.splitlines()]
+    assert row["top"][0][0] == "cloud" and len(row["top"]) == 5
+    # The same numbers as the runtime called as the competition's notebooks call it.
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(KITTU)).get_signature_runner("serving_default")
+    p = softmax(runner(inputs=read_landmarks(sample))["outputs"].astype(np.float64))
+    names = {i: s for s, i in json.loads(COMPETITION_MAP.read_text()).items()}
+    order = np.argsort(-p, kind="stable")[:5]
+    assert [s for s, _ in row["top"]] == [names[int(i)] for i in order]
+    np.testing.assert_allclose([q for _, q in row["top"]], p[order], atol=1e-6, rtol=0)
+
+
+def _litert_file(path: Path, fn, spec) -> Path:
+    import tensorflow as tf
+
+    holder = tf.Module()
+    holder.serve = tf.function(fn, input_signature=spec, autograph=False)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([holder.serve.get_concrete_function()], holder)
+    path.write_bytes(converter.convert())
+    return path
+
+
+def test_wrong_contract_litert_files_name_the_part(tmp_path: Path, shared_dir: Path) -> None:
+    import tensorflow as tf
+
+    sample = str(SAMPLE_ROOT / "16069" / "100015657.parquet")
+    two = _litert_file(
+        tmp_path / "two.tflite",
+        lambda inputs: {"outputs": tf.reduce_sum(inputs, [0, 2])[:250], "extra": tf.reduce_sum(inputs)},
+        [tf.TensorSpec([None, 543, 3], tf.float32, name="inputs")],
+    )
+    flat = _litert_file(
+        tmp_path / "flat.tflite",
+        lambda inputs: {"outputs": tf.reduce_sum(inputs, 0)[:250]},
+        [tf.TensorSpec([None, 543], tf.float32, name="inputs")],
+    )
+    small = _litert_file(
+        tmp_path / "small.tflite",
+        lambda inputs: {"outputs": tf.reduce_sum(inputs, [0, 2])[:10]},
+        [tf.TensorSpec([None, 543, 3], tf.float32, name="inputs")],
+    )
+    parts = {
+        two: "outputs: 2 (extra, outputs), not one of 250 values",
+        flat: "input 'inputs': shape (T, 543), not (T, 543, 3)",
+        small: f"output 'outputs': shape (10,), not (250,) for the 250 signs of {COMPETITION_MAP}",
+    }
+    for model, part in parts.items():
+        code, out, err = _predict("--model", str(model), "--label-map", str(COMPETITION_MAP), sample)
+        assert (code, out, err) == (1, "", f"Error: {model}: not the contract of a sign model: {part}\n")
+
+
+# ---------------------------------------------------------------------------- the registry of lowerings
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_has_a_lowering_for_each_op_and_passes_parity(preset: str) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    from train.ensemble import EnsembleModel
+    from train.exportgraph import LandmarkClassifier, builtin_sequences, parity_rows
+
+    cfg = TrainConfig(preset=preset)
+    torch.manual_seed(1)
+    model = build_model(cfg, 30)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0 if p.ndim >= 2 else 1.0)  # sharper probabilities: a difference in the logits shows
+    model.eval()
+    ensemble = [EnsembleModel([model, build_model(cfg, 30).eval()]).eval()] if preset == "tiny" else []
+    for exported in [model, *ensemble]:
+        module = LandmarkClassifier(exported).eval()
+        program = aten_program(module)
+        ops = {n.target for n in program.graph.nodes if n.op == "call_function"}
+        assert ops and not {str(op) for op in ops - set(LOWERINGS)}, "ATen ops without a LiteRT lowering"
+        data = tflite_bytes(module, {"label_map": "{}"})
+        runner = Interpreter(model_content=data).get_signature_runner("serving_default")
+        label_map = {f"s{i}": i for i in range(30)}
+        run = lambda xyz, r=runner: r(inputs=xyz)["outputs"]  # noqa: E731
+        rows = parity_rows(run, exported, label_map, list(builtin_sequences()))
+        assert all(r.ok for r in rows), [(r.name, r.max_prob_diff) for r in rows if not r.ok]
+
+
+class Comparisons(torch.nn.Module):
+    """Each comparison with a tensor and with a number, on values where equality also happens."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = inputs[:, :4, 0].nan_to_num(0.0)  # (T, 4), 0 where the test put NaN
+        y = torch.cat([x[:, :2], inputs[:, 4:6, 1].nan_to_num(0.0)], dim=1)  # equal to x in two columns
+        ops = [torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge]
+        tensor = [op(x, y) for op in ops]
+        scalar = [op(x, 0.0) for op in ops]
+        return torch.stack(tensor + scalar).float().sum((1, 2))  # (12,)
+
+
+def test_comparisons_are_lowered_both_ways() -> None:
+    module = Comparisons().eval()
+    program = aten_program(module)
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    for name in ("eq", "ne", "lt", "le", "gt", "ge"):
+        assert {f"aten.{name}.Tensor", f"aten.{name}.Scalar"} <= ops
+        assert getattr(torch.ops.aten, name).Tensor in LOWERINGS and getattr(torch.ops.aten, name).Scalar in LOWERINGS
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_content=tflite_bytes(module, {})).get_signature_runner("serving_default")
+    for frames in (1, 7, 40):
+        xyz = demo(frames)
+        xyz[::2, :3, 0] = np.nan  # zeros once cleaned: equal to the number compared with
+        with torch.no_grad():
+            expected = module(torch.from_numpy(xyz)).numpy()
+        np.testing.assert_array_equal(runner(inputs=xyz)["outputs"], expected)

@@ -406,21 +406,54 @@ def evaluate_cmd(
         click.echo(f"wrote {printable(str(plot))}")
 
 
+def scorer_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--checkpoint, --model, --label-map and --device: what scores sequences, for `predict` and `live`."""
+    model_kind = click.Path(exists=True, dir_okay=False, path_type=Path)
+    options = [
+        checkpoint_option(
+            "A training checkpoint (.pt): predict with PyTorch. Repeat it for an ensemble (the mean of the members' "
+            "probabilities; they must share one label map).",
+            required=False,
+        ),
+        click.option(
+            "--model",
+            "onnx_models",
+            multiple=True,
+            type=model_kind,
+            help="A file written by `asl-train export`, or any model in the competition's contract with --label-map: "
+            ".onnx runs with onnxruntime (the export extra), .tflite with ai-edge-litert (the tflite extra); the "
+            "file's contents decide, not its name. Repeat it for an ensemble.",
+        ),
+        click.option(
+            "--label-map",
+            "label_map",
+            default=None,
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="For --model: the label map JSON {sign: index} (the competition's sign_to_prediction_index_map.json) "
+            "of a model made elsewhere, with one input (T, 543, 3) float32 and one output per sign, and no metadata "
+            "of ours.",
+        ),
+        device_option("For --checkpoint (an exported model runs on the CPU)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def scorer_of(checkpoints: tuple[Path, ...], onnx_models: tuple[Path, ...], label_map: Path | None, device: str) -> Any:
+    """The scorer the options name: checkpoints or model files, never both."""
+    from train.predict import CheckpointScorer, model_scorer
+
+    if bool(checkpoints) == bool(onnx_models):
+        raise click.UsageError("give exactly one of --checkpoint or --model (either may be repeated for an ensemble)")
+    if label_map is not None and not onnx_models:
+        raise click.UsageError("--label-map applies to --model (a checkpoint holds its own label map)")
+    return model_scorer(onnx_models, label_map) if onnx_models else CheckpointScorer(checkpoints, device)
+
+
 @main.command("predict")
 @click.argument("inputs", nargs=-1, required=True)
-@checkpoint_option(
-    "A training checkpoint (.pt): predict with PyTorch. Repeat it for an ensemble (the mean of the members' "
-    "probabilities; they must share one label map).",
-    required=False,
-)
-@click.option(
-    "--model",
-    "onnx_models",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A file written by `asl-train export`: .onnx runs with onnxruntime (the export extra), .tflite with "
-    "ai-edge-litert (the tflite extra); the file's contents decide, not its name. Repeat it for an ensemble.",
-)
+@scorer_options
 @click.option("--top", "k", default=5, show_default=True, type=click.IntRange(min=1), help="Signs per file.")
 @format_option(
     ["text", "json", "csv"],
@@ -428,9 +461,14 @@ def evaluate_cmd(
     "csv: a header, then path, sign_i, probability_i ..., error.",
     "text",
 )
-@device_option("For --checkpoint (an exported model runs on the CPU).")
 def predict_cmd(
-    inputs: tuple[str, ...], checkpoints: tuple[Path, ...], onnx_models: tuple[Path, ...], k: int, fmt: str, device: str
+    inputs: tuple[str, ...],
+    checkpoints: tuple[Path, ...],
+    onnx_models: tuple[Path, ...],
+    label_map: Path | None,
+    device: str,
+    k: int,
+    fmt: str,
 ) -> None:
     """Top-k signs with probabilities for raw Kaggle landmark parquet files or videos.
 
@@ -440,21 +478,12 @@ def predict_cmd(
     Give --checkpoint or --model (either repeated for an ensemble), not both. Exit status 1 when any
     file could not be read (the others are still predicted); with --format text its error goes to stderr.
     """
-    from train.predict import (
-        CheckpointScorer,
-        csv_header,
-        expand_inputs,
-        format_prediction,
-        iter_predictions,
-        model_scorer,
-    )
+    from train.predict import csv_header, expand_inputs, format_prediction, iter_predictions
     from train.videoinput import require_video_support
 
-    if bool(checkpoints) == bool(onnx_models):
-        raise click.UsageError("give exactly one of --checkpoint or --model (either may be repeated for an ensemble)")
     files = expand_inputs(inputs)
     require_video_support(files)
-    scorer = model_scorer(onnx_models) if onnx_models else CheckpointScorer(checkpoints, device)
+    scorer = scorer_of(checkpoints, onnx_models, label_map, device)
     if fmt == "csv":
         click.echo(csv_header(k))
     failed = 0
@@ -468,20 +497,7 @@ def predict_cmd(
 @click.option(
     "--source", required=True, help="A camera index (0), a video file or a stream URL (anything OpenCV opens)."
 )
-@click.option(
-    "--checkpoint",
-    "checkpoints",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A training checkpoint (.pt); repeat it for an ensemble.",
-)
-@click.option(
-    "--model",
-    "onnx_models",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A file written by `asl-train export` (.onnx or .tflite); repeat it for an ensemble.",
-)
+@scorer_options
 @click.option("--top", "k", default=3, show_default=True, type=click.IntRange(min=1), help="Signs per segment.")
 @click.option("--max-seconds", default=None, type=click.FloatRange(min=0, min_open=True), help="Stop after S s.")
 @click.option(
@@ -498,31 +514,25 @@ def predict_cmd(
     type=click.FloatRange(min=0),
     help="Seconds of still hands that end a segment.",
 )
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 def live_cmd(
     source: str,
     checkpoints: tuple[Path, ...],
     onnx_models: tuple[Path, ...],
+    label_map: Path | None,
+    device: str,
     k: int,
     max_seconds: float | None,
     gap: float,
     pause: float,
-    device: str,
 ) -> None:
     """Signs from a camera, video file or stream: MediaPipe Holistic on every frame, one line per signing
     segment as it ends (the hands leave the view, or rest): `start-end s (T frames): sign p, ...`."""
     from train.live import LiveOptions, format_segment, live_predictions
-    from train.predict import CheckpointScorer, model_scorer
 
-    if bool(checkpoints) == bool(onnx_models):
-        raise click.UsageError("give exactly one of --checkpoint or --model (either may be repeated for an ensemble)")
+    scorer = scorer_of(checkpoints, onnx_models, label_map, device)
     opts = LiveOptions(gap=gap, pause=pause, max_seconds=max_seconds)
-    try:
-        scorer = model_scorer(onnx_models) if onnx_models else CheckpointScorer(checkpoints, device)
-        for segment, top in live_predictions(int(source) if source.isdigit() else source, scorer, opts, k):
-            click.echo(format_segment(segment, top))
-    except AslError as exc:
-        raise click.ClickException(str(exc)) from None
+    for segment, top in live_predictions(int(source) if source.isdigit() else source, scorer, opts, k):
+        click.echo(format_segment(segment, top))
 
 
 @main.command("export")
@@ -535,7 +545,7 @@ def live_cmd(
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="The file to write: model.onnx (ONNX) or model.tflite (LiteRT, the tflite extra); its metadata goes "
-    "beside it with .json (model.json).",
+    "beside it, named after it (model.onnx.json).",
 )
 @format_option(["onnx", "tflite"], "The format to write (default: the one --out's suffix names).")
 @click.option(

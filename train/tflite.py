@@ -1,8 +1,9 @@
 """LiteRT (TFLite) export: the graph `asl-train export` puts in an ONNX file, as one `.tflite` file.
 
-Converter. The exported module (`train.export.LandmarkClassifier`: the pipeline's preprocessing, then the
+Converter. The exported module (`train.exportgraph.LandmarkClassifier`: the pipeline's preprocessing, then the
 network) goes through `torch.export` with a dynamic frame axis and torch's core-ATen decompositions; each
-ATen node of that program is then lowered to the TensorFlow op that computes the same thing (`AtenToTF`),
+ATen node of that program is then lowered to the TensorFlow op that computes the same thing (`AtenToTF`, a
+`torch.fx.Interpreter` over the registry `LOWERINGS`: one decorated function per ATen op),
 inside a `tf.function` whose input is `TensorSpec([None, 543, 3])`, and TensorFlow's own
 `TFLiteConverter` writes the file with builtin ops only. Nothing about the model is written twice: a
 change to the model or the preprocessing reaches the file through `torch.export`, and an ATen op without a
@@ -12,7 +13,7 @@ lowering fails the export by name. The converters tried first could not keep the
   truncation's `Min` of the frame count (it reads the `(T, 543, 3)` input as channels-first); with the
   input kept as it is (`-kat inputs`), `tf.ones` on a dynamic length cannot be called on a Keras
   symbolic tensor, and past that, an `UnboundLocalError` inside its `Div` lowering;
-- `litert-torch` 0.10 (alias `ai-edge-torch`): the errors the README's ONNX section records.
+- `litert-torch` 0.10 (alias `ai-edge-torch`): the errors docs/deploy.md records (How the LiteRT file is made).
 
 Rewrites, both forced by LiteRT's builtin op set and both covered by the parity check:
 
@@ -40,37 +41,32 @@ import numpy as np
 import torch
 
 from pipeline.landmarks import N_RAW
-from pipeline.read import read_landmarks
-from train.export import (
+from train.exportgraph import (
     INPUT_NAME,
     OUTPUT_NAME,
     Checkpoints,
     ExportError,
     ExportResult,
     LandmarkClassifier,
-    _quiet_exporter,
-    builtin_sequences,
+    check_sequences,
+    dynamic_program,
     export_source,
     parity_failure,
     parity_rows,
+    quiet_exporter,
+    require,
 )
+from train.modelfile import ModelFile
 from train.modelpair import write_model_pair
 
-SIGNATURE = "serving_default"
-TFLITE_HINT = "pip install -e '.[tflite]'"
 INT32_MAX = 2**31 - 1
 
 
 def require_tflite(module: str) -> Any:
     """Import tensorflow or ai_edge_litert, or fail with the command that installs the `tflite` extra."""
-    import importlib
-
     if module == "tensorflow":
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # its C++ start-up notes say nothing about this model
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ExportError(f"{module} is not installed; it comes with the tflite extra: {TFLITE_HINT}") from None
+    return require(module, "tflite")
 
 
 # ---------------------------------------------------------------------------- export
@@ -87,11 +83,11 @@ def export_tflite(
     require_tflite("ai_edge_litert.interpreter")
     require_tflite("tensorflow")
     out = Path(out)
-    checks = [(str(p), read_landmarks(p)) for p in check_files] + list(builtin_sequences())  # bad files fail first
+    checks = check_sequences(check_files)
     source = export_source(checkpoint, use_ema)
     data = tflite_bytes(LandmarkClassifier(source.model).eval(), source.metadata)
-    runner = TFLiteClassifier(data)
-    parity = parity_rows(runner.logits, source.model, source.label_map, checks, runtime="ai-edge-litert")
+    written = ModelFile(data, name=str(out))  # as `predict --model` will open it: metadata and contract checked
+    parity = parity_rows(written.logits, source.model, source.label_map, checks, runtime="ai-edge-litert")
     if any(not r.ok for r in parity):
         raise ExportError(parity_failure(parity, "ai-edge-litert"))
     meta_path = write_model_pair(out, data, {"format": "tflite", **source.metadata})
@@ -107,7 +103,7 @@ def tflite_bytes(module: torch.nn.Module, metadata: dict[str, Any]) -> bytes:
     holder = tf.Module()
     serve = lambda inputs: {OUTPUT_NAME: lowering(inputs)}  # noqa: E731
     holder.serve = tf.function(serve, input_signature=[spec], autograph=False)  # plain Python: nothing to rewrite
-    with _quiet_exporter():
+    with quiet_exporter():
         converter = tf.lite.TFLiteConverter.from_concrete_functions([holder.serve.get_concrete_function()], holder)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # no Flex: ai-edge-litert alone runs it
         try:
@@ -119,67 +115,71 @@ def tflite_bytes(module: torch.nn.Module, metadata: dict[str, Any]) -> bytes:
 
 def aten_program(module: torch.nn.Module) -> torch.export.ExportedProgram:
     """`module` through `torch.export` with a dynamic frame axis, decomposed to core ATen ops."""
-    example = torch.from_numpy(next(s for _, s in builtin_sequences()))
-    with _quiet_exporter():
-        program = torch.export.export(module, (example,), dynamic_shapes={INPUT_NAME: {0: torch.export.Dim.DYNAMIC}})
+    program = dynamic_program(module)
+    with quiet_exporter():
         return program.run_decompositions()
 
 
 # ---------------------------------------------------------------------------- ATen -> TensorFlow
 
+Lowering = Callable[..., Any]  # (the interpreter, the node's args...) -> TensorFlow value
+LOWERINGS: dict[Any, Lowering] = {}  # ATen overload (or Python operator on sizes) -> its TensorFlow lowering
 
-class AtenToTF:
+
+def lowers(*targets: Any) -> Callable[[Lowering], Lowering]:
+    """Register the decorated function as the lowering of each ATen overload in `targets`."""
+
+    def register(fn: Lowering) -> Lowering:
+        for target in targets:
+            LOWERINGS[target] = fn
+        return fn
+
+    return register
+
+
+class AtenToTF(torch.fx.Interpreter):
     """Runs a core-ATen `ExportedProgram` with TensorFlow ops: called inside a `tf.function`, it builds its graph.
 
-    Dtypes follow each node's recorded result, with float64 -> float32 and int64 -> int32 (LiteRT's builtins).
-    Sizes that depend on the input stay symbolic: `sym_size` is `tf.shape`, and shape arithmetic runs on it.
+    Each node's target is looked up in `LOWERINGS`. Dtypes follow each node's recorded result, with float64 ->
+    float32 and int64 -> int32 (LiteRT's builtins). Sizes that depend on the input stay symbolic: `sym_size` is
+    `tf.shape`, and shape arithmetic runs on it.
     """
 
     def __init__(self, program: torch.export.ExportedProgram) -> None:
+        super().__init__(program.graph_module, garbage_collect_values=True)
+        self.extra_traceback = False  # an ExportError stays one line
         self.tf = require_tflite("tensorflow")
-        self.graph = program.graph
         sig = program.graph_signature
         tensors = {**program.state_dict, **program.constants}
         named = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
         self.constants = {name: tensors[target] for name, target in named.items()}  # placeholder -> tensor
-        self.user_inputs = list(sig.user_inputs)
-        self.ops = self._lowerings()
+        self.node: torch.fx.Node | None = None  # the node being lowered
 
     def __call__(self, *inputs: Any) -> Any:
-        env: dict[str, Any] = dict(zip(self.user_inputs, inputs, strict=True))
-        for node in self.graph.nodes:
-            if node.op == "placeholder":
-                if node.name not in env:
-                    env[node.name] = self.tf.constant(self._numpy(self.constants[node.name]))
-            elif node.op == "call_function":
-                env[node.name] = self._call(node, env)
-            elif node.op == "output":
-                return self._resolve(node.args[0], env)[0]
-        raise ExportError("the exported program has no output")
+        return self.run(*inputs)[0]
 
-    def _call(self, node: torch.fx.Node, env: dict[str, Any]) -> Any:
-        target = node.target
-        lower = self.ops.get(target)
-        if lower is None:
-            raise ExportError(f"no LiteRT lowering for {target} (node {node.name}); add one to train/tflite.py")
-        args = self._resolve(node.args, env)
-        kwargs = self._resolve(dict(node.kwargs), env)
-        result = lower(node, *args, **kwargs)
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and isinstance(result, self.tf.Tensor):
-            result = self.tf.cast(result, self._dtype(val.dtype))  # torch's type promotion, done once here
+    def run_node(self, n: torch.fx.Node) -> Any:
+        self.node = n
+        result = super().run_node(n)
+        val = n.meta.get("val")
+        if n.op == "call_function" and isinstance(val, torch.Tensor) and isinstance(result, self.tf.Tensor):
+            result = self.tf.cast(result, self.dtype(val.dtype))  # torch's type promotion, done once here
         return result
 
-    def _resolve(self, a: Any, env: dict[str, Any]) -> Any:
-        if isinstance(a, torch.fx.Node):
-            return env[a.name]
-        if isinstance(a, (list, tuple)):
-            return type(a)(self._resolve(x, env) for x in a)
-        if isinstance(a, dict):
-            return {k: self._resolve(v, env) for k, v in a.items()}
-        return a
+    def placeholder(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.node is not None and self.node.name in self.constants:  # a weight, buffer or constant
+            return self.tf.constant(_numpy(self.constants[self.node.name]))
+        return super().placeholder(target, args, kwargs)  # the next user input
 
-    def _dtype(self, dtype: torch.dtype) -> Any:
+    def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        lower = LOWERINGS.get(target)
+        if lower is None:
+            name = self.node.name if self.node is not None else "?"
+            raise ExportError(f"no LiteRT lowering for {target} (node {name}); add one to train/tflite.py")
+        return lower(self, *args, **kwargs)
+
+    def dtype(self, dtype: torch.dtype) -> Any:
+        """The LiteRT dtype computing a torch dtype."""
         tf = self.tf
         table = {
             torch.float32: tf.float32,
@@ -192,225 +192,324 @@ class AtenToTF:
             raise ExportError(f"no LiteRT dtype for {dtype}")
         return table[dtype]
 
-    @staticmethod
-    def _numpy(t: torch.Tensor) -> np.ndarray:
-        a = t.detach().cpu().numpy()
-        if a.dtype == np.float64:
-            return a.astype(np.float32)
-        return a.astype(np.int32) if a.dtype == np.int64 else a
+    def out(self) -> Any:
+        """The LiteRT dtype of the current node's result."""
+        return self.dtype(self.node.meta["val"].dtype)
 
-    def _shape(self, sizes: Sequence[Any]) -> Any:
+    def arg_shape(self, i: int) -> Any:
+        """The recorded torch shape of the current node's `i`-th argument."""
+        return self.node.args[i].meta["val"].shape
+
+    def shape(self, sizes: Sequence[Any]) -> Any:
         """A shape of ints and symbolic (scalar tensor) sizes, as TensorFlow takes it."""
         if all(isinstance(s, int) for s in sizes):
             return list(sizes)
         return self.tf.stack([self.tf.cast(s, self.tf.int32) for s in sizes])
 
-    def _out(self, node: torch.fx.Node) -> Any:
-        return self._dtype(node.meta["val"].dtype)
 
-    def _lowerings(self) -> dict[Any, Callable[..., Any]]:
-        tf, aten = self.tf, torch.ops.aten
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    a = t.detach().cpu().numpy()
+    if a.dtype == np.float64:
+        return a.astype(np.float32)
+    return a.astype(np.int32) if a.dtype == np.int64 else a
 
-        def same(fn: Callable[..., Any]) -> Callable[..., Any]:
-            """An elementwise op whose tensor operands are first cast to the node's result dtype."""
 
-            def lower(node: torch.fx.Node, *args: Any, **kwargs: Any) -> Any:
-                if kwargs.get("alpha", 1) != 1 or kwargs.get("rounding_mode") is not None:
-                    raise ExportError(f"no LiteRT lowering for {node.target} with {kwargs}")
-                dtype = self._out(node)
-                return fn(*(tf.cast(a, dtype) if isinstance(a, tf.Tensor) else a for a in args))
+aten = torch.ops.aten
 
-            return lower
 
-        def compare(fn: Callable[..., Any]) -> Callable[..., Any]:
-            def lower(node: torch.fx.Node, a: Any, b: Any) -> Any:
-                tensors = [x for x in (a, b) if isinstance(x, tf.Tensor)]
-                dtype = tf.float32 if any(x.dtype.is_floating for x in tensors) or isinstance(b, float) else tf.int32
-                return fn(tf.cast(a, dtype), tf.cast(b, dtype))
+# Python's operators on sizes (scalar tensors here) and on the tuple a node returns.
+@lowers(operator.add, operator.sub, operator.mul, operator.floordiv, operator.getitem)
+def _python_operator(lo: AtenToTF, *args: Any) -> Any:
+    return lo.node.target(*args)
 
-            return lower
 
-        def logical(fn: Callable[..., Any]) -> Callable[..., Any]:
-            return lambda node, *args: fn(*(tf.cast(a, tf.bool) for a in args))
+@lowers(torch.sym_min)
+def _sym_min(lo: AtenToTF, a: Any, b: Any) -> Any:
+    return lo.tf.minimum(a, b)
 
-        def slice_(node: torch.fx.Node, x: Any, dim: int = 0, start: Any = None, end: Any = None, step: int = 1) -> Any:
-            if isinstance(end, int) and end >= INT32_MAX:  # "to the end", as torch writes it
-                end = None
-            if isinstance(start, int) and start == 0:
-                start = None
-            return x[(slice(None),) * (dim % len(x.shape)) + (slice(start, end, step),)]
 
-        def select(node: torch.fx.Node, x: Any, dim: int, index: Any) -> Any:
-            return x[(slice(None),) * (dim % len(x.shape)) + (index,)]
+@lowers(torch.sym_max)
+def _sym_max(lo: AtenToTF, a: Any, b: Any) -> Any:
+    return lo.tf.maximum(a, b)
 
-        def index(node: torch.fx.Node, x: Any, indices: Sequence[Any]) -> Any:
-            used = [(axis, i) for axis, i in enumerate(indices) if i is not None]
-            if len(used) != 1 or used[0][1].dtype == tf.bool:
-                raise ExportError(f"no LiteRT lowering for {node.target} with {len(used)} index tensors or a mask")
-            axis, i = used[0]
-            return tf.gather(x, i, axis=axis)
 
-        def view(node: torch.fx.Node, x: Any, sizes: Sequence[Any]) -> Any:
-            return tf.reshape(x, self._shape(sizes))
+@lowers(aten.sym_size.int)
+def _sym_size(lo: AtenToTF, x: Any, dim: int) -> Any:
+    return lo.tf.shape(x)[dim]
 
-        def expand(node: torch.fx.Node, x: Any, sizes: Sequence[Any], implicit: bool = False) -> Any:
-            lead = len(sizes) - len(x.shape)
-            sizes = [tf.shape(x)[i - lead] if isinstance(s, int) and s == -1 else s for i, s in enumerate(sizes)]
-            return tf.broadcast_to(x, self._shape(sizes))
 
-        def squeeze(node: torch.fx.Node, x: Any, dims: Sequence[int]) -> Any:
-            shape = node.args[0].meta["val"].shape
-            ones = [d % len(shape) for d in dims if isinstance(shape[d], int) and shape[d] == 1]  # torch skips others
-            return tf.squeeze(x, axis=ones) if ones else x
+@lowers(aten._assert_tensor_metadata.default)
+def _assert_metadata(lo: AtenToTF, *args: Any, **kwargs: Any) -> None:
+    return None  # a check torch.export leaves in the graph; the dtypes are followed anyway
 
-        def conv(
-            node: torch.fx.Node,
-            x: Any,
-            w: Any,
-            b: Any,
-            stride: Sequence[int],
-            padding: Sequence[int],
-            dilation: Sequence[int],
-            transposed: bool,
-            output_padding: Any,
-            groups: int,
-        ) -> Any:
-            """A 1-D convolution (B, C, T) in LiteRT's channels-last layout: CONV_2D or DEPTHWISE_CONV_2D."""
-            if len(x.shape) != 3 or transposed:
-                raise ExportError(f"no LiteRT lowering for {node.target} other than a 1-D forward convolution")
-            out_ch, in_per_group, k = node.args[1].meta["val"].shape
-            h = tf.pad(tf.transpose(x, [0, 2, 1]), [[0, 0], [padding[0], padding[0]], [0, 0]])[:, None]  # (B,1,T,C)
-            if groups == 1:
-                y = tf.nn.conv2d(
-                    h,
-                    tf.transpose(w, [2, 1, 0])[None],
-                    strides=[1, 1, stride[0], 1],
-                    padding="VALID",
-                    dilations=[1, 1, dilation[0], 1],
-                )
-            elif in_per_group == 1 and out_ch == groups and stride[0] == 1:
-                kernel = tf.reshape(tf.transpose(w[:, 0, :]), [1, k, groups, 1])  # (1, K, C, 1)
-                y = tf.nn.depthwise_conv2d(h, kernel, strides=[1, 1, 1, 1], padding="VALID", dilations=[1, dilation[0]])
-            else:
-                raise ExportError(f"no LiteRT lowering for a convolution of {groups} groups with stride {stride}")
-            if b is not None:
-                y = y + b
-            return tf.transpose(y[:, 0], [0, 2, 1])  # (B, C_out, T')
 
-        def layer_norm(node: torch.fx.Node, x: Any, shape: Sequence[int], w: Any, b: Any, eps: float) -> Any:
-            axes = list(range(-len(shape), 0))
-            mean = tf.reduce_mean(x, axis=axes, keepdims=True)
-            var = tf.reduce_mean(tf.square(x - mean), axis=axes, keepdims=True)
-            rstd = tf.math.rsqrt(var + eps)
-            y = (x - mean) * rstd
-            return (y * w if w is not None else y) + (b if b is not None else 0.0), mean, rstd
+@lowers(aten._to_copy.default, aten.clone.default, aten.alias.default)
+def _copy(lo: AtenToTF, x: Any, **kwargs: Any) -> Any:
+    return lo.tf.identity(x)  # a cast to the node's dtype follows in `run_node`
 
-        def reduce(fn: Callable[..., Any], bool_as: Any) -> Callable[..., Any]:
-            def lower(node: torch.fx.Node, x: Any, dims: Any = None, keepdim: bool = False, **kwargs: Any) -> Any:
-                if x.dtype == tf.bool and bool_as is not None:
-                    x = tf.cast(x, bool_as)
-                axis = None if dims is None or dims == [] else dims
-                return fn(x, axis=axis, keepdims=keepdim)
 
-            return lower
+@lowers(aten.permute.default)
+def _permute(lo: AtenToTF, x: Any, dims: Sequence[int]) -> Any:
+    return lo.tf.transpose(x, list(dims))
 
-        def full(node: torch.fx.Node, sizes: Sequence[Any], value: Any, **kwargs: Any) -> Any:
-            return tf.fill(self._shape(sizes), tf.cast(value, self._out(node)))
 
-        def arange(node: torch.fx.Node, start: Any, end: Any = None, step: Any = 1, **kwargs: Any) -> Any:
-            return tf.range(start, end, step, dtype=self._out(node))
+@lowers(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+def _view(lo: AtenToTF, x: Any, sizes: Sequence[Any]) -> Any:
+    return lo.tf.reshape(x, lo.shape(sizes))
 
-        def clamp(node: torch.fx.Node, x: Any, lo: Any = None, hi: Any = None) -> Any:
-            x = x if lo is None else tf.maximum(x, tf.cast(lo, x.dtype))
-            return x if hi is None else tf.minimum(x, tf.cast(hi, x.dtype))
 
-        def where(node: torch.fx.Node, cond: Any, a: Any, b: Any) -> Any:
-            dtype = self._out(node)
-            return tf.where(cond, tf.cast(a, dtype), tf.cast(b, dtype))
+@lowers(aten.unsqueeze.default)
+def _unsqueeze(lo: AtenToTF, x: Any, dim: int) -> Any:
+    return lo.tf.expand_dims(x, dim)
 
-        def to_copy(node: torch.fx.Node, x: Any, **kwargs: Any) -> Any:
-            return tf.identity(x)  # the cast to the node's dtype follows in `_call`
 
-        def plain(fn: Callable[..., Any]) -> Callable[..., Any]:
-            """Python's operators on sizes (scalar tensors here) and on the tuple a node returns."""
-            return lambda node, *args: fn(*args)
+@lowers(aten.squeeze.dims)
+def _squeeze(lo: AtenToTF, x: Any, dims: Sequence[int]) -> Any:
+    shape = lo.arg_shape(0)
+    ones = [d % len(shape) for d in dims if isinstance(shape[d], int) and shape[d] == 1]  # torch skips others
+    return lo.tf.squeeze(x, axis=ones) if ones else x
 
-        return {
-            **{op: plain(op) for op in (operator.add, operator.sub, operator.mul, operator.floordiv, operator.getitem)},
-            torch.sym_min: lambda node, a, b: tf.minimum(a, b),
-            torch.sym_max: lambda node, a, b: tf.maximum(a, b),
-            aten.sym_size.int: lambda node, x, dim: tf.shape(x)[dim],
-            aten._assert_tensor_metadata.default: lambda node, *a, **k: None,
-            aten._to_copy.default: to_copy,
-            aten.clone.default: lambda node, x, **k: tf.identity(x),
-            aten.alias.default: lambda node, x: tf.identity(x),
-            aten.permute.default: lambda node, x, dims: tf.transpose(x, list(dims)),
-            aten.view.default: view,
-            aten.reshape.default: view,
-            aten._unsafe_view.default: view,
-            aten.unsqueeze.default: lambda node, x, dim: tf.expand_dims(x, dim),
-            aten.squeeze.dims: squeeze,
-            aten.squeeze.dim: lambda node, x, dim: squeeze(node, x, [dim]),
-            aten.expand.default: expand,
-            aten.slice.Tensor: slice_,
-            aten.select.int: select,
-            aten.index.Tensor: index,
-            aten.cat.default: lambda node, xs, dim=0: tf.concat(list(xs), axis=dim),
-            aten.scalar_tensor.default: lambda node, v, **k: tf.constant(v, self._out(node)),
-            aten.full.default: full,
-            aten.full_like.default: lambda node, x, v, **k: tf.fill(tf.shape(x), tf.cast(v, self._out(node))),
-            aten.arange.start_step: arange,
-            aten.arange.start: arange,
-            aten.arange.default: lambda node, end, **k: arange(node, 0, end),
-            aten.add.Tensor: same(operator.add),
-            aten.add.Scalar: same(operator.add),
-            aten.sub.Tensor: same(operator.sub),
-            aten.sub.Scalar: same(operator.sub),
-            aten.mul.Tensor: same(operator.mul),
-            aten.mul.Scalar: same(operator.mul),
-            aten.div.Tensor: same(operator.truediv),
-            aten.div.Scalar: same(operator.truediv),
-            aten.neg.default: same(operator.neg),
-            aten.abs.default: same(tf.abs),
-            aten.sqrt.default: same(tf.sqrt),
-            aten.rsqrt.default: same(tf.math.rsqrt),
-            aten.exp.default: same(tf.exp),
-            aten.sigmoid.default: same(tf.sigmoid),
-            aten.minimum.default: same(tf.minimum),
-            aten.maximum.default: same(tf.maximum),
-            aten.clamp.default: clamp,
-            aten.where.self: where,
-            aten.isnan.default: lambda node, x: tf.not_equal(x, x),  # LiteRT has no IS_NAN; NaN is unequal to itself
-            aten.eq.Scalar: compare(tf.equal),
-            aten.eq.Tensor: compare(tf.equal),
-            aten.ne.Scalar: compare(tf.not_equal),
-            aten.ne.Tensor: compare(tf.not_equal),
-            aten.lt.Scalar: compare(tf.less),
-            aten.lt.Tensor: compare(tf.less),
-            aten.le.Scalar: compare(tf.less_equal),
-            aten.gt.Scalar: compare(tf.greater),
-            aten.gt.Tensor: compare(tf.greater),
-            aten.ge.Scalar: compare(tf.greater_equal),
-            aten.logical_not.default: logical(tf.logical_not),
-            aten.bitwise_not.default: logical(tf.logical_not),
-            aten.logical_and.default: logical(tf.logical_and),
-            aten.bitwise_and.Tensor: logical(tf.logical_and),
-            aten.logical_or.default: logical(tf.logical_or),
-            aten.bitwise_or.Tensor: logical(tf.logical_or),
-            aten.sum.dim_IntList: reduce(tf.reduce_sum, tf.int32),
-            aten.mean.dim: reduce(tf.reduce_mean, None),
-            aten.amax.default: reduce(tf.reduce_max, None),
-            aten.any.dim: reduce(tf.reduce_any, None),
-            aten._softmax.default: lambda node, x, dim, half: tf.nn.softmax(x, axis=dim),
-            aten._log_softmax.default: lambda node, x, dim, half: tf.nn.log_softmax(x, axis=dim),
-            aten.logsumexp.default: lambda node, x, dims, keepdim=False: tf.reduce_logsumexp(x, dims, keepdim),
-            aten.log.default: same(tf.math.log),
-            aten.addmm.default: lambda node, bias, a, b: tf.matmul(a, b) + bias,
-            aten.mm.default: lambda node, a, b: tf.matmul(a, b),
-            aten.bmm.default: lambda node, a, b: tf.matmul(a, b),
-            aten.convolution.default: conv,
-            aten.native_layer_norm.default: layer_norm,
-        }
+
+@lowers(aten.squeeze.dim)
+def _squeeze_dim(lo: AtenToTF, x: Any, dim: int) -> Any:
+    return _squeeze(lo, x, [dim])
+
+
+@lowers(aten.expand.default)
+def _expand(lo: AtenToTF, x: Any, sizes: Sequence[Any], implicit: bool = False) -> Any:
+    lead = len(sizes) - len(x.shape)
+    sizes = [lo.tf.shape(x)[i - lead] if isinstance(s, int) and s == -1 else s for i, s in enumerate(sizes)]
+    return lo.tf.broadcast_to(x, lo.shape(sizes))
+
+
+@lowers(aten.slice.Tensor)
+def _slice(lo: AtenToTF, x: Any, dim: int = 0, start: Any = None, end: Any = None, step: int = 1) -> Any:
+    if isinstance(end, int) and end >= INT32_MAX:  # "to the end", as torch writes it
+        end = None
+    if isinstance(start, int) and start == 0:
+        start = None
+    return x[(slice(None),) * (dim % len(x.shape)) + (slice(start, end, step),)]
+
+
+@lowers(aten.select.int)
+def _select(lo: AtenToTF, x: Any, dim: int, index: Any) -> Any:
+    return x[(slice(None),) * (dim % len(x.shape)) + (index,)]
+
+
+@lowers(aten.index.Tensor)
+def _index(lo: AtenToTF, x: Any, indices: Sequence[Any]) -> Any:
+    used = [(axis, i) for axis, i in enumerate(indices) if i is not None]
+    if len(used) != 1 or used[0][1].dtype == lo.tf.bool:
+        raise ExportError(f"no LiteRT lowering for {lo.node.target} with {len(used)} index tensors or a mask")
+    axis, i = used[0]
+    return lo.tf.gather(x, i, axis=axis)
+
+
+@lowers(aten.cat.default)
+def _cat(lo: AtenToTF, xs: Sequence[Any], dim: int = 0) -> Any:
+    return lo.tf.concat(list(xs), axis=dim)
+
+
+@lowers(aten.scalar_tensor.default)
+def _scalar_tensor(lo: AtenToTF, value: Any, **kwargs: Any) -> Any:
+    return lo.tf.constant(value, lo.out())
+
+
+@lowers(aten.full.default)
+def _full(lo: AtenToTF, sizes: Sequence[Any], value: Any, **kwargs: Any) -> Any:
+    return lo.tf.fill(lo.shape(sizes), lo.tf.cast(value, lo.out()))
+
+
+@lowers(aten.full_like.default)
+def _full_like(lo: AtenToTF, x: Any, value: Any, **kwargs: Any) -> Any:
+    return lo.tf.fill(lo.tf.shape(x), lo.tf.cast(value, lo.out()))
+
+
+@lowers(aten.arange.start_step, aten.arange.start)
+def _arange(lo: AtenToTF, start: Any, end: Any = None, step: Any = 1, **kwargs: Any) -> Any:
+    return lo.tf.range(start, end, step, dtype=lo.out())
+
+
+@lowers(aten.arange.default)
+def _arange_to(lo: AtenToTF, end: Any, **kwargs: Any) -> Any:
+    return _arange(lo, 0, end)
+
+
+def _elementwise(fn: Callable[..., Any]) -> Lowering:
+    """An elementwise op whose tensor operands are first cast to the node's result dtype."""
+
+    def lower(lo: AtenToTF, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("alpha", 1) != 1 or kwargs.get("rounding_mode") is not None:
+            raise ExportError(f"no LiteRT lowering for {lo.node.target} with {kwargs}")
+        dtype = lo.out()
+        return fn(*(lo.tf.cast(a, dtype) if isinstance(a, lo.tf.Tensor) else a for a in args))
+
+    return lower
+
+
+lowers(aten.add.Tensor, aten.add.Scalar)(_elementwise(operator.add))
+lowers(aten.sub.Tensor, aten.sub.Scalar)(_elementwise(operator.sub))
+lowers(aten.mul.Tensor, aten.mul.Scalar)(_elementwise(operator.mul))
+lowers(aten.div.Tensor, aten.div.Scalar)(_elementwise(operator.truediv))
+lowers(aten.neg.default)(_elementwise(operator.neg))
+
+
+def _math(name: str) -> Lowering:
+    """An elementwise `tf.math` function by name (TensorFlow is imported only when a lowering runs)."""
+    return lambda lo, *args, **kwargs: _elementwise(getattr(lo.tf.math, name))(lo, *args, **kwargs)
+
+
+for _op, _name in [
+    (aten.abs.default, "abs"),
+    (aten.sqrt.default, "sqrt"),
+    (aten.rsqrt.default, "rsqrt"),
+    (aten.exp.default, "exp"),
+    (aten.log.default, "log"),
+    (aten.sigmoid.default, "sigmoid"),
+    (aten.minimum.default, "minimum"),
+    (aten.maximum.default, "maximum"),
+]:
+    lowers(_op)(_math(_name))
+
+
+@lowers(aten.clamp.default)
+def _clamp(lo: AtenToTF, x: Any, low: Any = None, high: Any = None) -> Any:
+    x = x if low is None else lo.tf.maximum(x, lo.tf.cast(low, x.dtype))
+    return x if high is None else lo.tf.minimum(x, lo.tf.cast(high, x.dtype))
+
+
+@lowers(aten.where.self)
+def _where(lo: AtenToTF, cond: Any, a: Any, b: Any) -> Any:
+    dtype = lo.out()
+    return lo.tf.where(cond, lo.tf.cast(a, dtype), lo.tf.cast(b, dtype))
+
+
+@lowers(aten.isnan.default)
+def _isnan(lo: AtenToTF, x: Any) -> Any:
+    return lo.tf.not_equal(x, x)  # LiteRT has no IS_NAN; NaN is unequal to itself
+
+
+COMPARISONS = {
+    "eq": "equal",
+    "ne": "not_equal",
+    "lt": "less",
+    "le": "less_equal",
+    "gt": "greater",
+    "ge": "greater_equal",
+}
+
+
+def _compare(name: str) -> Lowering:
+    """A comparison: both operands cast to float32 when either is floating, else to int32."""
+
+    def lower(lo: AtenToTF, a: Any, b: Any) -> Any:
+        tf = lo.tf
+        tensors = [x for x in (a, b) if isinstance(x, tf.Tensor)]
+        floating = any(x.dtype.is_floating for x in tensors) or any(isinstance(x, float) for x in (a, b))
+        dtype = tf.float32 if floating else tf.int32
+        return getattr(tf.math, name)(tf.cast(a, dtype), tf.cast(b, dtype))
+
+    return lower
+
+
+for _aten_name, _tf_name in COMPARISONS.items():
+    _packet = getattr(aten, _aten_name)
+    lowers(_packet.Scalar, _packet.Tensor)(_compare(_tf_name))
+
+
+def _logical(name: str) -> Lowering:
+    return lambda lo, *args: getattr(lo.tf.math, name)(*(lo.tf.cast(a, lo.tf.bool) for a in args))
+
+
+lowers(aten.logical_not.default, aten.bitwise_not.default)(_logical("logical_not"))
+lowers(aten.logical_and.default, aten.bitwise_and.Tensor)(_logical("logical_and"))
+lowers(aten.logical_or.default, aten.bitwise_or.Tensor)(_logical("logical_or"))
+
+
+def _reduce(name: str, bool_as_int: bool = False) -> Lowering:
+    """A reduction over `dims` (all when empty); booleans counted as int32 when `bool_as_int` (sum)."""
+
+    def lower(lo: AtenToTF, x: Any, dims: Any = None, keepdim: bool = False, **kwargs: Any) -> Any:
+        if x.dtype == lo.tf.bool and bool_as_int:
+            x = lo.tf.cast(x, lo.tf.int32)
+        axis = None if dims is None or dims == [] else dims
+        return getattr(lo.tf.math, name)(x, axis=axis, keepdims=keepdim)
+
+    return lower
+
+
+lowers(aten.sum.dim_IntList)(_reduce("reduce_sum", bool_as_int=True))
+lowers(aten.mean.dim)(_reduce("reduce_mean"))
+lowers(aten.amax.default)(_reduce("reduce_max"))
+lowers(aten.any.dim)(_reduce("reduce_any"))
+
+
+@lowers(aten.logsumexp.default)
+def _logsumexp(lo: AtenToTF, x: Any, dims: Any, keepdim: bool = False) -> Any:
+    return lo.tf.reduce_logsumexp(x, dims, keepdim)
+
+
+@lowers(aten._softmax.default)
+def _softmax(lo: AtenToTF, x: Any, dim: int, half_to_float: bool) -> Any:
+    return lo.tf.nn.softmax(x, axis=dim)
+
+
+@lowers(aten._log_softmax.default)
+def _log_softmax(lo: AtenToTF, x: Any, dim: int, half_to_float: bool) -> Any:
+    return lo.tf.nn.log_softmax(x, axis=dim)
+
+
+@lowers(aten.addmm.default)
+def _addmm(lo: AtenToTF, bias: Any, a: Any, b: Any) -> Any:
+    return lo.tf.matmul(a, b) + bias
+
+
+@lowers(aten.mm.default, aten.bmm.default)
+def _matmul(lo: AtenToTF, a: Any, b: Any) -> Any:
+    return lo.tf.matmul(a, b)
+
+
+@lowers(aten.convolution.default)
+def _convolution(
+    lo: AtenToTF,
+    x: Any,
+    w: Any,
+    b: Any,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool,
+    output_padding: Any,
+    groups: int,
+) -> Any:
+    """A 1-D convolution (B, C, T) in LiteRT's channels-last layout: CONV_2D or DEPTHWISE_CONV_2D."""
+    tf = lo.tf
+    if len(x.shape) != 3 or transposed:
+        raise ExportError(f"no LiteRT lowering for {lo.node.target} other than a 1-D forward convolution")
+    out_ch, in_per_group, k = lo.arg_shape(1)
+    h = tf.pad(tf.transpose(x, [0, 2, 1]), [[0, 0], [padding[0], padding[0]], [0, 0]])[:, None]  # (B, 1, T, C)
+    if groups == 1:
+        kernel = tf.transpose(w, [2, 1, 0])[None]
+        y = tf.nn.conv2d(h, kernel, strides=[1, 1, stride[0], 1], padding="VALID", dilations=[1, 1, dilation[0], 1])
+    elif in_per_group == 1 and out_ch == groups and stride[0] == 1:
+        kernel = tf.reshape(tf.transpose(w[:, 0, :]), [1, k, groups, 1])  # (1, K, C, 1)
+        y = tf.nn.depthwise_conv2d(h, kernel, strides=[1, 1, 1, 1], padding="VALID", dilations=[1, dilation[0]])
+    else:
+        raise ExportError(f"no LiteRT lowering for a convolution of {groups} groups with stride {stride}")
+    if b is not None:
+        y = y + b
+    return tf.transpose(y[:, 0], [0, 2, 1])  # (B, C_out, T')
+
+
+@lowers(aten.native_layer_norm.default)
+def _layer_norm(lo: AtenToTF, x: Any, shape: Sequence[int], w: Any, b: Any, eps: float) -> Any:
+    tf = lo.tf
+    axes = list(range(-len(shape), 0))
+    mean = tf.reduce_mean(x, axis=axes, keepdims=True)
+    var = tf.reduce_mean(tf.square(x - mean), axis=axes, keepdims=True)
+    rstd = tf.math.rsqrt(var + eps)
+    y = (x - mean) * rstd
+    return (y * w if w is not None else y) + (b if b is not None else 0.0), mean, rstd
 
 
 # ---------------------------------------------------------------------------- metadata
@@ -433,49 +532,3 @@ def with_metadata(data: bytes, entries: dict[str, str]) -> bytes:
     builder = flatbuffers.Builder(len(data) + 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
-
-
-def metadata_of(data: bytes) -> dict[str, str]:
-    """The `metadata` entries of a `.tflite` flatbuffer whose buffers hold text (name -> text)."""
-    schema = require_tflite("ai_edge_litert.schema_py_generated")
-    model = schema.Model.GetRootAs(data, 0)
-    found = {}
-    for i in range(model.MetadataLength()):
-        entry = model.Metadata(i)
-        raw = model.Buffers(entry.Buffer()).DataAsNumpy()
-        if isinstance(raw, np.ndarray):  # an empty buffer reads as 0
-            with_text = raw.tobytes()
-            try:
-                found[entry.Name().decode()] = with_text.decode()
-            except UnicodeDecodeError:
-                continue  # the converter's own binary entries (min_runtime_version is text, others may not be)
-    return found
-
-
-# ---------------------------------------------------------------------------- running an exported file
-
-
-class TFLiteClassifier:
-    """A `.tflite` file written by `asl-train export`, run by ai-edge-litert: `logits(xyz)` and its label map."""
-
-    def __init__(self, model: bytes | str | Path, threads: int | None = None) -> None:
-        litert = require_tflite("ai_edge_litert.interpreter")
-        name = "model" if isinstance(model, bytes) else str(model)
-        try:
-            data = model if isinstance(model, bytes) else Path(model).read_bytes()
-        except OSError as exc:
-            raise ExportError(f"{name}: cannot read the model ({exc.strerror or exc})") from None
-        try:
-            interpreter = litert.Interpreter(model_content=data, num_threads=threads)
-            self.runner = interpreter.get_signature_runner(SIGNATURE)
-            entries = metadata_of(data)
-        except Exception as exc:  # the interpreter's errors are plain ValueError/RuntimeError with long texts
-            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise ExportError(f"{name}: not a model ai-edge-litert can load ({reason})") from None
-        if "label_map" not in entries:
-            raise ExportError(f"{name}: no label_map in its metadata (not written by `asl-train export`)")
-        self.label_map: dict[str, int] = json.loads(entries["label_map"])
-        self.metadata = entries
-
-    def logits(self, xyz: np.ndarray) -> np.ndarray:
-        return self.runner(**{INPUT_NAME: np.asarray(xyz, dtype=np.float32)})[OUTPUT_NAME]
