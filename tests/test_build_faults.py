@@ -1,6 +1,6 @@
 """build-shards under bad inputs and faults (issue 9): a one-line reason, never a traceback or a hang.
 
-Every test starts from the three real sample files of ../shared/gislr-sample, adds one bad
+Every test starts from the three real sample files of the shared data's gislr-sample, adds one bad
 input or fault, runs the real CLI and checks the exit status, that the message names the
 file and the problem, that nothing crashed, and that every good input still lands in the shards.
 """
@@ -39,7 +39,6 @@ from pipeline.read import clip, read_landmarks
 from pipeline.shards import iter_members, verify_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT.parent / "shared" / "gislr-sample"
 LABEL_MAP = "sign_to_prediction_index_map.json"
 COLUMNS = ("path", "participant_id", "sequence_id", "sign")
 SHORT = "train_landmark_files/22343/239181.parquet"  # the real 30-frame file
@@ -51,20 +50,20 @@ BAD = "train_landmark_files/11111"  # where the tests put their bad inputs
 
 
 @pytest.fixture
-def data(tmp_path: Path) -> Path:
+def data(tmp_path: Path, sample_data: Path) -> Path:
     """A writable copy of the real sample dataset (3 files, 3 participants)."""
-    if not SAMPLE.exists():
-        pytest.skip(f"shared test data not found at {SAMPLE}")
     out = tmp_path / "data"
-    shutil.copytree(SAMPLE, out)
+    shutil.copytree(sample_data, out)
     for p in [out, *out.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
     (out / BAD).mkdir()
     return out
 
 
-def good_ids() -> list[str]:
-    with open(SAMPLE / "train.csv", newline="") as f:
+@pytest.fixture
+def good_ids(sample_data: Path) -> list[str]:
+    """The sequence ids of the real sample dataset, sorted."""
+    with open(sample_data / "train.csv", newline="") as f:
         return sorted(r["sequence_id"] for r in csv.DictReader(f))
 
 
@@ -232,7 +231,7 @@ FILE_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
 
 
 @pytest.mark.parametrize("case", list(FILE_CASES))
-def test_bad_landmark_file_is_rejected_and_the_rest_lands(tmp_path: Path, data: Path, case: str):
+def test_bad_landmark_file_is_rejected_and_the_rest_lands(tmp_path: Path, data: Path, case: str, good_ids: list[str]):
     setup, phrase = FILE_CASES[case]
     path = setup(data)
     append_rows(data, row(path))
@@ -244,7 +243,7 @@ def test_bad_landmark_file_is_rejected_and_the_rest_lands(tmp_path: Path, data: 
     (reject,) = rejects_of(out)
     assert (reject["sequence_id"], reject["path"]) == ("5000", path) and phrase in reject["reason"], reject
     assert f"rejected {clip(path, 200)}: {reject['reason']}" in result.output
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
 
 
 # ---------------------------------------------------------------- one bad row of train.csv: a reject, the rest lands
@@ -277,7 +276,7 @@ ROW_CASES: dict[str, tuple[str, str]] = {
 
 
 @pytest.mark.parametrize("case", list(ROW_CASES))
-def test_bad_train_csv_row_is_rejected_and_the_rest_lands(tmp_path: Path, data: Path, case: str):
+def test_bad_train_csv_row_is_rejected_and_the_rest_lands(tmp_path: Path, data: Path, case: str, good_ids: list[str]):
     line, phrase = ROW_CASES[case]
     shutil.copyfile(data / SHORT, data / BAD / "x.parquet")  # a good file: only the row is wrong
     append_rows(data, line)
@@ -288,13 +287,13 @@ def test_bad_train_csv_row_is_rejected_and_the_rest_lands(tmp_path: Path, data: 
     assert reject["reason"].startswith(f"train.csv line 5: {phrase}"), reject
     assert len(reject["reason"]) < 200, "a reason quoting the row is clipped"
     assert f"rejected {reject['path']}: {reject['reason']}" in result.output
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
 
 
 # ---------------------------------------------------------------- accepted: what looks odd but is fine
 
 
-def test_float16_coordinates_are_read_exactly_and_built(tmp_path: Path, data: Path):
+def test_float16_coordinates_are_read_exactly_and_built(tmp_path: Path, data: Path, good_ids: list[str]):
     table = pq.read_table(data / SHORT)
     for c in "xyz":
         table = with_column(table, c, table.column(c).cast(pa.float16()))
@@ -302,7 +301,7 @@ def test_float16_coordinates_are_read_exactly_and_built(tmp_path: Path, data: Pa
     append_rows(data, row(f"{BAD}/f16.parquet"))
     out = tmp_path / "out"
     check_exit(build(data, out, "--dtype", "float32"), 0)
-    assert landed(out) == sorted([*good_ids(), "5000"])
+    assert landed(out) == sorted([*good_ids, "5000"])
 
     got = read_landmarks(data / BAD / "f16.parquet")
     want = np.stack([table.column(c).to_numpy().astype(np.float32) for c in "xyz"], axis=-1).reshape(-1, 543, 3)
@@ -312,7 +311,7 @@ def test_float16_coordinates_are_read_exactly_and_built(tmp_path: Path, data: Pa
     assert np.array_equal(sample.features[: len(compact)], compact)
 
 
-def test_longest_allowed_id_and_links_inside_the_data_dir_are_accepted(tmp_path: Path, data: Path):
+def test_longest_allowed_id_and_links_inside_the_data_dir_are_accepted(tmp_path: Path, data: Path, good_ids: list[str]):
     """An id of MAX_ID_DIGITS digits fits a tar name; links inside the data dir, and the dir itself a link, are fine.
 
     A hard link is a file of its own (bench/build.py lists hard links to build more rows than files).
@@ -325,12 +324,12 @@ def test_longest_allowed_id_and_links_inside_the_data_dir_are_accepted(tmp_path:
     append_rows(data, row(f"{BAD}/inside.parquet", longest), row(f"{BAD}/hard.parquet", "5001"))
     out = tmp_path / "out"
     check_exit(build(tmp_path / "data-link", out), 0)
-    assert landed(out) == sorted([*good_ids(), longest, "5001"])
+    assert landed(out) == sorted([*good_ids, longest, "5001"])
 
 
-def test_train_csv_as_a_spreadsheet_saves_it_is_accepted(tmp_path: Path, data: Path):
+def test_train_csv_as_a_spreadsheet_saves_it_is_accepted(tmp_path: Path, data: Path, good_ids: list[str]):
     """A byte order mark, CRLF line ends, quoted fields, extra columns in another order, blank lines: all fine."""
-    with open(SAMPLE / "train.csv", newline="") as f:
+    with open(data / "train.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     lines = ["note,sign,sequence_id,participant_id,path"] + [
         f'"a, note",{r["sign"]},{r["sequence_id"]},"{r["participant_id"]}",{r["path"]}' for r in rows
@@ -339,18 +338,18 @@ def test_train_csv_as_a_spreadsheet_saves_it_is_accepted(tmp_path: Path, data: P
     (data / "train.csv").write_bytes(b"\xef\xbb\xbf" + ("\r\n".join(lines) + "\r\n\r\n").encode())
     out = tmp_path / "out"
     check_exit(build(data, out), 0)
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
 
 
-def test_raising_max_file_mb_rebuilds_only_the_rejected_files_shard(tmp_path: Path, data: Path):
+def test_raising_max_file_mb_rebuilds_only_the_rejected_files_shard(tmp_path: Path, data: Path, good_ids: list[str]):
     out = tmp_path / "out"
     first = build(data, out, "--max-file-mb", "1")  # the real 105-frame file is 1.6 MB
     check_exit(first, 3)
     assert f"rejected {BIG}: file of 1.6 MB is over the 1 MB limit (--max-file-mb)" in first.output
-    assert landed(out) == sorted(set(good_ids()) - {"100015657"})
+    assert landed(out) == sorted(set(good_ids) - {"100015657"})
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     check_exit(build(data, out, "--max-file-mb", "2"), 0)
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     assert sum(before[n] != after[n] for n in before) == 1, "only the shard of the rejected file is rebuilt"
 
@@ -358,7 +357,9 @@ def test_raising_max_file_mb_rebuilds_only_the_rejected_files_shard(tmp_path: Pa
 # ---------------------------------------------------------------- anything else raised by one file: a reject
 
 
-def test_unexpected_error_in_preprocessing_rejects_that_file_only(tmp_path: Path, data: Path, monkeypatch):
+def test_unexpected_error_in_preprocessing_rejects_that_file_only(
+    tmp_path: Path, data: Path, monkeypatch, good_ids: list[str]
+):
     real = build_mod.compact_features
 
     def flaky(xyz: np.ndarray):
@@ -372,10 +373,12 @@ def test_unexpected_error_in_preprocessing_rejects_that_file_only(tmp_path: Path
     check_exit(result, 3)
     path = "train_landmark_files/49445/1006440534.parquet"
     assert f"rejected {path}: could not be processed (RuntimeError: boom)" in result.output
-    assert landed(out) == sorted(set(good_ids()) - {"1006440534"})
+    assert landed(out) == sorted(set(good_ids) - {"1006440534"})
 
 
-def test_member_name_too_long_for_tar_rejects_before_writing(tmp_path: Path, data: Path, monkeypatch):
+def test_member_name_too_long_for_tar_rejects_before_writing(
+    tmp_path: Path, data: Path, monkeypatch, good_ids: list[str]
+):
     """Encoding is checked against the tar writer's own name rule before a byte is written: the shard stays whole."""
     real = build_mod.encode_sample
 
@@ -390,7 +393,7 @@ def test_member_name_too_long_for_tar_rejects_before_writing(tmp_path: Path, dat
     assert f"rejected {SHORT}: could not be processed (ValueError: tar member name longer than 100 bytes" in (
         result.output
     )
-    assert landed(out) == sorted(set(good_ids()) - {"239181"})
+    assert landed(out) == sorted(set(good_ids) - {"239181"})
 
 
 # ---------------------------------------------------------------- train.csv or the label map unusable: one line, exit 1
@@ -403,6 +406,11 @@ def _replace(data: Path, name: str, content: bytes) -> None:
 
 def _csv(content: bytes) -> Callable[[Path], None]:
     return lambda data: _replace(data, "train.csv", content)
+
+
+def _csv_edited(edit: Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    """Replace train.csv by `edit(its good content)`."""
+    return lambda data: _replace(data, "train.csv", edit((data / "train.csv").read_bytes()))
 
 
 def _label_map(content: bytes) -> Callable[[Path], None]:
@@ -433,7 +441,6 @@ def _as_link(name: str, target: str) -> Callable[[Path], None]:
     return setup
 
 
-GOOD_CSV = (SAMPLE / "train.csv").read_bytes() if SAMPLE.exists() else b""
 HEADER = b"path,participant_id,sequence_id,sign\n"
 INDEX_CASES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "csv-empty": ("train.csv", _csv(b""), "empty (expected the header path,participant_id,sequence_id,sign"),
@@ -441,7 +448,7 @@ INDEX_CASES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "csv-header-only": ("train.csv", _csv(HEADER), "no rows after the header"),
     "csv-not-utf8": (
         "train.csv",
-        _csv(GOOD_CSV + b"train_landmark_files/1/\xff.parquet,1,7,hello\n"),
+        _csv_edited(lambda good: good + b"train_landmark_files/1/\xff.parquet,1,7,hello\n"),
         "not UTF-8 text (byte 0xff on line 5)",
     ),
     "csv-latin1-header": (
@@ -451,12 +458,12 @@ INDEX_CASES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     ),
     "csv-unterminated-quote": (
         "train.csv",
-        _csv(GOOD_CSV + b'"train_landmark_files/1/7.parquet,1,7,hello\n'),
+        _csv_edited(lambda good: good + b'"train_landmark_files/1/7.parquet,1,7,hello\n'),
         "malformed CSV in the row starting at line 5: unexpected end of data (an unterminated quote?)",
     ),
     "csv-text-after-quote": (
         "train.csv",
-        _csv(HEADER + b'"a"b,1,7,hello\n' + GOOD_CSV[len(HEADER) :]),
+        _csv_edited(lambda good: HEADER + b'"a"b,1,7,hello\n' + good[len(HEADER) :]),
         "malformed CSV in the row starting at line 2: ',' expected after '\"'",
     ),
     "csv-missing-column": (
@@ -472,7 +479,7 @@ INDEX_CASES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "csv-binary": ("train.csv", _csv(bytes(range(256)) * 4), "not UTF-8 text (byte 0x80 on line 2)"),
     "csv-nul-byte": (
         "train.csv",
-        _csv(GOOD_CSV + b"train_landmark_files/1/7\0.parquet,1,7,hello\n"),
+        _csv_edited(lambda good: good + b"train_landmark_files/1/7\0.parquet,1,7,hello\n"),
         "not a text file (a NUL byte on line 5)",
     ),
     "csv-directory": ("train.csv", _as_directory("train.csv"), "not a regular file (a directory)"),
@@ -569,7 +576,7 @@ def _obey_file_permissions() -> Callable[[], None] | None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["out", "parent"])
-def test_read_only_output_is_one_line_then_a_rerun_builds(tmp_path: Path, data: Path, where: str):
+def test_read_only_output_is_one_line_then_a_rerun_builds(tmp_path: Path, data: Path, where: str, good_ids: list[str]):
     parent = tmp_path / "ro"
     parent.mkdir()
     out = parent / "out"
@@ -584,11 +591,13 @@ def test_read_only_output_is_one_line_then_a_rerun_builds(tmp_path: Path, data: 
     assert proc.stderr.endswith("Permission denied)\n") and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(f"Error: {out}: cannot write the output ("), proc.stderr
     check_exit(build(data, out), 0)
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
 
 
 @pytest.mark.slow
-def test_full_output_is_one_line_leaves_no_temporaries_then_a_rerun_builds(tmp_path: Path, data: Path):
+def test_full_output_is_one_line_leaves_no_temporaries_then_a_rerun_builds(
+    tmp_path: Path, data: Path, good_ids: list[str]
+):
     """A file size limit makes every write past 60 kB fail as on a full disk, in the main process and both workers."""
 
     def small_disk() -> None:
@@ -602,10 +611,10 @@ def test_full_output_is_one_line_leaves_no_temporaries_then_a_rerun_builds(tmp_p
     assert "Traceback" not in proc.stderr
     assert not list(out.glob("*.tmp")), "a failed build left temporary files"
     check_exit(build(data, out), 0)
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
 
 
-def test_disk_full_while_writing_a_shard(tmp_path: Path, data: Path, monkeypatch):
+def test_disk_full_while_writing_a_shard(tmp_path: Path, data: Path, monkeypatch, good_ids: list[str]):
     def full(self: shards_mod.ShardWriter, data: bytes) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -617,10 +626,10 @@ def test_disk_full_while_writing_a_shard(tmp_path: Path, data: Path, monkeypatch
     assert result.output == f"Error: {out}: cannot write the output (No space left on device)\n"
     assert sorted(p.name for p in out.iterdir()) == ["plan.json"], "only the plan, no partial shard, no lock"
     check_exit(build(data, out), 0)
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
 
 
-def test_stale_temporaries_of_a_killed_build_are_removed(tmp_path: Path, data: Path):
+def test_stale_temporaries_of_a_killed_build_are_removed(tmp_path: Path, data: Path, good_ids: list[str]):
     out = tmp_path / "out"
     check_exit(build(data, out), 0)
     ours = ["fold0-000000.tar.tmp", "fold1-000000.json.tmp", "manifest.json.tmp", "plan.json.tmp", "rejects.jsonl.tmp"]
@@ -631,7 +640,7 @@ def test_stale_temporaries_of_a_killed_build_are_removed(tmp_path: Path, data: P
     check_exit(build(data, out), 0)
     assert not [n for n in ours if (out / n).exists()]
     assert (out / "notes.tmp").read_bytes() == b"the user's", "only the build's own temporaries are removed"
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
 
 
 HOLD_LOCK = """
@@ -645,7 +654,9 @@ with output_lock(Path(sys.argv[1])):
 
 
 @pytest.mark.slow
-def test_second_build_refuses_while_one_runs_and_a_dead_holders_lock_is_taken_over(tmp_path: Path, data: Path):
+def test_second_build_refuses_while_one_runs_and_a_dead_holders_lock_is_taken_over(
+    tmp_path: Path, data: Path, good_ids: list[str]
+):
     out = tmp_path / "out"
     check_exit(build(data, out), 0)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -667,7 +678,7 @@ def test_second_build_refuses_while_one_runs_and_a_dead_holders_lock_is_taken_ov
     assert (out / LOCK).read_text() == f"{holder.pid}\n"
     check_exit(build(data, out, "--force", "--folds", "3"), 0)
     assert not (out / LOCK).exists()
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
     assert json.loads((out / "manifest.json").read_text())["config"]["folds"] == 3
 
 

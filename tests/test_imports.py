@@ -22,15 +22,18 @@ def loaded_after(code: str) -> list[str]:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_control_the_check_sees_a_heavy_import() -> None:
     assert loaded_after("import webdataset") == ["torch", "webdataset"]
 
 
+@pytest.mark.slow
 def test_importing_the_offline_stage_loads_neither_torch_nor_webdataset() -> None:
     modules = ("cli", "build", "shards", "location", "tario", "files", "read", "features", "demo")
     assert loaded_after("import " + ", ".join(f"pipeline.{m}" for m in modules)) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["verify", "stats"])
 def test_reading_local_shards_loads_neither(tmp_path: Path, command: str) -> None:
     shards = demo_shards(tmp_path, demo_dataset(tmp_path, sequences=60, signs=4, participants=4), shard_size=20)
