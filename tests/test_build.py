@@ -740,6 +740,48 @@ def test_killed_build_resumes_to_the_full_set(tmp_path: Path, demo_dir: Path, co
     assert verified.exit_code == 0 and "OK" in verified.output
 
 
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            children.add(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux only")
+def test_a_killed_build_leaves_no_worker_running(tmp_path: Path, demo_dir: Path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline.cli", "build-shards", "--data-dir", str(demo_dir), "--out", str(out)]
+    proc = subprocess.Popen(
+        [*cmd, "--jobs", "2", "--shard-size", "5"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and len(list(out.glob("fold*.json"))) < 2:
+            time.sleep(0.01)
+        workers = _children(proc.pid)
+        assert proc.poll() is None and len(workers) >= 2, "the build ended before its workers were seen"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.05)
+    left = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    for pid in left:  # never leave them to the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"{len(left)} of the build's {len(workers)} child processes outlived it"
+
+
 @pytest.mark.slow
 def test_jobs_1_and_2_give_identical_bytes(tmp_path: Path, demo_dir: Path, compact_shards: Path):
     out = tmp_path / "out"

@@ -36,7 +36,7 @@ from pipeline.build import LOCK, MAX_ID_DIGITS, output_lock
 from pipeline.cli import main
 from pipeline.features import compact_features
 from pipeline.read import clip, read_landmarks
-from pipeline.shards import iter_members, verify_shards
+from pipeline.shards import FeatureRangeError, iter_members, verify_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_MAP = "sign_to_prediction_index_map.json"
@@ -354,32 +354,89 @@ def test_raising_max_file_mb_rebuilds_only_the_rejected_files_shard(tmp_path: Pa
     assert sum(before[n] != after[n] for n in before) == 1, "only the shard of the rejected file is rebuilt"
 
 
-# ---------------------------------------------------------------- anything else raised by one file: a reject
+# ---------------------------------------------------------------- what one file raises: a reject if it is the input's
 
 
-def test_unexpected_error_in_preprocessing_rejects_that_file_only(
-    tmp_path: Path, data: Path, monkeypatch, good_ids: list[str]
-):
+def _fail_on_the_short_file(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
+    """Make the preprocessing raise `exc` for the real 3-frame file alone."""
     real = build_mod.compact_features
 
     def flaky(xyz: np.ndarray):
-        if len(xyz) == 3:  # the real 3-frame file
-            raise RuntimeError("boom")
+        if len(xyz) == 3:
+            raise exc
         return real(xyz)
 
     monkeypatch.setattr(build_mod, "compact_features", flaky)
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (OSError(errno.EIO, "Input/output error"), "could not be processed (OSError: [Errno 5] Input/output error)"),
+        (pa.ArrowInvalid("bad dictionary"), "could not be processed (ArrowInvalid: bad dictionary)"),
+        (pa.ArrowNotImplementedError("no kernel"), "could not be processed (ArrowNotImplementedError: no kernel)"),
+        (FeatureRangeError("features exceed the float16 range"), "features exceed the float16 range"),
+    ],
+    ids=["OSError", "ArrowInvalid", "ArrowNotImplementedError", "our-error-class"],
+)
+def test_an_input_error_from_one_file_rejects_that_file_only(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch, exc: Exception, reason: str, good_ids: list[str]
+):
+    _fail_on_the_short_file(monkeypatch, exc)
     out = tmp_path / "out"
     result = build(data, out)
     check_exit(result, 3)
     path = "train_landmark_files/49445/1006440534.parquet"
-    assert f"rejected {path}: could not be processed (RuntimeError: boom)" in result.output
+    assert f"rejected {path}: {reason}" in result.output
+    assert [r["path"] for r in rejects_of(out)] == [path]
     assert landed(out) == sorted(set(good_ids) - {"1006440534"})
 
 
-def test_member_name_too_long_for_tar_rejects_before_writing(
-    tmp_path: Path, data: Path, monkeypatch, good_ids: list[str]
+@pytest.mark.parametrize("exc", [ZeroDivisionError("division by zero"), TypeError("unsupported operand")])
+def test_a_bug_in_the_preprocessing_stops_the_build_with_its_traceback(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch, exc: Exception, good_ids: list[str]
 ):
-    """Encoding is checked against the tar writer's own name rule before a byte is written: the shard stays whole."""
+    """A bug in our code is not a bad input: the exception propagates, nothing is rejected, no manifest is written."""
+    _fail_on_the_short_file(monkeypatch, exc)
+    out = tmp_path / "out"
+    result = build(data, out)
+    assert result.exception is exc and result.exit_code == 1, result.output
+    assert "rejected" not in result.output
+    assert not (out / "manifest.json").exists() and not (out / "rejects.jsonl").exists()
+    assert not list(out.glob("*.tmp")), "a stopped build left temporary files"
+    for tar in out.glob("*.tar"):  # the shards finished before the bug stay whole: a rerun keeps them
+        assert (out / tar.name.replace(".tar", ".json")).exists()
+    monkeypatch.undo()
+    check_exit(build(data, out), 0)
+    assert landed(out) == good_ids
+
+
+BUGGY_CLI = """
+import sys
+import pipeline.build
+def bug(xyz):
+    return 1 // 0
+pipeline.build.compact_features = bug
+from pipeline.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_the_command_prints_a_bugs_traceback_and_exit_status_1_not_rejects(tmp_path: Path, data: Path):
+    out = tmp_path / "out"
+    proc = _run([sys.executable, "-c", BUGGY_CLI, *_cli_command(data, out, jobs=1)[3:]])
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback (most recent call last)" in proc.stderr and proc.stderr.endswith(
+        "ZeroDivisionError: integer division or modulo by zero\n"
+    )
+    assert "rejected" not in proc.stderr + proc.stdout
+    assert not (out / "rejects.jsonl").exists() and not (out / "manifest.json").exists()
+
+
+def test_member_name_too_long_for_tar_stops_before_writing(tmp_path: Path, data: Path, monkeypatch):
+    """train.csv's gate bounds ids, so a name too long for the tar writer is our bug: it stops the build before a
+    byte of that sample is written, and no shard is left half-written."""
     real = build_mod.encode_sample
 
     def long_names(key: str, *args: object):
@@ -389,11 +446,11 @@ def test_member_name_too_long_for_tar_rejects_before_writing(
     monkeypatch.setattr(build_mod, "encode_sample", long_names)
     out = tmp_path / "out"
     result = build(data, out)
-    check_exit(result, 3)
-    assert f"rejected {SHORT}: could not be processed (ValueError: tar member name longer than 100 bytes" in (
-        result.output
-    )
-    assert landed(out) == sorted(set(good_ids) - {"239181"})
+    assert isinstance(result.exception, ValueError) and result.exit_code == 1, result.output
+    assert str(result.exception).startswith("tar member name longer than 100 bytes")
+    assert not list(out.glob("*.tmp")) and not (out / "manifest.json").exists()
+    for tar in out.glob("*.tar"):
+        assert (out / tar.name.replace(".tar", ".json")).exists(), f"{tar.name} without its sidecar"
 
 
 # ---------------------------------------------------------------- train.csv or the label map unusable: one line, exit 1
@@ -714,3 +771,55 @@ def test_two_builds_at_once_never_crash_and_agree_with_one_plan(tmp_path: Path):
     assert plan["fingerprint"] == manifest["fingerprint"]
     assert len(landed(out)) == 120
     assert not (out / LOCK).exists() and not list(out.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------- bounds: a value that sizes the manifest
+
+
+def test_folds_beyond_what_a_reader_accepts_are_one_line_and_nothing_written(tmp_path: Path, data: Path):
+    out = tmp_path / "out"
+    result = build(data, out, "--folds", "1000000")
+    assert result.exit_code == 2 and not out.exists(), result.output
+    assert f"--folds 1000000 is more than {build_mod.MAX_FOLDS:,}: the manifest would be over the 64 MiB" in (
+        result.output
+    )
+    with pytest.raises(build_mod.BuildError, match=f"more than {build_mod.MAX_FOLDS:,}"):
+        build_mod.build_shards(data, out, build_mod.BuildOptions(folds=build_mod.MAX_FOLDS + 1), jobs=1)
+    assert not out.exists()
+
+
+def test_max_folds_is_where_the_fold_list_alone_outgrows_the_readers_limit():
+    """Independently: MAX_FOLDS + 1 of the smallest fold entries, as the build writes them, are over the limit,
+    and MAX_FOLDS of them, without the rest of the manifest, are not."""
+    entry = {"fold": 0, "participants": [], "samples": 0, "shards": 0}
+    folds = [len(json.dumps({"folds": [entry] * n}, indent=1, sort_keys=True)) for n in (1, 2)]
+    each = folds[1] - folds[0]
+    assert build_mod.MAX_FOLDS * each <= shards_mod.MANIFEST_MAX_BYTES
+    over = json.dumps({"folds": [entry] * (build_mod.MAX_FOLDS + 1)}, indent=1, sort_keys=True)
+    assert len(over) > shards_mod.MANIFEST_MAX_BYTES
+
+
+def test_many_empty_folds_build_and_every_reader_reads_them(tmp_path: Path, data: Path, good_ids: list[str]):
+    out = tmp_path / "out"
+    check_exit(build(data, out, "--folds", "5000"), 0)
+    manifest = shards_mod.read_manifest(out)
+    assert [f["fold"] for f in manifest["folds"]] == list(range(5000))
+    assert sorted(f["samples"] for f in manifest["folds"] if f["samples"]) == [1, 1, 1]  # one a participant
+    assert landed(out) == good_ids
+
+
+def test_a_manifest_over_the_readers_limit_is_refused_before_it_is_written(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch, good_ids: list[str]
+):
+    out = tmp_path / "out"
+    monkeypatch.setattr(build_mod, "MANIFEST_MAX_BYTES", 2000)
+    result = build(data, out)
+    check_exit(result, 1)
+    assert result.output.startswith(f"Error: {out / 'manifest.json'}: would be ") and result.output.count("\n") == 1
+    assert "bytes, over the 2,000 every reader accepts" in result.output
+    assert not (out / "manifest.json").exists() and len(list(out.glob("*.tar"))) == 2
+    monkeypatch.undo()
+    rerun = build(data, out)
+    check_exit(rerun, 0)
+    assert "built 0, reused 2" in rerun.output  # the shards were kept: the rerun only writes the manifest
+    assert landed(out) == good_ids
