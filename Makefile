@@ -11,7 +11,7 @@ DEMO_SEQUENCES ?= 2000
 DEMO_SIGNS ?= 25
 DEMO_EPOCHS ?= 20
 
-.PHONY: setup setup-tflite setup-video demo test test-tflite test-video lint bench bench-export bench-extract clean
+.PHONY: setup setup-tflite setup-video demo test test-fast test-tflite test-video lint bench bench-export bench-extract clean
 
 setup: $(VENV)/.installed
 
@@ -73,6 +73,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not tflite"
+
+# The edit loop: every test but those that train a model or start processes (marker `slow`).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not tflite"
 
 # The LiteRT export tests (marker `tflite`), on their own time budget; CI runs both targets.
 test-tflite: setup-tflite

@@ -10,8 +10,9 @@ on disk already says the same (so an interrupted run never leaves a stale manife
 Inputs pass one gate each: `read_index` (train.csv and the label map: a file-level problem
 stops the build, a row-level one rejects the row), `resolve_sources` (the file system: inside
 the data directory after symlinks, a regular file, bounded size, not named twice) and, per
-file in the workers, `read_landmarks` plus anything else that raises while preprocessing or
-encoding it, which rejects that file alone. Output faults stop the build with one line.
+file in the workers, `read_landmarks` and the preprocessing and encoding after it: what they raise
+for a bad input (our error classes, OSError, pyarrow's errors) rejects that file alone, anything
+else is a bug and stops the build with its traceback. Output faults stop the build with one line.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import heapq
 import io
 import json
 import logging
@@ -28,24 +30,28 @@ import signal
 import stat
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from joblib import Parallel, delayed
 
 from pipeline.errors import AslError
 from pipeline.features import FEATURES_VERSION, MAX_LEN, N_CHANNELS, REFERENCE_FALLBACK, compact_features
 from pipeline.files import LockHeldError, locked, write_atomic, write_json_atomic
 from pipeline.landmarks import POINT_LANDMARKS, REFERENCE_LANDMARK
+from pipeline.procs import die_with_parent
 from pipeline.read import MAX_FILE_MB, MB, InputFileError, clip, file_problem, quote, read_file, read_landmarks
 from pipeline.shards import (
     DTYPES,
     FORMAT_VERSION,
     LAYOUTS,
     MANIFEST,
+    MANIFEST_MAX_BYTES,
     MEMBER_TYPES,
     REJECTS,
     SHARD_STEM,
@@ -68,6 +74,20 @@ _OWNED = re.compile(rf"({SHARD_STEM}\.(tar|json)|manifest\.json|plan\.json|rejec
 MAX_ID_DIGITS = USTAR_NAME_BYTES - 1 - max(len(t) for t in MEMBER_TYPES)
 INDEX_MAX_BYTES = 1 << 30  # train.csv and the label map (the real ones: 5.6 MB and 3 kB)
 _ASCII_DIGITS = re.compile(r"[0-9]+")
+# What one input's bad content or file raises; anything else from its reading or preprocessing is a bug.
+INPUT_ERRORS = (AslError, OSError, pa.ArrowException)
+
+
+def _fold_entry_bytes() -> int:
+    """The fewest bytes one more fold adds to the manifest as the build writes it (an empty fold, one digit)."""
+    entry = {"fold": 0, "participants": [], "samples": 0, "shards": 0}
+    one, two = ({"folds": [entry] * n} for n in (1, 2))
+    return len(json.dumps(two, indent=1, sort_keys=True)) - len(json.dumps(one, indent=1, sort_keys=True))
+
+
+# Every reader refuses a manifest over MANIFEST_MAX_BYTES, and each fold adds an entry to it: more folds than
+# this can only give a manifest nobody reads (fewer can still, with many shards: checked again before writing).
+MAX_FOLDS = MANIFEST_MAX_BYTES // _fold_entry_bytes()
 
 
 class BuildError(AslError, RuntimeError):
@@ -348,22 +368,24 @@ def _outside(path: str, inside: str) -> str:
 
 
 def assign_folds(counts: dict[str, int], folds: int) -> dict[str, int]:
-    """Participant -> fold, greedy largest-first into the lightest fold; deterministic."""
-    totals = [0] * folds
+    """Participant -> fold, greedy largest-first into the lightest fold (the lowest number on a tie); deterministic."""
+    lightest = [(0, f) for f in range(folds)]  # (samples, fold): a heap, already in order
     out = {}
     for participant in sorted(counts, key=lambda p: (-counts[p], p)):
-        fold = min(range(folds), key=lambda f: (totals[f], f))
+        total, fold = lightest[0]
         out[participant] = fold
-        totals[fold] += counts[participant]
+        heapq.heapreplace(lightest, (total + counts[participant], fold))
     return out
 
 
 def plan_shards(rows: list[Row], fold_of: dict[str, int], opts: BuildOptions) -> list[ShardTask]:
     """Shards of `shard_size` rows per fold, rows in a fixed pseudo-random order so participants mix."""
+    by_fold: dict[int, list[Row]] = {}
+    for r in rows:
+        by_fold.setdefault(fold_of[r.participant_id], []).append(r)
     tasks = []
-    for fold in range(opts.folds):
-        members = [r for r in rows if fold_of[r.participant_id] == fold]
-        members.sort(key=lambda r: hashlib.sha1(r.sequence_id.encode()).digest())
+    for fold in sorted(by_fold):
+        members = sorted(by_fold[fold], key=lambda r: hashlib.sha1(r.sequence_id.encode()).digest())
         for i in range(0, len(members), opts.shard_size):
             tasks.append(ShardTask(shard_name(fold, i // opts.shard_size), fold, members[i : i + opts.shard_size]))
     return tasks
@@ -439,7 +461,12 @@ def worker_count(jobs: int) -> int:
 
 
 def folds_problem(folds: int) -> str | None:
-    """Why `folds` cannot be built, with what to do instead; None for 2 or more."""
+    """Why `folds` cannot be built, with what to do instead; None for 2 to MAX_FOLDS."""
+    if folds > MAX_FOLDS:
+        return (
+            f"--folds {folds} is more than {MAX_FOLDS:,}: the manifest would be over the "
+            f"{MANIFEST_MAX_BYTES >> 20} MiB every reader accepts (folds group participants; the Kaggle set has 21)"
+        )
     if folds >= 2:
         return None
     what = "puts every participant in one fold and leaves" if folds == 1 else "leaves"
@@ -480,7 +507,7 @@ def _run(
         progress(sum(len(t.rows) for t in tasks if t not in todo), 0, total)
     parallel = Parallel(n_jobs=worker_count(jobs), return_as="generator_unordered")
     with _terminate_stops_workers():
-        done = parallel(delayed(build_one_shard)(t, out, opts) for t in todo)
+        done = parallel(delayed(_build_in_worker)(t, out, opts, os.getpid()) for t in todo)
         for sidecar in done:
             if progress:
                 progress(len(sidecar["sequence_ids"]) + len(sidecar["rejects"]), len(sidecar["rejects"]), total)
@@ -499,11 +526,22 @@ def _run(
     )
 
 
+_dies_with_parent = False  # set once in each worker process
+
+
+def _build_in_worker(task: ShardTask, out: Path, opts: BuildOptions, builder_pid: int) -> dict[str, Any]:
+    """`build_one_shard` in a worker process that ends with the build (a killed build leaves no worker behind)."""
+    global _dies_with_parent
+    if os.getpid() != builder_pid and not _dies_with_parent:  # never in the build's own process (--jobs 1)
+        _dies_with_parent = die_with_parent()
+    return build_one_shard(task, out, opts)
+
+
 def build_one_shard(task: ShardTask, out: Path, opts: BuildOptions) -> dict[str, Any]:
     """Preprocess the task's files into one shard, then write its sidecar; returns the sidecar.
 
-    Whatever goes wrong with one file (reading, preprocessing, encoding) rejects that file with
-    the reason; only writing the shard itself can fail the task.
+    A bad input file (what reading, preprocessing or encoding it raises among INPUT_ERRORS) rejects
+    that file with the reason; anything else is a bug and stops the build, as does a failure to write the shard.
     """
     writer = ShardWriter(out / task.name)
     ids, labels, frames, lengths, rejects = [], [], [], [], []
@@ -511,7 +549,7 @@ def build_one_shard(task: ShardTask, out: Path, opts: BuildOptions) -> dict[str,
         for row in task.rows:
             try:
                 members, n_frames, length = _sample_members(row, task.fold, opts)
-            except Exception as exc:  # one bad file must never stop the others
+            except INPUT_ERRORS as exc:  # one bad file must never stop the others
                 rejects.append({"sequence_id": row.sequence_id, "path": row.path, "reason": _reason(exc)})
                 continue
             writer.write(members)
@@ -541,7 +579,8 @@ def build_one_shard(task: ShardTask, out: Path, opts: BuildOptions) -> dict[str,
 
 
 def _sample_members(row: Row, fold: int, opts: BuildOptions) -> tuple[list[tuple[str, bytes]], int, int]:
-    """The tar members of one row's sample, its raw frame count and stored length; raises on any bad input."""
+    """The tar members of one row's sample, its raw frame count and stored length; one of INPUT_ERRORS for a bad
+    input."""
     if row.problem:
         raise InputFileError(row.path, row.problem)
     xyz = read_landmarks(row.source, coords="xy", max_bytes=opts.max_file_mb * MB)  # z is never used
@@ -561,7 +600,7 @@ def _sample_members(row: Row, fold: int, opts: BuildOptions) -> tuple[list[tuple
 
 
 def _reason(exc: Exception) -> str:
-    """The reject reason for an exception raised by one input: its own reason, or its type and message."""
+    """The reject reason for an INPUT_ERRORS exception raised by one input: its own reason, or its type and message."""
     reason = getattr(exc, "reason", None)
     return (
         reason if isinstance(reason, str) else f"could not be processed ({type(exc).__name__}: {clip(str(exc), 300)})"
@@ -703,6 +742,13 @@ def _manifest(
     """The manifest of the planned shards, assembled from their sidecars."""
     sidecars = [json.loads(_sidecar_path(out, t).read_text()) for t in tasks]
     rejects = plan_rejects + [r for s in sidecars for r in s["rejects"]]
+    participants: dict[int, list[str]] = {}
+    for p in sorted(fold_of):
+        participants.setdefault(fold_of[p], []).append(p)
+    samples, shards = Counter(), Counter()
+    for s in sidecars:
+        samples[s["fold"]] += s["samples"]
+        shards[s["fold"]] += 1
     lengths = np.array([n for s in sidecars for n in s["lengths"]], dtype=np.int64)
     frames = np.array([n for s in sidecars for n in s["frames"]], dtype=np.int64)
     manifest = {
@@ -712,12 +758,7 @@ def _manifest(
         "config": config,
         "label_map": config["label_map"],
         "folds": [
-            {
-                "fold": f,
-                "participants": sorted(p for p, g in fold_of.items() if g == f),
-                "samples": sum(s["samples"] for s in sidecars if s["fold"] == f),
-                "shards": sum(1 for s in sidecars if s["fold"] == f),
-            }
+            {"fold": f, "participants": participants.get(f, []), "samples": samples[f], "shards": shards[f]}
             for f in range(config["folds"])
         ],
         "shards": [
@@ -750,7 +791,16 @@ def _without_created(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    """Write rejects.jsonl, then the manifest (last: its presence means a complete build), both atomically."""
+    """Write rejects.jsonl, then the manifest (last: its presence means a complete build), both atomically.
+
+    BuildError, and no manifest, when it would be larger than the readers accept (MANIFEST_MAX_BYTES).
+    """
+    size = len(json.dumps(manifest, indent=1, sort_keys=True).encode()) + 1  # as write_json_atomic writes it
+    if size > MANIFEST_MAX_BYTES:
+        raise BuildError(
+            f"{out / MANIFEST}: would be {size:,} bytes, over the {MANIFEST_MAX_BYTES:,} every reader accepts "
+            "(fewer --folds, or fewer rows with --limit)"
+        )
     write_atomic(out / REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in manifest["rejects"]).encode())
     write_json_atomic(out / MANIFEST, manifest)
 

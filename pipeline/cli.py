@@ -76,7 +76,7 @@ def _valid_folds(folds: int) -> int:
     show_default=True,
     type=int,
     callback=lambda ctx, param, value: _valid_folds(value),
-    help="Folds, grouped by participant; 2 or more (the trainer chooses which validate, or none).",
+    help=f"Folds, grouped by participant; 2 to {build_mod.MAX_FOLDS:,} (the trainer chooses which validate, or none).",
 )
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option(

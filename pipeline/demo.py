@@ -2,7 +2,7 @@
 
 `write_demo_dataset(out)` writes `train.csv`, `sign_to_prediction_index_map.json` and one parquet file per
 sequence under `train_landmark_files/<participant_id>/<sequence_id>.parquet`, with the real schema, dtypes,
-row order and metadata (see REFERENCE.md section 1):
+row order and metadata (docs/cli.md, expected dataset layout; tests/test_demo.py compares with real files):
 
 - frame int16 (first frame usually not 0, a few sequences with gaps), row_id "{frame}-{type}-{landmark_index}",
   type, landmark_index int16, x/y/z float64 holding float32 values; 543 rows a frame in the 543-point layout.

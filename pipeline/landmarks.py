@@ -26,7 +26,8 @@ def _rows_of(landmark_type: str) -> tuple[int, ...]:
     return tuple(range(TYPE_OFFSETS[landmark_type], TYPE_OFFSETS[landmark_type] + TYPE_SIZES[landmark_type]))
 
 
-# Lip points that mirror each other pairwise (REFERENCE.md §2); the four centre points map to themselves.
+# Lip points that mirror each other pairwise (left i <-> right i, by MediaPipe's face mesh); the four centre points
+# map to themselves.
 _LEFT_LIP = (37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185, 191)
 _RIGHT_LIP = (267, 269, 270, 291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415)
 LIP: tuple[int, ...] = (0, 13, 14, 17) + _LEFT_LIP + _RIGHT_LIP

@@ -1,8 +1,12 @@
-"""Shared fixtures: the read-only reference data in ../shared and helpers to write modified parquet files."""
+"""Shared fixtures: the shared data (real Kaggle files, read-only) and helpers to write modified parquet files.
+
+The shared data is found one way only, here: the directory named by ASL_SHARED, else the checkout's ../shared.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -11,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-# The checkout's ../shared (the project's read-only reference data); ASL_SHARED points elsewhere.
 SHARED = Path(os.environ.get("ASL_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-SAMPLE_ROOT = SHARED / "gislr-sample" / "train_landmark_files"
+SAMPLE_DATA = SHARED / "gislr-sample"  # three real sequences in the Kaggle layout (train.csv, label map, files)
+SAMPLE_ROOT = SAMPLE_DATA / "train_landmark_files"
 BAD_ROOT = SHARED / "gislr-bad"
 
 # The three real sequences of shared/gislr-sample and their frame counts (rows / 543).
@@ -27,23 +31,33 @@ GOOD_SAMPLE = "22343/239181.parquet"
 
 
 SKIP_REASON = "shared test data not found"
+_MISSING = re.compile(re.escape(SKIP_REASON) + r": (.*) is missing")
+
+
+def _first_missing(path: Path) -> Path:
+    """The outermost missing directory or file from SHARED down to `path`."""
+    return next(p for p in [*reversed(path.parents), path] if (p == SHARED or SHARED in p.parents) and not p.exists())
 
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"{SKIP_REASON} at {path} (the checkout's ../shared directory is missing)")
+        pytest.skip(f"{SKIP_REASON}: {_first_missing(path)} is missing")
     return path
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)  # the outermost wrapper: its line comes after the short summary
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> Generator[None, None, None]:
-    """One line saying how many tests skipped for want of ../shared, and what to do about it."""
+    """One line saying how many tests skipped for want of the shared data, what is missing, and what to do."""
     result = yield
-    skipped = [r for r in terminalreporter.stats.get("skipped", []) if SKIP_REASON in str(r.longrepr)]
-    if skipped:
+    reports = terminalreporter.stats.get("skipped", [])
+    reasons = [r.longrepr[2] if isinstance(r.longrepr, tuple) else str(r.longrepr) for r in reports]
+    missing = sorted({m.group(1) for reason in reasons if (m := _MISSING.search(reason))})
+    if missing:
+        skipped = sum(SKIP_REASON in reason for reason in reasons)
         terminalreporter.write_line(
-            f"{len(skipped)} tests on real Kaggle files skipped: {SHARED} is missing "
-            "(put the project's shared/ directory beside the checkout, or set ASL_SHARED; see README, Tests)",
+            f"{skipped} tests on real Kaggle files skipped: {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing (set ASL_SHARED to the project's shared/ directory, "
+            "or put it beside the checkout as ../shared; see README, Tests)",
             yellow=True,
         )
     return result
@@ -51,13 +65,19 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> Genera
 
 @pytest.fixture
 def shared_dir() -> Path:
-    """/work/shared (the checkout's ../shared); skips the test when it is absent."""
+    """The shared data directory; skips the test when it is absent."""
     return _require(SHARED)
 
 
 @pytest.fixture
+def sample_data() -> Path:
+    """shared/gislr-sample: three real sequences in the Kaggle layout (read-only)."""
+    return _require(SAMPLE_DATA)
+
+
+@pytest.fixture
 def bad_dir() -> Path:
-    """../shared/gislr-bad: real files that are not in the Kaggle layout."""
+    """shared/gislr-bad: real files that are not in the Kaggle layout (read-only)."""
     return _require(BAD_ROOT)
 
 

@@ -1,4 +1,7 @@
-"""Tiny demo datasets and shards shared by the tests, built once per session and cached by their arguments."""
+"""Tiny demo datasets and shards shared by the tests, built once per session and cached by their arguments.
+
+Both are built in the test's own process (`jobs=1`): the tests that run worker processes say so (marker `slow`).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ def demo_dataset(base: Path, sequences: int = 300, signs: int = 5, participants:
     key = ("data", sequences, signs, participants, seed)
     if key not in _CACHE:
         out = base / f"demo-{sequences}-{signs}-{participants}-{seed}"
-        write_demo_dataset(out, sequences=sequences, signs=signs, participants=participants, seed=seed, jobs=2)
+        write_demo_dataset(out, sequences=sequences, signs=signs, participants=participants, seed=seed, jobs=1)
         _CACHE[key] = out
     return _CACHE[key]
 
@@ -28,7 +31,7 @@ def demo_shards(
     if key not in _CACHE:
         out = base / f"shards-{data_dir.name}-{shard_size}-{folds}-{dtype}-{layout}"
         build_shards(
-            data_dir, out, BuildOptions(shard_size=shard_size, folds=folds, dtype=dtype, layout=layout), jobs=2
+            data_dir, out, BuildOptions(shard_size=shard_size, folds=folds, dtype=dtype, layout=layout), jobs=1
         )
         _CACHE[key] = out
     return _CACHE[key]

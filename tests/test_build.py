@@ -38,9 +38,6 @@ from pipeline.read import read_landmarks
 from pipeline.shards import iter_members, verify_shards
 from pipeline.tario import load_npy
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SAMPLE = SHARED / "gislr-sample"
-BAD = SHARED / "gislr-bad"
 GOOD_REAL = "train_landmark_files/22343/239181.parquet"  # 30 frames, sign "hello"
 
 KILL_OPTS = BuildOptions(shard_size=10, folds=3)  # the cached shards that the kill and --jobs tests compare with
@@ -62,7 +59,7 @@ def demo_dir(base: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def compact_shards(base: Path, demo_dir: Path) -> Path:
-    """float16 compact shards of demo_dir, 10 a shard, 3 folds, built with jobs=2 (read-only)."""
+    """float16 compact shards of demo_dir, 10 a shard, 3 folds, built with jobs=1 (read-only)."""
     return demo_shards(base, demo_dir, shard_size=KILL_OPTS.shard_size, folds=KILL_OPTS.folds)
 
 
@@ -373,21 +370,19 @@ def test_label_map_not_json_fails(tmp_path: Path, tiny_dir: Path):
 
 
 @pytest.fixture
-def bad_data(tmp_path: Path) -> tuple[Path, dict[str, str], list[str]]:
+def bad_data(tmp_path: Path, sample_data: Path, bad_dir: Path) -> tuple[Path, dict[str, str], list[str]]:
     """A data dir of the three real sample files plus one row per kind of bad input.
 
     Returns (data dir, {bad path: expected reason phrase}, good sequence ids).
     """
-    if not SAMPLE.exists() or not BAD.exists():
-        pytest.skip(f"shared test data not found at {SHARED}")
     data = tmp_path / "data"
-    shutil.copytree(SAMPLE, data)
-    good_rows = csv_rows(SAMPLE)
-    good_file = SAMPLE / GOOD_REAL
+    shutil.copytree(sample_data, data)
+    good_rows = csv_rows(sample_data)
+    good_file = sample_data / GOOD_REAL
     good_bytes = good_file.read_bytes()
     table = pq.read_table(good_file)
-    bad_dir = data / "train_landmark_files" / "11111"
-    bad_dir.mkdir()
+    bad_files = data / "train_landmark_files" / "11111"
+    bad_files.mkdir()
 
     def rel(name: str) -> str:
         return f"train_landmark_files/11111/{name}"
@@ -397,16 +392,16 @@ def bad_data(tmp_path: Path) -> tuple[Path, dict[str, str], list[str]]:
         x[600] = value
         return table.set_column(table.schema.get_field_index("x"), "x", pa.array(x))
 
-    (bad_dir / "corrupt.parquet").write_bytes(np.random.default_rng(0).bytes(20_000))
-    (bad_dir / "truncated.parquet").write_bytes(good_bytes[: len(good_bytes) // 2])
-    shutil.copyfile(BAD / "webcam_no_row_id.parquet", bad_dir / "no_row_id.parquet")
-    shutil.copyfile(BAD / "webcam_wrong_types_and_order.parquet", bad_dir / "wrong_types.parquet")
-    pq.write_table(table.slice(0, 0), bad_dir / "zero.parquet")
-    pq.write_table(with_x(float("inf")), bad_dir / "inf.parquet")
-    pq.write_table(with_x(-float("inf")), bad_dir / "neginf.parquet")
-    pq.write_table(with_x(1e300), bad_dir / "overflow.parquet")  # finite float64, beyond float32
+    (bad_files / "corrupt.parquet").write_bytes(np.random.default_rng(0).bytes(20_000))
+    (bad_files / "truncated.parquet").write_bytes(good_bytes[: len(good_bytes) // 2])
+    shutil.copyfile(bad_dir / "webcam_no_row_id.parquet", bad_files / "no_row_id.parquet")
+    shutil.copyfile(bad_dir / "webcam_wrong_types_and_order.parquet", bad_files / "wrong_types.parquet")
+    pq.write_table(table.slice(0, 0), bad_files / "zero.parquet")
+    pq.write_table(with_x(float("inf")), bad_files / "inf.parquet")
+    pq.write_table(with_x(-float("inf")), bad_files / "neginf.parquet")
+    pq.write_table(with_x(1e300), bad_files / "overflow.parquet")  # finite float64, beyond float32
     for name in ("unknown_sign.parquet", "duplicate.parquet", "bad_id.parquet"):
-        shutil.copyfile(good_file, bad_dir / name)
+        shutil.copyfile(good_file, bad_files / name)
     shutil.copyfile(good_file, tmp_path / "outside.parquet")  # a readable file, but outside the data dir
 
     expected = {
@@ -440,7 +435,7 @@ def bad_data(tmp_path: Path) -> tuple[Path, dict[str, str], list[str]]:
     return data, expected, [r["sequence_id"] for r in good_rows]
 
 
-def test_bad_inputs_rejected_with_reasons_and_good_files_written(tmp_path: Path, bad_data):
+def test_bad_inputs_rejected_with_reasons_and_good_files_written(tmp_path: Path, bad_data, sample_data: Path):
     data, expected, good_ids = bad_data
     out = tmp_path / "out"
     result = cli("build-shards", "--data-dir", data, "--out", out, "--jobs", "1", "--shard-size", "2", "--folds", "2")
@@ -462,7 +457,7 @@ def test_bad_inputs_rejected_with_reasons_and_good_files_written(tmp_path: Path,
     # every good file is written, exactly once, and decodes to its direct preprocessing
     assert manifest["totals"]["samples"] == 3
     label_map = json.loads((data / "sign_to_prediction_index_map.json").read_text())
-    rows = {r["sequence_id"]: r for r in csv_rows(SAMPLE)}
+    rows = {r["sequence_id"]: r for r in csv_rows(sample_data)}
     seen = []
     for tar in sorted(out.glob("*.tar")):
         for sample in iter_samples(tar):
@@ -514,7 +509,7 @@ def test_idempotent_rerun_does_no_work(tmp_path: Path, demo_dir: Path, compact_s
     out = tmp_path / "out"
     shutil.copytree(compact_shards, out)
     before = snapshot(out)
-    result = build_shards(demo_dir, out, KILL_OPTS, jobs=2)
+    result = build_shards(demo_dir, out, KILL_OPTS, jobs=1)
     assert result.built == 0 and result.skipped == len(result.manifest["shards"]) > 0
     assert not result.manifest_written
     after = snapshot(out)
@@ -524,7 +519,7 @@ def test_idempotent_rerun_does_no_work(tmp_path: Path, demo_dir: Path, compact_s
     assert without_created(manifest_of(out)) == without_created(manifest_of(compact_shards))
 
     runner = cli(
-        "build-shards", "--data-dir", demo_dir, "--out", out, "--jobs", "2", "--shard-size", "10", "--folds", "3"
+        "build-shards", "--data-dir", demo_dir, "--out", out, "--jobs", "1", "--shard-size", "10", "--folds", "3"
     )
     assert runner.exit_code == 0, runner.output
     assert "nothing to do" in runner.output
@@ -679,6 +674,7 @@ def test_unknown_directory_with_tars_refused(tmp_path: Path, tiny_dir: Path):
     assert (out / "fold0-000000.tar").read_bytes() == b"not ours"
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_to_the_full_set(tmp_path: Path, demo_dir: Path, compact_shards: Path):
     out = tmp_path / "out"
     log = tmp_path / "build.log"
@@ -744,9 +740,52 @@ def test_killed_build_resumes_to_the_full_set(tmp_path: Path, demo_dir: Path, co
     assert verified.exit_code == 0 and "OK" in verified.output
 
 
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            children.add(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux only")
+def test_a_killed_build_leaves_no_worker_running(tmp_path: Path, demo_dir: Path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline.cli", "build-shards", "--data-dir", str(demo_dir), "--out", str(out)]
+    proc = subprocess.Popen(
+        [*cmd, "--jobs", "2", "--shard-size", "5"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and len(list(out.glob("fold*.json"))) < 2:
+            time.sleep(0.01)
+        workers = _children(proc.pid)
+        assert proc.poll() is None and len(workers) >= 2, "the build ended before its workers were seen"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.05)
+    left = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    for pid in left:  # never leave them to the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"{len(left)} of the build's {len(workers)} child processes outlived it"
+
+
+@pytest.mark.slow
 def test_jobs_1_and_2_give_identical_bytes(tmp_path: Path, demo_dir: Path, compact_shards: Path):
     out = tmp_path / "out"
-    build_shards(demo_dir, out, KILL_OPTS, jobs=1)  # compact_shards was built with jobs=2
+    build_shards(demo_dir, out, KILL_OPTS, jobs=2)  # compact_shards was built with jobs=1
     assert tar_bytes(out) == tar_bytes(compact_shards)
     assert len(tar_bytes(out)) == len(manifest_of(out)["shards"]) > 1
     assert without_created(manifest_of(out)) == without_created(manifest_of(compact_shards))

@@ -1,6 +1,6 @@
 """build-shards under bad inputs and faults (issue 9): a one-line reason, never a traceback or a hang.
 
-Every test starts from the three real sample files of ../shared/gislr-sample, adds one bad
+Every test starts from the three real sample files of the shared data's gislr-sample, adds one bad
 input or fault, runs the real CLI and checks the exit status, that the message names the
 file and the problem, that nothing crashed, and that every good input still lands in the shards.
 """
@@ -36,10 +36,9 @@ from pipeline.build import LOCK, MAX_ID_DIGITS, output_lock
 from pipeline.cli import main
 from pipeline.features import compact_features
 from pipeline.read import clip, read_landmarks
-from pipeline.shards import iter_members, verify_shards
+from pipeline.shards import FeatureRangeError, iter_members, verify_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT.parent / "shared" / "gislr-sample"
 LABEL_MAP = "sign_to_prediction_index_map.json"
 COLUMNS = ("path", "participant_id", "sequence_id", "sign")
 SHORT = "train_landmark_files/22343/239181.parquet"  # the real 30-frame file
@@ -51,20 +50,20 @@ BAD = "train_landmark_files/11111"  # where the tests put their bad inputs
 
 
 @pytest.fixture
-def data(tmp_path: Path) -> Path:
+def data(tmp_path: Path, sample_data: Path) -> Path:
     """A writable copy of the real sample dataset (3 files, 3 participants)."""
-    if not SAMPLE.exists():
-        pytest.skip(f"shared test data not found at {SAMPLE}")
     out = tmp_path / "data"
-    shutil.copytree(SAMPLE, out)
+    shutil.copytree(sample_data, out)
     for p in [out, *out.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
     (out / BAD).mkdir()
     return out
 
 
-def good_ids() -> list[str]:
-    with open(SAMPLE / "train.csv", newline="") as f:
+@pytest.fixture
+def good_ids(sample_data: Path) -> list[str]:
+    """The sequence ids of the real sample dataset, sorted."""
+    with open(sample_data / "train.csv", newline="") as f:
         return sorted(r["sequence_id"] for r in csv.DictReader(f))
 
 
@@ -232,7 +231,7 @@ FILE_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
 
 
 @pytest.mark.parametrize("case", list(FILE_CASES))
-def test_bad_landmark_file_is_rejected_and_the_rest_lands(tmp_path: Path, data: Path, case: str):
+def test_bad_landmark_file_is_rejected_and_the_rest_lands(tmp_path: Path, data: Path, case: str, good_ids: list[str]):
     setup, phrase = FILE_CASES[case]
     path = setup(data)
     append_rows(data, row(path))
@@ -244,7 +243,7 @@ def test_bad_landmark_file_is_rejected_and_the_rest_lands(tmp_path: Path, data: 
     (reject,) = rejects_of(out)
     assert (reject["sequence_id"], reject["path"]) == ("5000", path) and phrase in reject["reason"], reject
     assert f"rejected {clip(path, 200)}: {reject['reason']}" in result.output
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
 
 
 # ---------------------------------------------------------------- one bad row of train.csv: a reject, the rest lands
@@ -277,7 +276,7 @@ ROW_CASES: dict[str, tuple[str, str]] = {
 
 
 @pytest.mark.parametrize("case", list(ROW_CASES))
-def test_bad_train_csv_row_is_rejected_and_the_rest_lands(tmp_path: Path, data: Path, case: str):
+def test_bad_train_csv_row_is_rejected_and_the_rest_lands(tmp_path: Path, data: Path, case: str, good_ids: list[str]):
     line, phrase = ROW_CASES[case]
     shutil.copyfile(data / SHORT, data / BAD / "x.parquet")  # a good file: only the row is wrong
     append_rows(data, line)
@@ -288,13 +287,13 @@ def test_bad_train_csv_row_is_rejected_and_the_rest_lands(tmp_path: Path, data: 
     assert reject["reason"].startswith(f"train.csv line 5: {phrase}"), reject
     assert len(reject["reason"]) < 200, "a reason quoting the row is clipped"
     assert f"rejected {reject['path']}: {reject['reason']}" in result.output
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
 
 
 # ---------------------------------------------------------------- accepted: what looks odd but is fine
 
 
-def test_float16_coordinates_are_read_exactly_and_built(tmp_path: Path, data: Path):
+def test_float16_coordinates_are_read_exactly_and_built(tmp_path: Path, data: Path, good_ids: list[str]):
     table = pq.read_table(data / SHORT)
     for c in "xyz":
         table = with_column(table, c, table.column(c).cast(pa.float16()))
@@ -302,7 +301,7 @@ def test_float16_coordinates_are_read_exactly_and_built(tmp_path: Path, data: Pa
     append_rows(data, row(f"{BAD}/f16.parquet"))
     out = tmp_path / "out"
     check_exit(build(data, out, "--dtype", "float32"), 0)
-    assert landed(out) == sorted([*good_ids(), "5000"])
+    assert landed(out) == sorted([*good_ids, "5000"])
 
     got = read_landmarks(data / BAD / "f16.parquet")
     want = np.stack([table.column(c).to_numpy().astype(np.float32) for c in "xyz"], axis=-1).reshape(-1, 543, 3)
@@ -312,7 +311,7 @@ def test_float16_coordinates_are_read_exactly_and_built(tmp_path: Path, data: Pa
     assert np.array_equal(sample.features[: len(compact)], compact)
 
 
-def test_longest_allowed_id_and_links_inside_the_data_dir_are_accepted(tmp_path: Path, data: Path):
+def test_longest_allowed_id_and_links_inside_the_data_dir_are_accepted(tmp_path: Path, data: Path, good_ids: list[str]):
     """An id of MAX_ID_DIGITS digits fits a tar name; links inside the data dir, and the dir itself a link, are fine.
 
     A hard link is a file of its own (bench/build.py lists hard links to build more rows than files).
@@ -325,12 +324,12 @@ def test_longest_allowed_id_and_links_inside_the_data_dir_are_accepted(tmp_path:
     append_rows(data, row(f"{BAD}/inside.parquet", longest), row(f"{BAD}/hard.parquet", "5001"))
     out = tmp_path / "out"
     check_exit(build(tmp_path / "data-link", out), 0)
-    assert landed(out) == sorted([*good_ids(), longest, "5001"])
+    assert landed(out) == sorted([*good_ids, longest, "5001"])
 
 
-def test_train_csv_as_a_spreadsheet_saves_it_is_accepted(tmp_path: Path, data: Path):
+def test_train_csv_as_a_spreadsheet_saves_it_is_accepted(tmp_path: Path, data: Path, good_ids: list[str]):
     """A byte order mark, CRLF line ends, quoted fields, extra columns in another order, blank lines: all fine."""
-    with open(SAMPLE / "train.csv", newline="") as f:
+    with open(data / "train.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     lines = ["note,sign,sequence_id,participant_id,path"] + [
         f'"a, note",{r["sign"]},{r["sequence_id"]},"{r["participant_id"]}",{r["path"]}' for r in rows
@@ -339,44 +338,105 @@ def test_train_csv_as_a_spreadsheet_saves_it_is_accepted(tmp_path: Path, data: P
     (data / "train.csv").write_bytes(b"\xef\xbb\xbf" + ("\r\n".join(lines) + "\r\n\r\n").encode())
     out = tmp_path / "out"
     check_exit(build(data, out), 0)
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
 
 
-def test_raising_max_file_mb_rebuilds_only_the_rejected_files_shard(tmp_path: Path, data: Path):
+def test_raising_max_file_mb_rebuilds_only_the_rejected_files_shard(tmp_path: Path, data: Path, good_ids: list[str]):
     out = tmp_path / "out"
     first = build(data, out, "--max-file-mb", "1")  # the real 105-frame file is 1.6 MB
     check_exit(first, 3)
     assert f"rejected {BIG}: file of 1.6 MB is over the 1 MB limit (--max-file-mb)" in first.output
-    assert landed(out) == sorted(set(good_ids()) - {"100015657"})
+    assert landed(out) == sorted(set(good_ids) - {"100015657"})
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     check_exit(build(data, out, "--max-file-mb", "2"), 0)
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     assert sum(before[n] != after[n] for n in before) == 1, "only the shard of the rejected file is rebuilt"
 
 
-# ---------------------------------------------------------------- anything else raised by one file: a reject
+# ---------------------------------------------------------------- what one file raises: a reject if it is the input's
 
 
-def test_unexpected_error_in_preprocessing_rejects_that_file_only(tmp_path: Path, data: Path, monkeypatch):
+def _fail_on_the_short_file(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
+    """Make the preprocessing raise `exc` for the real 3-frame file alone."""
     real = build_mod.compact_features
 
     def flaky(xyz: np.ndarray):
-        if len(xyz) == 3:  # the real 3-frame file
-            raise RuntimeError("boom")
+        if len(xyz) == 3:
+            raise exc
         return real(xyz)
 
     monkeypatch.setattr(build_mod, "compact_features", flaky)
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (OSError(errno.EIO, "Input/output error"), "could not be processed (OSError: [Errno 5] Input/output error)"),
+        (pa.ArrowInvalid("bad dictionary"), "could not be processed (ArrowInvalid: bad dictionary)"),
+        (pa.ArrowNotImplementedError("no kernel"), "could not be processed (ArrowNotImplementedError: no kernel)"),
+        (FeatureRangeError("features exceed the float16 range"), "features exceed the float16 range"),
+    ],
+    ids=["OSError", "ArrowInvalid", "ArrowNotImplementedError", "our-error-class"],
+)
+def test_an_input_error_from_one_file_rejects_that_file_only(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch, exc: Exception, reason: str, good_ids: list[str]
+):
+    _fail_on_the_short_file(monkeypatch, exc)
     out = tmp_path / "out"
     result = build(data, out)
     check_exit(result, 3)
     path = "train_landmark_files/49445/1006440534.parquet"
-    assert f"rejected {path}: could not be processed (RuntimeError: boom)" in result.output
-    assert landed(out) == sorted(set(good_ids()) - {"1006440534"})
+    assert f"rejected {path}: {reason}" in result.output
+    assert [r["path"] for r in rejects_of(out)] == [path]
+    assert landed(out) == sorted(set(good_ids) - {"1006440534"})
 
 
-def test_member_name_too_long_for_tar_rejects_before_writing(tmp_path: Path, data: Path, monkeypatch):
-    """Encoding is checked against the tar writer's own name rule before a byte is written: the shard stays whole."""
+@pytest.mark.parametrize("exc", [ZeroDivisionError("division by zero"), TypeError("unsupported operand")])
+def test_a_bug_in_the_preprocessing_stops_the_build_with_its_traceback(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch, exc: Exception, good_ids: list[str]
+):
+    """A bug in our code is not a bad input: the exception propagates, nothing is rejected, no manifest is written."""
+    _fail_on_the_short_file(monkeypatch, exc)
+    out = tmp_path / "out"
+    result = build(data, out)
+    assert result.exception is exc and result.exit_code == 1, result.output
+    assert "rejected" not in result.output
+    assert not (out / "manifest.json").exists() and not (out / "rejects.jsonl").exists()
+    assert not list(out.glob("*.tmp")), "a stopped build left temporary files"
+    for tar in out.glob("*.tar"):  # the shards finished before the bug stay whole: a rerun keeps them
+        assert (out / tar.name.replace(".tar", ".json")).exists()
+    monkeypatch.undo()
+    check_exit(build(data, out), 0)
+    assert landed(out) == good_ids
+
+
+BUGGY_CLI = """
+import sys
+import pipeline.build
+def bug(xyz):
+    return 1 // 0
+pipeline.build.compact_features = bug
+from pipeline.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_the_command_prints_a_bugs_traceback_and_exit_status_1_not_rejects(tmp_path: Path, data: Path):
+    out = tmp_path / "out"
+    proc = _run([sys.executable, "-c", BUGGY_CLI, *_cli_command(data, out, jobs=1)[3:]])
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback (most recent call last)" in proc.stderr and proc.stderr.endswith(
+        "ZeroDivisionError: integer division or modulo by zero\n"
+    )
+    assert "rejected" not in proc.stderr + proc.stdout
+    assert not (out / "rejects.jsonl").exists() and not (out / "manifest.json").exists()
+
+
+def test_member_name_too_long_for_tar_stops_before_writing(tmp_path: Path, data: Path, monkeypatch):
+    """train.csv's gate bounds ids, so a name too long for the tar writer is our bug: it stops the build before a
+    byte of that sample is written, and no shard is left half-written."""
     real = build_mod.encode_sample
 
     def long_names(key: str, *args: object):
@@ -386,11 +446,11 @@ def test_member_name_too_long_for_tar_rejects_before_writing(tmp_path: Path, dat
     monkeypatch.setattr(build_mod, "encode_sample", long_names)
     out = tmp_path / "out"
     result = build(data, out)
-    check_exit(result, 3)
-    assert f"rejected {SHORT}: could not be processed (ValueError: tar member name longer than 100 bytes" in (
-        result.output
-    )
-    assert landed(out) == sorted(set(good_ids()) - {"239181"})
+    assert isinstance(result.exception, ValueError) and result.exit_code == 1, result.output
+    assert str(result.exception).startswith("tar member name longer than 100 bytes")
+    assert not list(out.glob("*.tmp")) and not (out / "manifest.json").exists()
+    for tar in out.glob("*.tar"):
+        assert (out / tar.name.replace(".tar", ".json")).exists(), f"{tar.name} without its sidecar"
 
 
 # ---------------------------------------------------------------- train.csv or the label map unusable: one line, exit 1
@@ -403,6 +463,11 @@ def _replace(data: Path, name: str, content: bytes) -> None:
 
 def _csv(content: bytes) -> Callable[[Path], None]:
     return lambda data: _replace(data, "train.csv", content)
+
+
+def _csv_edited(edit: Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    """Replace train.csv by `edit(its good content)`."""
+    return lambda data: _replace(data, "train.csv", edit((data / "train.csv").read_bytes()))
 
 
 def _label_map(content: bytes) -> Callable[[Path], None]:
@@ -433,7 +498,6 @@ def _as_link(name: str, target: str) -> Callable[[Path], None]:
     return setup
 
 
-GOOD_CSV = (SAMPLE / "train.csv").read_bytes() if SAMPLE.exists() else b""
 HEADER = b"path,participant_id,sequence_id,sign\n"
 INDEX_CASES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "csv-empty": ("train.csv", _csv(b""), "empty (expected the header path,participant_id,sequence_id,sign"),
@@ -441,7 +505,7 @@ INDEX_CASES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "csv-header-only": ("train.csv", _csv(HEADER), "no rows after the header"),
     "csv-not-utf8": (
         "train.csv",
-        _csv(GOOD_CSV + b"train_landmark_files/1/\xff.parquet,1,7,hello\n"),
+        _csv_edited(lambda good: good + b"train_landmark_files/1/\xff.parquet,1,7,hello\n"),
         "not UTF-8 text (byte 0xff on line 5)",
     ),
     "csv-latin1-header": (
@@ -451,12 +515,12 @@ INDEX_CASES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     ),
     "csv-unterminated-quote": (
         "train.csv",
-        _csv(GOOD_CSV + b'"train_landmark_files/1/7.parquet,1,7,hello\n'),
+        _csv_edited(lambda good: good + b'"train_landmark_files/1/7.parquet,1,7,hello\n'),
         "malformed CSV in the row starting at line 5: unexpected end of data (an unterminated quote?)",
     ),
     "csv-text-after-quote": (
         "train.csv",
-        _csv(HEADER + b'"a"b,1,7,hello\n' + GOOD_CSV[len(HEADER) :]),
+        _csv_edited(lambda good: HEADER + b'"a"b,1,7,hello\n' + good[len(HEADER) :]),
         "malformed CSV in the row starting at line 2: ',' expected after '\"'",
     ),
     "csv-missing-column": (
@@ -472,7 +536,7 @@ INDEX_CASES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "csv-binary": ("train.csv", _csv(bytes(range(256)) * 4), "not UTF-8 text (byte 0x80 on line 2)"),
     "csv-nul-byte": (
         "train.csv",
-        _csv(GOOD_CSV + b"train_landmark_files/1/7\0.parquet,1,7,hello\n"),
+        _csv_edited(lambda good: good + b"train_landmark_files/1/7\0.parquet,1,7,hello\n"),
         "not a text file (a NUL byte on line 5)",
     ),
     "csv-directory": ("train.csv", _as_directory("train.csv"), "not a regular file (a directory)"),
@@ -569,7 +633,7 @@ def _obey_file_permissions() -> Callable[[], None] | None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["out", "parent"])
-def test_read_only_output_is_one_line_then_a_rerun_builds(tmp_path: Path, data: Path, where: str):
+def test_read_only_output_is_one_line_then_a_rerun_builds(tmp_path: Path, data: Path, where: str, good_ids: list[str]):
     parent = tmp_path / "ro"
     parent.mkdir()
     out = parent / "out"
@@ -584,11 +648,13 @@ def test_read_only_output_is_one_line_then_a_rerun_builds(tmp_path: Path, data: 
     assert proc.stderr.endswith("Permission denied)\n") and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(f"Error: {out}: cannot write the output ("), proc.stderr
     check_exit(build(data, out), 0)
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
 
 
 @pytest.mark.slow
-def test_full_output_is_one_line_leaves_no_temporaries_then_a_rerun_builds(tmp_path: Path, data: Path):
+def test_full_output_is_one_line_leaves_no_temporaries_then_a_rerun_builds(
+    tmp_path: Path, data: Path, good_ids: list[str]
+):
     """A file size limit makes every write past 60 kB fail as on a full disk, in the main process and both workers."""
 
     def small_disk() -> None:
@@ -602,10 +668,10 @@ def test_full_output_is_one_line_leaves_no_temporaries_then_a_rerun_builds(tmp_p
     assert "Traceback" not in proc.stderr
     assert not list(out.glob("*.tmp")), "a failed build left temporary files"
     check_exit(build(data, out), 0)
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
 
 
-def test_disk_full_while_writing_a_shard(tmp_path: Path, data: Path, monkeypatch):
+def test_disk_full_while_writing_a_shard(tmp_path: Path, data: Path, monkeypatch, good_ids: list[str]):
     def full(self: shards_mod.ShardWriter, data: bytes) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -617,10 +683,10 @@ def test_disk_full_while_writing_a_shard(tmp_path: Path, data: Path, monkeypatch
     assert result.output == f"Error: {out}: cannot write the output (No space left on device)\n"
     assert sorted(p.name for p in out.iterdir()) == ["plan.json"], "only the plan, no partial shard, no lock"
     check_exit(build(data, out), 0)
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
 
 
-def test_stale_temporaries_of_a_killed_build_are_removed(tmp_path: Path, data: Path):
+def test_stale_temporaries_of_a_killed_build_are_removed(tmp_path: Path, data: Path, good_ids: list[str]):
     out = tmp_path / "out"
     check_exit(build(data, out), 0)
     ours = ["fold0-000000.tar.tmp", "fold1-000000.json.tmp", "manifest.json.tmp", "plan.json.tmp", "rejects.jsonl.tmp"]
@@ -631,7 +697,7 @@ def test_stale_temporaries_of_a_killed_build_are_removed(tmp_path: Path, data: P
     check_exit(build(data, out), 0)
     assert not [n for n in ours if (out / n).exists()]
     assert (out / "notes.tmp").read_bytes() == b"the user's", "only the build's own temporaries are removed"
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
 
 
 HOLD_LOCK = """
@@ -645,7 +711,9 @@ with output_lock(Path(sys.argv[1])):
 
 
 @pytest.mark.slow
-def test_second_build_refuses_while_one_runs_and_a_dead_holders_lock_is_taken_over(tmp_path: Path, data: Path):
+def test_second_build_refuses_while_one_runs_and_a_dead_holders_lock_is_taken_over(
+    tmp_path: Path, data: Path, good_ids: list[str]
+):
     out = tmp_path / "out"
     check_exit(build(data, out), 0)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -667,7 +735,7 @@ def test_second_build_refuses_while_one_runs_and_a_dead_holders_lock_is_taken_ov
     assert (out / LOCK).read_text() == f"{holder.pid}\n"
     check_exit(build(data, out, "--force", "--folds", "3"), 0)
     assert not (out / LOCK).exists()
-    assert landed(out) == good_ids()
+    assert landed(out) == good_ids
     assert json.loads((out / "manifest.json").read_text())["config"]["folds"] == 3
 
 
@@ -703,3 +771,55 @@ def test_two_builds_at_once_never_crash_and_agree_with_one_plan(tmp_path: Path):
     assert plan["fingerprint"] == manifest["fingerprint"]
     assert len(landed(out)) == 120
     assert not (out / LOCK).exists() and not list(out.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------- bounds: a value that sizes the manifest
+
+
+def test_folds_beyond_what_a_reader_accepts_are_one_line_and_nothing_written(tmp_path: Path, data: Path):
+    out = tmp_path / "out"
+    result = build(data, out, "--folds", "1000000")
+    assert result.exit_code == 2 and not out.exists(), result.output
+    assert f"--folds 1000000 is more than {build_mod.MAX_FOLDS:,}: the manifest would be over the 64 MiB" in (
+        result.output
+    )
+    with pytest.raises(build_mod.BuildError, match=f"more than {build_mod.MAX_FOLDS:,}"):
+        build_mod.build_shards(data, out, build_mod.BuildOptions(folds=build_mod.MAX_FOLDS + 1), jobs=1)
+    assert not out.exists()
+
+
+def test_max_folds_is_where_the_fold_list_alone_outgrows_the_readers_limit():
+    """Independently: MAX_FOLDS + 1 of the smallest fold entries, as the build writes them, are over the limit,
+    and MAX_FOLDS of them, without the rest of the manifest, are not."""
+    entry = {"fold": 0, "participants": [], "samples": 0, "shards": 0}
+    folds = [len(json.dumps({"folds": [entry] * n}, indent=1, sort_keys=True)) for n in (1, 2)]
+    each = folds[1] - folds[0]
+    assert build_mod.MAX_FOLDS * each <= shards_mod.MANIFEST_MAX_BYTES
+    over = json.dumps({"folds": [entry] * (build_mod.MAX_FOLDS + 1)}, indent=1, sort_keys=True)
+    assert len(over) > shards_mod.MANIFEST_MAX_BYTES
+
+
+def test_many_empty_folds_build_and_every_reader_reads_them(tmp_path: Path, data: Path, good_ids: list[str]):
+    out = tmp_path / "out"
+    check_exit(build(data, out, "--folds", "5000"), 0)
+    manifest = shards_mod.read_manifest(out)
+    assert [f["fold"] for f in manifest["folds"]] == list(range(5000))
+    assert sorted(f["samples"] for f in manifest["folds"] if f["samples"]) == [1, 1, 1]  # one a participant
+    assert landed(out) == good_ids
+
+
+def test_a_manifest_over_the_readers_limit_is_refused_before_it_is_written(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch, good_ids: list[str]
+):
+    out = tmp_path / "out"
+    monkeypatch.setattr(build_mod, "MANIFEST_MAX_BYTES", 2000)
+    result = build(data, out)
+    check_exit(result, 1)
+    assert result.output.startswith(f"Error: {out / 'manifest.json'}: would be ") and result.output.count("\n") == 1
+    assert "bytes, over the 2,000 every reader accepts" in result.output
+    assert not (out / "manifest.json").exists() and len(list(out.glob("*.tar"))) == 2
+    monkeypatch.undo()
+    rerun = build(data, out)
+    check_exit(rerun, 0)
+    assert "built 0, reused 2" in rerun.output  # the shards were kept: the rerun only writes the manifest
+    assert landed(out) == good_ids

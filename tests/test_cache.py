@@ -177,6 +177,7 @@ def _reader(root: str, i: int, log_path: str, barrier) -> None:  # noqa: ANN001 
     assert shards.read(e["name"], e["bytes"], e["sha256"], fetch) == blob(i)
 
 
+@pytest.mark.slow
 def test_ranks_of_a_node_wait_for_one_fetch(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("fork")
     barrier, log_path = ctx.Barrier(4), tmp_path / "fetches"
@@ -204,6 +205,7 @@ def _killed_filler(root: str, started: str) -> None:
     shards.read(e["name"], e["bytes"], e["sha256"], fetch)
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_fill_leaves_only_a_temporary_that_the_next_use_removes(tmp_path: Path) -> None:
     root, started = tmp_path / "cache", tmp_path / "started"
     shards = ShardCache(root).open(LOC, FP)  # opened before the kill (opening sweeps temporaries)
@@ -257,6 +259,7 @@ def _pinner(root: str, names: list[str], ready, done) -> None:  # noqa: ANN001 -
     done.wait(60)
 
 
+@pytest.mark.slow
 def test_entries_pinned_by_another_process_are_never_evicted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache, source = ShardCache(tmp_path, limit_bytes=2 * SIZE), Source()
     shards = cache.open(LOC, FP)
@@ -307,6 +310,7 @@ def _open_as_nobody(root: str, queue) -> None:  # noqa: ANN001 - a multiprocessi
         queue.put(str(exc))
 
 
+@pytest.mark.slow
 def test_a_read_only_cache_directory_is_one_line(tmp_path: Path) -> None:
     base = Path(tempfile.mkdtemp())  # pytest's tmp_path lies under a directory only its owner may enter
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,14 @@ def test_config_file_is_a_usable_partial_config(path: Path) -> None:
     cfg.check()  # start epochs below --epochs, buildable model and augmentation
     assert {k: getattr(cfg, k) for k in options} == options
     assert cfg.optimizer in OPTIMIZERS
-    assert cfg.awp > 0 and cfg.late_dropout is not None  # each recipe turns both pieces on
+
+
+def test_the_published_recipe_turns_its_pieces_on_and_the_cpu_one_leaves_them_off() -> None:
+    """On CPU-sized runs every piece loses (docs/benchmarks.md, recipe pieces), so cpu-quick keeps the defaults."""
+    first, quick = (TrainConfig.from_json(CONFIGS[0].parent / name) for name in ("gislr-1st.json", "cpu-quick.json"))
+    assert first.awp > 0 and first.late_dropout is not None and first.optimizer == "radam-lookahead"
+    assert quick.awp == 0 and quick.late_dropout is None and quick.optimizer == "adamw"
+    replace(quick, epochs=3).check()  # any epoch count: no piece starts at a later epoch
 
 
 def test_both_recipes_are_shipped() -> None:

@@ -292,6 +292,7 @@ def cv_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_cv_writes_fold_runs_a_report_and_one_oof_row_per_sample(cv_run: dict) -> None:
     out, manifest = cv_run["out"], read_manifest(cv_run["shards"])
     report = json.loads((out / "cv.json").read_text())
@@ -332,6 +333,7 @@ def test_cv_writes_fold_runs_a_report_and_one_oof_row_per_sample(cv_run: dict) -
     assert all(v["samples"] >= 1 for v in report["participants"].values())
 
 
+@pytest.mark.slow
 def test_evaluate_reports_participants_as_the_cv_does(cv_run: dict, tmp_path: Path) -> None:
     out = cv_run["out"]
     plot = tmp_path / "confusion.png"
@@ -359,6 +361,7 @@ def test_evaluate_reports_participants_as_the_cv_does(cv_run: dict, tmp_path: Pa
     assert sum(map(sum, confusion["counts"])) <= report["samples"] and len(confusion["signs"]) <= 15
 
 
+@pytest.mark.slow
 def test_a_stop_in_a_later_fold_and_a_rerun_give_the_same_report(
     cv_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -401,6 +404,7 @@ def test_a_cv_of_one_fold_keeps_the_folds_an_earlier_run_finished(cv_run: dict, 
     assert (out / "oof.csv").read_bytes() == (reference / "oof.csv").read_bytes()
 
 
+@pytest.mark.slow
 def test_fold_ensemble_on_unseen_participants(cv_run: dict) -> None:
     """The 5 fold models' ensemble on participants no fold has seen: its probabilities are the mean of the
     members' on the same batches. Its top-1 against the mean of the single models' is printed, not asserted:
@@ -421,6 +425,7 @@ def test_fold_ensemble_on_unseen_participants(cv_run: dict) -> None:
     )
 
 
+@pytest.mark.slow
 def test_cv_refuses_val_folds_and_one_fold_shards_in_one_line(cv_run: dict, tmp_path: Path) -> None:
     out = tmp_path / "cv"
     result = CliRunner().invoke(
@@ -446,6 +451,7 @@ def test_cv_refuses_val_folds_and_one_fold_shards_in_one_line(cv_run: dict, tmp_
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_ensemble_members_with_other_label_maps_are_refused_in_one_line(cv_run: dict, tmp_path: Path) -> None:
     mine = cv_run["out"] / "fold0" / "best.pt"
     ckpt = torch.load(mine, weights_only=True)

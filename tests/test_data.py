@@ -249,6 +249,7 @@ def test_rank_counts() -> None:
 # ---------------------------------------------------------------- training epochs through real loaders
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [16, 128], ids=["several-batches", "one-batch-per-rank"])
 @pytest.mark.parametrize("divisible", [True, False], ids=["N-even", "N-odd"])
 @pytest.mark.parametrize("workers", [1, 2])
@@ -275,6 +276,7 @@ def test_training_epoch_every_sample_once_and_equal_batch_counts(
     assert_documented_repeats(per_rank, expected)
 
 
+@pytest.mark.slow
 def test_epoch_length_does_not_depend_on_workers(cat: Catalog, shards: Path) -> None:
     folds = cat.fold_set(2, RANKS, divisible=False)
     counts = {}
@@ -289,6 +291,7 @@ def test_epoch_length_does_not_depend_on_workers(cat: Catalog, shards: Path) -> 
 # ---------------------------------------------------------------- validation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("divisible", [True, False], ids=["N-even", "N-odd"])
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_validation_every_sample_exactly_once_and_deterministic(
@@ -315,6 +318,7 @@ def test_validation_every_sample_exactly_once_and_deterministic(
     assert set(counts) == set(expected) and set(counts.values()) == {1}, counts.most_common(3)
 
 
+@pytest.mark.slow
 def test_validation_order_is_the_same_whatever_the_epoch_on_one_loader(cat: Catalog, shards: Path) -> None:
     loader = make_loader(shards, [0], 16, train=False, workers=2)
     assert epoch(loader, cat, at=0) == epoch(loader, cat, at=1) == epoch(loader, cat, at=0)
@@ -328,6 +332,7 @@ def _order(shards: Path, cat: Catalog, at: int, seed: int = SEED, workers: int =
     return flat(epoch(loader, cat, at=at))
 
 
+@pytest.mark.slow
 def test_training_order_changes_with_the_epoch_and_repeats_for_the_same_epoch_and_seed(
     cat: Catalog, shards: Path
 ) -> None:
@@ -339,6 +344,7 @@ def test_training_order_changes_with_the_epoch_and_repeats_for_the_same_epoch_an
     assert _order(shards, cat, 1, workers=2) == _order(shards, cat, 1, workers=2)
 
 
+@pytest.mark.slow
 def test_set_epoch_reaches_the_workers_of_a_reused_loader(cat: Catalog, shards: Path) -> None:
     """The trainer keeps one loader and calls `set_epoch` on its dataset before each epoch."""
     loader = make_loader(shards, [1, 2], 16, train=True, workers=2, seed=SEED)
@@ -377,6 +383,7 @@ def test_sample_shuffle_mixes_shards(cat: Catalog, shards: Path) -> None:
 # ---------------------------------------------------------------- fewer shards than workers x ranks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("divisible", [True, False], ids=["N-even", "N-odd"])
 def test_fewer_shards_than_workers_times_ranks(few_cat: Catalog, few_shards: Path, divisible: bool) -> None:
     folds = few_cat.fold_set(1, RANKS, divisible)
@@ -451,6 +458,7 @@ def _members(path: Path) -> list[tuple[str, bytes]]:
         return [(m.name, tar.extractfile(m).read()) for m in tar]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("ext,where", [("pyd", "middle"), ("pth", "end")])
 def test_shard_with_a_refused_member_is_an_error_naming_shard_and_member(

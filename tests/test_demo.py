@@ -17,8 +17,6 @@ from pipeline import demo
 from pipeline.demo import generate_sequence, plan_dataset, sample_lengths, write_demo_dataset
 from pipeline.landmarks import N_RAW, TYPE_OFFSETS
 
-SHARED = Path(__file__).parent.parent.parent / "shared"
-REAL_FILE = SHARED / "gislr-sample" / "train_landmark_files" / "22343" / "239181.parquet"
 ARGS = {"sequences": 40, "signs": 5, "participants": 4, "seed": 3}
 HANDS = {"left_hand": TYPE_OFFSETS["left_hand"], "right_hand": TYPE_OFFSETS["right_hand"]}
 POSE = slice(TYPE_OFFSETS["pose"], TYPE_OFFSETS["pose"] + 33)
@@ -71,16 +69,22 @@ def test_layout_csv_and_label_map(dataset):
     assert not [f for f in files if Path(f).name.startswith(".")]  # no temporary files left behind
 
 
-def test_schema_equals_the_real_files(tables):
-    expected = pa.schema(
-        [("frame", pa.int16()), ("row_id", pa.string()), ("type", pa.string()), ("landmark_index", pa.int16())]
-        + [(c, pa.float64()) for c in "xyz"]
-    )
-    real = pq.read_schema(REAL_FILE) if REAL_FILE.exists() else None
+KAGGLE_SCHEMA = pa.schema(
+    [("frame", pa.int16()), ("row_id", pa.string()), ("type", pa.string()), ("landmark_index", pa.int16())]
+    + [(c, pa.float64()) for c in "xyz"]
+)
+
+
+def test_schema_is_kaggles(tables):
     for table in tables.values():
-        assert table.schema.equals(expected)
-        if real is not None:
-            assert table.schema.equals(real, check_metadata=True)  # pandas metadata included
+        assert table.schema.equals(KAGGLE_SCHEMA)
+
+
+def test_schema_equals_the_real_files(tables, sample_file: tuple[Path, int]):
+    real = pq.read_schema(sample_file[0])
+    assert real.equals(KAGGLE_SCHEMA)
+    for table in tables.values():
+        assert table.schema.equals(real, check_metadata=True)  # pandas metadata included
 
 
 def test_files_pass_the_reader_with_the_planned_frame_counts(dataset):
@@ -159,6 +163,7 @@ def test_train_csv_is_written_last(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- determinism
 
 
+@pytest.mark.slow
 def test_same_arguments_same_bytes_any_jobs(tmp_path, dataset):
     root, _ = dataset
     reference = _file_bytes(root)

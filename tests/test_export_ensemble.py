@@ -268,6 +268,7 @@ mp.write_model_pair(Path(sys.argv[1]), b"NEW" * 1000, {{"step": 2}})
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "n", "after_kill", "settled"),
     [
@@ -304,6 +305,7 @@ def test_a_kill_leaves_the_old_pair_or_the_new_one(
     assert not (tmp_path / "model.onnx.lock").exists()  # the dead writer's lock, taken over and released
 
 
+@pytest.mark.slow
 def test_the_next_write_settles_an_interrupted_one(tmp_path: Path) -> None:
     model = tmp_path / "model.tflite"
     write_model_pair(model, b"old", {"step": 1})

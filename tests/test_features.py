@@ -458,6 +458,7 @@ def test_features_from_positions_torch_int_length():
     assert not out[MAX_LEN - 2 :, :, 4:].any() and out[MAX_LEN - 3, :, 4:].any()  # dx2 zero where t+2 reaches 384
 
 
+@pytest.mark.slow
 def test_numpy_features_do_not_import_torch():
     # The pipeline's workers compute features without torch: the torch branches import it lazily.
     code = (

@@ -47,6 +47,7 @@ def test_released_when_the_body_raises(tmp_path: Path) -> None:
         pass
 
 
+@pytest.mark.slow
 def test_a_killed_holder_leaves_a_stale_file_that_is_taken_over(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     lock = tmp_path / "run.lock"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(lock)], cwd=ROOT, stdout=subprocess.PIPE, text=True)

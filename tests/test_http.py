@@ -34,6 +34,7 @@ def _child_read(url: str, size: int, queue: multiprocessing.Queue) -> None:
     queue.put((http_read(url, size), id(pool())))
 
 
+@pytest.mark.slow
 def test_a_forked_child_opens_its_own_connection(files: Path) -> None:
     path = files / "fold0-000001.tar"
     with serve_kept(files) as (url, _, _, connections):

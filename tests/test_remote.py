@@ -139,7 +139,7 @@ def test_a_new_scheme_is_one_reader_and_one_table_entry(shards: Path, monkeypatc
     assert reads[:2] == ["mem://store/asl/manifest.json", f"mem://store/asl/{entry['name']}"]
 
 
-@pytest.mark.parametrize("kind", ["dir", "http", "pipe", "file"])
+@pytest.mark.parametrize("kind", ["dir", "http", pytest.param("pipe", marks=pytest.mark.slow), "file"])
 def test_unreadable_location_fails_at_once_naming_it(tmp_path: Path, kind: str) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -203,6 +203,7 @@ def _evaluate(checkpoint: Path, location: str) -> str:
     return "\n".join(line for line in result.output.splitlines() if not line.startswith("checkpoint "))  # its path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["http", "pipe"])
 def test_train_evaluate_verify_from_a_remote_location_equal_local(
     shards: Path, local_run: Path, tmp_path: Path, kind: str
@@ -243,6 +244,7 @@ def _corrupt(shards: Path, tmp_path: Path, how: str) -> tuple[Path, str]:
     return copy, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how,reason", [("truncated", "bytes, manifest says"), ("flipped", "sha256 differs")])
 def test_corrupt_shard_over_http_stops_training_naming_it(shards: Path, tmp_path: Path, how: str, reason: str) -> None:
     copy, name = _corrupt(shards, tmp_path, how)
@@ -257,6 +259,7 @@ def test_corrupt_shard_over_http_stops_training_naming_it(shards: Path, tmp_path
         assert verified.exit_code == 1 and name in verified.output and reason in verified.output
 
 
+@pytest.mark.slow
 def test_local_shards_are_checked_by_size_unless_sha256_is_asked(shards: Path, tmp_path: Path) -> None:
     """auto: a local directory's shards are checked for size, keys, count and labels, not hashed."""
     copy, name = _corrupt(shards, tmp_path, "truncated")
@@ -268,6 +271,7 @@ def test_local_shards_are_checked_by_size_unless_sha256_is_asked(shards: Path, t
     assert result.exit_code == 1 and name in result.output and "sha256 differs" in result.output
 
 
+@pytest.mark.slow
 def test_a_cut_connection_is_retried_and_the_epoch_is_whole(shards: Path, local_run: Path, tmp_path: Path) -> None:
     manifest = read_manifest(shards)
     names = [e["name"] for e in manifest["shards"] if e["fold"] != 0]
@@ -290,6 +294,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_train_from_http(shards: Path, tmp_path: Path) -> None:
     """torchrun --nnodes=2 run twice on this machine (gloo, CPU), shards served over HTTP on 127.0.0.1."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -332,6 +337,7 @@ def test_two_nodes_train_from_http(shards: Path, tmp_path: Path) -> None:
     assert not rank1_out.exists(), "a rank other than 0 wrote files"
 
 
+@pytest.mark.slow
 def test_ddp_ranks_stop_together_on_a_corrupt_shard(shards: Path, tmp_path: Path) -> None:
     """Two processes, one of them reading a corrupt shard: both exit 1 with the same one-line error, no hang."""
     copy, name = _corrupt(shards, tmp_path, "flipped")
@@ -354,6 +360,7 @@ def test_ddp_ranks_stop_together_on_a_corrupt_shard(shards: Path, tmp_path: Path
         assert noise not in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_ddp_ranks_stop_together_when_rank0_cannot_write_the_run(shards: Path, tmp_path: Path) -> None:
     """Only rank 0 writes; when it cannot (here --out lies under a file), every rank stops with its message."""
     blocker = tmp_path / "a-file"
@@ -395,6 +402,7 @@ def _gone(pid: int) -> bool:
     return "State:\tZ" in status
 
 
+@pytest.mark.slow
 def test_an_endless_manifest_is_refused_at_its_cap(shards: Path) -> None:
     with serve(shards) as (url, faults, _):
         faults["manifest.json"] = ("endless", 0)
@@ -418,6 +426,7 @@ def test_a_shard_cannot_declare_more_bytes_than_its_samples_can_take(shards: Pat
     )
 
 
+@pytest.mark.slow
 def test_a_commands_stderr_is_kept_to_its_last_bytes(tmp_path: Path) -> None:
     """50 MB of stderr: memory stays small, and the message is its last line."""
     cmd = "head -c 50000000 /dev/zero | tr '\\0' x >&2; printf '\\nthe last words\\n' >&2; exit 3"
@@ -431,6 +440,7 @@ def test_a_commands_stderr_is_kept_to_its_last_bytes(tmp_path: Path) -> None:
     assert peak < 5_000_000, f"{peak} bytes held for 50 MB of stderr"
 
 
+@pytest.mark.slow
 def test_a_trickle_is_abandoned_at_the_minimum_rate(shards: Path, tmp_path: Path) -> None:
     """Bytes keep coming, so the stall limit never fires: the average rate does (http and pipe:)."""
     entry = read_manifest(shards)["shards"][0]
@@ -455,6 +465,7 @@ def test_the_manifest_read_has_the_io_timeout(shards: Path) -> None:
         assert time.monotonic() - start < 15
 
 
+@pytest.mark.slow
 def test_a_command_that_closes_its_output_but_runs_on_is_an_error_and_retried(
     shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -467,6 +478,7 @@ def test_a_command_that_closes_its_output_but_runs_on_is_an_error_and_retried(
     assert len(pids) == 2 and all(map(_gone, pids))  # each attempt's command killed, none left running
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_a_slow_read_stops_training_and_its_command_at_once(
     shards: Path, tmp_path: Path, signum: int
@@ -518,6 +530,7 @@ def test_stats_and_verify_on_a_manifest_without_summaries(shards: Path, tmp_path
     assert verified.exit_code == 0 and f"OK: {len(manifest['shards'])} shards" in verified.output, verified.output
 
 
+@pytest.mark.slow
 def test_remote_text_is_escaped_before_it_is_printed(shards: Path, tmp_path: Path) -> None:
     """A server's reason phrase, a command's stderr and a manifest's sign names never reach the terminal raw."""
     entry = read_manifest(shards)["shards"][0]
@@ -544,6 +557,7 @@ def test_remote_text_is_escaped_before_it_is_printed(shards: Path, tmp_path: Pat
 # ---------------------------------------------------------------- the shard cache
 
 
+@pytest.mark.slow
 def test_three_epochs_over_http_with_a_cache_fetch_each_shard_once(
     shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -598,12 +612,14 @@ def test_an_unusable_cache_setting_is_one_line_before_training(
     assert not any(r.endswith(".tar") for r in requests)
 
 
+@pytest.mark.slow
 def test_a_local_directory_is_never_cached(shards: Path, tmp_path: Path) -> None:
     result = invoke(train_cli, train_args(str(shards), tmp_path / "run", "--cache-dir", tmp_path / "cache"))
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.tar"))
 
 
+@pytest.mark.slow
 def test_evaluate_and_verify_read_through_the_cache(shards: Path, local_run: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     with serve(shards) as (url, _, requests):

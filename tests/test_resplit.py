@@ -197,6 +197,7 @@ def _steps(record: Path) -> list[dict]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_an_epoch_cut_under_one_world_size_is_finished_under_another(
     small_shards: Path, tmp_path: Path, before: int, after: int

@@ -56,6 +56,7 @@ def _one_line_error(args: list[str]) -> str:
 # ---------------------------------------------------------------------------- one process per run directory
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_new_out_one_refuses_the_other_completes(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = [
@@ -103,6 +104,7 @@ def test_two_runs_into_one_new_out_one_refuses_the_other_completes(shards: Path,
     assert not (out / LOCK).exists() and not list(out.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_refused_new_run_leaves_no_directory_and_a_stale_lock_is_taken_over(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "new"
     with pytest.raises(RunDirError, match=r"is in use by another run \(pid \d+\)"), locked(tmp_path / "held.lock"):
@@ -120,6 +122,7 @@ def test_a_refused_new_run_leaves_no_directory_and_a_stale_lock_is_taken_over(sh
     assert not (tmp_path / "failed").exists()  # a run that failed before writing anything leaves nothing
 
 
+@pytest.mark.slow
 def test_ddp_ranks_all_stop_when_rank_0_cannot_take_the_lock(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
@@ -175,6 +178,7 @@ def test_non_finite_and_absurd_options_are_one_line(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_at_its_step_keeping_the_last_good_checkpoint(
     shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -199,6 +203,7 @@ def test_a_non_finite_loss_stops_at_its_step_keeping_the_last_good_checkpoint(
     assert result.exit_code == 1 and result.output.startswith("Error: step 4: the training loss is not finite")
 
 
+@pytest.mark.slow
 def test_max_steps_cut_mid_epoch_then_resumed_equals_an_uninterrupted_run(shards: Path, tmp_path: Path) -> None:
     reference, cut = tmp_path / "reference", tmp_path / "cut"
     train(_cfg(shards, reference, epochs=2, report_to=["csv"]))
@@ -315,6 +320,7 @@ def _full_disk_after(path_suffix: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("builtins.open", fake_open)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["steps.csv", "metrics.jsonl"])
 def test_a_full_disk_while_logging_names_the_file(
     shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
@@ -346,6 +352,7 @@ def test_a_tensorboard_write_error_names_its_directory(tmp_path: Path) -> None:
             call()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_build_shards_stopped_by_a_signal_leaves_no_workers_or_temporaries(tmp_path: Path, sig: int) -> None:
     data = demo_dataset(tmp_path, sequences=300, signs=5, participants=6)

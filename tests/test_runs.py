@@ -100,6 +100,7 @@ def logged(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     return out, output, bars
 
 
+@pytest.mark.slow
 def test_progress_bar_and_log_number_epochs_alike(logged: tuple[Path, str, list[str]]) -> None:
     out, _, bars = logged
     assert bars == ["epoch 1/2", "epoch 2/2"]
@@ -107,6 +108,7 @@ def test_progress_bar_and_log_number_epochs_alike(logged: tuple[Path, str, list[
     assert [int(r["epoch"]) for r in _csv(out / "epochs.csv")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_csv_logs_steps_and_epochs(logged: tuple[Path, str, list[str]]) -> None:
     out, output, _ = logged
     rows = _rows(out)
@@ -127,6 +129,7 @@ def test_csv_logs_steps_and_epochs(logged: tuple[Path, str, list[str]]) -> None:
     assert f"  csv          {out / 'steps.csv'}, {out / 'epochs.csv'}" in output.splitlines()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard not installed (pip install -e '.[tensorboard]')")
 def test_tensorboard_event_file_holds_steps_and_epochs(logged: tuple[Path, str, list[str]]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -153,6 +156,7 @@ def test_report_to_refuses_unknown_backends(shards: Path, tmp_path: Path) -> Non
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_json_holds_the_numbers_of_the_text(logged: tuple[Path, str, list[str]]) -> None:
     out, _, _ = logged
     args = ["evaluate", "--checkpoint", str(out / "best.pt"), "--device", "cpu"]
@@ -194,6 +198,7 @@ def test_evaluate_notes_folds_the_model_trained_on(logged: tuple[Path, str, list
     assert report["trained_folds"] == [2, 1]
 
 
+@pytest.mark.slow
 def test_config_reruns_the_experiment_exactly(logged: tuple[Path, str, list[str]], tmp_path: Path) -> None:
     out, _, _ = logged
     again = tmp_path / "again"
@@ -211,6 +216,7 @@ def test_config_reruns_the_experiment_exactly(logged: tuple[Path, str, list[str]
     assert not (again / "steps.csv").exists()
 
 
+@pytest.mark.slow
 def test_config_options_given_on_the_command_line_win(logged: tuple[Path, str, list[str]], tmp_path: Path) -> None:
     out, _, _ = logged
     run = tmp_path / "changed"
@@ -240,6 +246,7 @@ def test_config_file_errors_are_one_line(tmp_path: Path, content: str, message: 
     assert code == 1 and line.startswith(f"Error: {path}: ") and message in line
 
 
+@pytest.mark.slow
 def test_resume_extends_a_finished_run_on_the_stretched_schedule(
     logged: tuple[Path, str, list[str]], tmp_path: Path
 ) -> None:
@@ -277,6 +284,7 @@ def test_resume_extends_a_finished_run_on_the_stretched_schedule(
     assert logged_steps == sorted(set(logged_steps))  # each step once
 
 
+@pytest.mark.slow
 def test_val_folds_none_trains_on_every_sample(shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "all"
     output = _train(
@@ -335,6 +343,7 @@ def test_val_folds_errors_say_what_to_do(shards: Path, tmp_path: Path, value: st
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_init_from_starts_from_the_checkpoint_weights(
     logged: tuple[Path, str, list[str]], shards: Path, tmp_path: Path
 ) -> None:
@@ -364,6 +373,7 @@ def test_init_from_starts_from_the_checkpoint_weights(
         torch.testing.assert_close(started["model"][key], value, rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.slow
 def test_init_from_another_label_map_needs_a_new_head(
     logged: tuple[Path, str, list[str]], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -397,6 +407,7 @@ def test_init_from_another_label_map_needs_a_new_head(
             torch.testing.assert_close(started[key], value, rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.slow
 def test_init_from_refuses_another_architecture(
     logged: tuple[Path, str, list[str]], shards: Path, tmp_path: Path
 ) -> None:
@@ -455,24 +466,32 @@ def test_curves_have_whole_epochs_the_best_marked_and_the_run_named() -> None:
     plt.close(fig)
 
 
-def test_summary_names_skips_for_a_missing_shared_directory(tmp_path: Path) -> None:
-    """With ../shared absent, the run's summary says so in one line (here ASL_SHARED points at nothing)."""
+@pytest.mark.slow
+@pytest.mark.parametrize("present", [False, True], ids=["absent", "only-an-empty-sample-folder"])
+def test_summary_names_what_is_missing_of_the_shared_data(tmp_path: Path, present: bool) -> None:
+    """Without the shared data (ASL_SHARED points at nothing, or at a folder lacking parts), the run's summary names
+    in one line what is missing, and never a folder that exists."""
     shutil.copy(Path(__file__).parent / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "test_uses_shared.py").write_text(
         "def test_sample(sample_file):\n    pass\n\ndef test_bad(bad_dir):\n    pass\n\ndef test_plain():\n    pass\n"
     )
-    env = {**os.environ, "ASL_SHARED": str(tmp_path / "missing")}
+    shared = tmp_path / "shared"
+    if present:
+        (shared / "gislr-sample").mkdir(parents=True)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env=env,
+        env={**os.environ, "ASL_SHARED": str(shared)},
         timeout=120,
     )
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith("1 passed, 4 skipped"), proc.stdout
+    missing = (
+        f"{shared / 'gislr-bad'}, {shared / 'gislr-sample' / 'train_landmark_files'} are" if present else f"{shared} is"
+    )
     assert lines[-2] == (
-        f"4 tests on real Kaggle files skipped: {tmp_path / 'missing'} is missing (put the project's "
-        "shared/ directory beside the checkout, or set ASL_SHARED; see README, Tests)"
+        f"4 tests on real Kaggle files skipped: {missing} missing (set ASL_SHARED to the project's "
+        "shared/ directory, or put it beside the checkout as ../shared; see README, Tests)"
     )

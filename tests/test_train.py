@@ -36,6 +36,8 @@ from train.optim import AWP
 BIN = Path(sys.executable).parent
 TESTS = Path(__file__).parent
 
+pytestmark = pytest.mark.slow  # every test trains or reads a trained run
+
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
