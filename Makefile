@@ -72,11 +72,11 @@ demo: setup
 		$$(ls $(DEMO)/data/train_landmark_files/*/*.parquet | head -n 3)
 
 test: setup
-	$(BIN)/python -m pytest -q -m "not tflite"
+	$(BIN)/python -m pytest -q -m "not tflite and not video"
 
 # The edit loop: every test but those that train a model or start processes (marker `slow`).
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow and not tflite"
+	$(BIN)/python -m pytest -q -m "not slow and not tflite and not video"
 
 # The LiteRT export tests (marker `tflite`), on their own time budget; CI runs both targets.
 test-tflite: setup-tflite
