@@ -28,8 +28,13 @@ node-local filesystem (flock over NFS is not reliable). Per entry:
 each fetching; `.<name>.use`: shared while it is read or pinned, and taken exclusive (without
 waiting) to evict it.
 
-Failures: a cache directory that is a file, cannot be created or written, a limit that is not
-positive or smaller than a shard are `CacheError`s (one line, at `ShardCache()` or the read): each is
+The cache owns its root: a new or empty directory is marked with `.asl-shard-cache`, and a directory
+that holds anything else (or a filesystem root, or one holding the run's output) is refused.
+Eviction considers only what the cache stored (real files of shard names, stamped, in real entry
+directories), and never follows a symbolic link.
+
+Failures: a cache directory that is a file, cannot be created or written, is not the cache's, a
+limit that is not positive or smaller than a shard are `CacheError`s (one line, at `ShardCache()` or the read): each is
 a setting to correct before a long run, not something to discover later in a traffic bill. A disk
 that fills up (or a filesystem turned read-only) during a run is not: the run goes on uncached, with
 one warning, rather than stop or crowd out the checkpoints that share the disk.
@@ -43,8 +48,11 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -54,12 +62,16 @@ from typing import Any
 from pipeline.errors import AslError
 from pipeline.location import Location, LocationError
 from pipeline.read import InputFileError, read_file
+from pipeline.text import printable
 
 log = logging.getLogger(__name__)
 
 CHECKS = ("size", "sha256")
 Fetch = Callable[[], "Iterator[bytes] | bytes"]
 _META = "location.json"
+MARKER = ".asl-shard-cache"  # in a cache's root: the directory is the cache's, and eviction may delete in it
+_KEY = re.compile(r"[0-9a-f]{16}")  # an entry directory's name
+_ENTRY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*", re.ASCII)  # the shard names a location accepts
 
 
 class CacheError(AslError, OSError):
@@ -69,12 +81,12 @@ class CacheError(AslError, OSError):
 class ShardCache:
     """A cache directory, optionally bounded to `limit_bytes` in all (every location and build together)."""
 
-    def __init__(self, root: str | Path, limit_bytes: int | None = None) -> None:
+    def __init__(self, root: str | Path, limit_bytes: int | None = None, outputs: Iterable[str | Path] = ()) -> None:
         self.root = Path(root)
         if limit_bytes is not None and limit_bytes <= 0:
             raise CacheError(f"{self.root}: the cache limit must be positive, got {limit_bytes} bytes")
         self.limit_bytes = limit_bytes
-        _check_usable(self.root)
+        _check_usable(self.root, outputs)
         free = shutil.disk_usage(self.root).free
         if limit_bytes is not None and limit_bytes > free + self.size():
             log.warning(
@@ -90,8 +102,9 @@ class ShardCache:
         return CachedShards(self, Location.parse(str(location)), fingerprint, largest)
 
     def entries(self) -> list[Path]:
-        """The cached shard files of every location and build."""
-        return [p for d in self.root.iterdir() if d.is_dir() for p in d.iterdir() if _is_entry(p)]
+        """The cached shard files of every location and build: only files this cache stored (its own names, each
+        with its stamp), never through a symbolic link."""
+        return [d / name for d in _entry_dirs(self.root) for name in _entry_names(d)]
 
     def size(self) -> int:
         """Bytes held by the cached shard files."""
@@ -128,7 +141,11 @@ class CachedShards:
             self._check_fits("a shard", largest)
         try:
             self.dir.mkdir(exist_ok=True)
+            if not _is_key_dir(self.dir):
+                raise CacheError(f"{self.dir}: an entry directory is a link or not a directory; remove it")
             _claim(self.dir / _META, {"location": location.spec, "fingerprint": fingerprint})
+        except CacheError:
+            raise
         except OSError as exc:
             raise CacheError(f"{self.dir}: cannot use the cache directory ({exc.strerror or exc})") from None
         for tmp in self.dir.glob(".*.tmp"):  # left by killed fills; a fill still running holds its lock
@@ -293,30 +310,57 @@ class CachedShards:
 
 
 def cache_view(
-    cache_dir: str | Path | None, limit_gb: float | None, location: str | Location, manifest: dict[str, Any]
+    cache_dir: str | Path | None,
+    limit_gb: float | None,
+    location: str | Location,
+    manifest: dict[str, Any],
+    outputs: Iterable[str | Path] = (),
 ) -> CachedShards | None:
     """The cache of `location`'s shards under `cache_dir` (`--cache-dir`, `--cache-limit` in GB), or None without
-    a cache directory or for a local directory (never cached: its shards already are local files).
+    a cache directory or for a local directory (never cached: its shards already are local files). `outputs` are
+    the run's output directories, which the cache directory must not hold.
 
     Opened before any shard is read, so a directory or limit that cannot work is one line at once.
     """
+    limit = limit_bytes(limit_gb)
     loc = Location.parse(str(location))
     if cache_dir is None:
         return None
     if loc.is_local:
         log.info("%s is a local directory: its shards are read in place, not cached in %s", loc, cache_dir)
         return None
-    limit = None if limit_gb is None else int(limit_gb * 1e9)
     largest = max((s["bytes"] for s in manifest["shards"]), default=0)
-    return ShardCache(cache_dir, limit).open(loc, manifest["fingerprint"], largest=largest)
+    return ShardCache(cache_dir, limit, outputs).open(loc, manifest["fingerprint"], largest=largest)
 
 
-def _check_usable(root: Path) -> None:
-    """CacheError unless `root` is (or can be made) a writable directory."""
+def limit_bytes(limit_gb: float | None) -> int | None:
+    """`--cache-limit` (GB) in bytes; CacheError unless it is a finite number above 0."""
+    if limit_gb is None:
+        return None
+    size = limit_gb * 1e9 if isinstance(limit_gb, int | float) and not isinstance(limit_gb, bool) else math.nan
+    if not (math.isfinite(size) and size >= 1):
+        raise CacheError(f"--cache-limit {limit_gb}: must be a finite number of GB above 0")
+    return int(size)
+
+
+def _check_usable(root: Path, outputs: Iterable[str | Path] = ()) -> None:
+    """CacheError unless `root` is (or can be made) a writable directory that this cache owns: marked by
+    MARKER, or new or empty (then marked now). A filesystem root, a directory that holds anything else, or one
+    that holds an output directory of the run (`outputs`) is refused: eviction would be deleting in it."""
     try:
         if root.exists() and not root.is_dir():
             raise CacheError(f"{root}: the cache directory is a file, not a directory")
+        real = root.resolve()
+        if real == real.parent:
+            raise CacheError(f"{root}: a filesystem root cannot be the cache directory; give a directory of its own")
+        for out in outputs:
+            if Path(out).resolve().is_relative_to(real):
+                raise CacheError(
+                    f"{root}: the cache directory holds the run's output directory {out}; give the cache a "
+                    "directory of its own"
+                )
         root.mkdir(parents=True, exist_ok=True)
+        _claim_root(root)
         fd, probe = tempfile.mkstemp(dir=root, prefix=".probe-")
         os.close(fd)
         os.unlink(probe)
@@ -324,6 +368,69 @@ def _check_usable(root: Path) -> None:
         raise
     except OSError as exc:
         raise CacheError(f"{root}: cannot write the cache directory ({exc.strerror or exc})") from None
+
+
+def _claim_root(root: Path) -> None:
+    """Mark `root` as a shard cache's (once), or CacheError when it holds anything this cache did not write."""
+    marker = root / MARKER
+    if marker.is_file() and not marker.is_symlink():
+        return
+    foreign = sorted(name for name in os.listdir(root) if not _cache_owned(root, name))
+    if foreign:
+        shown = ", ".join(printable(name) for name in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise CacheError(
+            f"{root}: not a shard cache directory (no {MARKER} file) and not empty (holds {shown}); "
+            "give a new or empty directory, which the cache then owns"
+        )
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write("A shard cache of asl-pipeline: it deletes only the entries it stored here.\n")
+
+
+def _cache_owned(root: Path, name: str) -> bool:
+    """Whether a name in a cache root without marker is the cache's own (a cache from before the marker)."""
+    if name in (".evict", MARKER) or name.startswith(".probe-"):
+        return True
+    path = root / name
+    return _is_key_dir(path) and (path / _META).is_file()
+
+
+def _is_key_dir(path: Path) -> bool:
+    """A real directory (not a link to one) named as the cache names entry directories."""
+    return bool(_KEY.fullmatch(path.name)) and stat.S_ISDIR(_lstat_mode(path))
+
+
+def _entry_dirs(root: Path) -> list[Path]:
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    return [root / name for name in sorted(names) if _is_key_dir(root / name)]
+
+
+def _entry_names(directory: Path) -> list[str]:
+    """The shard files the cache stored in an entry directory: regular files (not links) of the names the
+    cache gives, each with its stamp beside it."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return [
+        name
+        for name in sorted(names)
+        if _ENTRY.fullmatch(name)
+        and name != _META
+        and not name.endswith(".tmp")
+        and stat.S_ISREG(_lstat_mode(directory / name))
+        and stat.S_ISREG(_lstat_mode(directory / f".{name}.ok"))
+    ]
+
+
+def _lstat_mode(path: Path) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return 0
 
 
 def _claim(meta: Path, owner: dict[str, str]) -> None:
@@ -402,20 +509,30 @@ def _discard(fd: int, tmp: Path) -> None:
 
 
 def _drop_unused(path: Path) -> bool:
-    """Delete an entry unless some process reads, fills or pins it."""
+    """Delete an entry unless some process reads, fills or pins it; names are unlinked inside the entry directory
+    opened without following a link, so nothing outside the cache is ever removed."""
     try:
         with _locked(path.with_name(f".{path.name}.use"), fcntl.LOCK_EX | fcntl.LOCK_NB):
-            path.unlink(missing_ok=True)
-            path.with_name(f".{path.name}.ok").unlink(missing_ok=True)
+            try:
+                fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                return False
+            try:
+                for name in (path.name, f".{path.name}.ok"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=fd)
+            finally:
+                os.close(fd)
             return True
-    except BlockingIOError:
+    except (BlockingIOError, OSError):
         return False
 
 
 @contextlib.contextmanager
 def _locked(lock: Path, how: int) -> Iterator[None]:
-    """Hold `flock(how)` on the file `lock` (created if absent; lock files stay: deleting one races its users)."""
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """Hold `flock(how)` on the file `lock` (created if absent, never through a link; lock files stay: deleting one
+    races its users)."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, how)
         yield
@@ -423,20 +540,16 @@ def _locked(lock: Path, how: int) -> Iterator[None]:
         os.close(fd)
 
 
-def _is_entry(path: Path) -> bool:
-    return not path.name.startswith(".") and path.name != _META
-
-
 def _size(path: Path) -> int:
     try:
-        return path.stat().st_size
+        return path.lstat().st_size
     except FileNotFoundError:
         return 0
 
 
 def _last_use(path: Path) -> int:
     try:
-        return path.stat().st_atime_ns
+        return path.lstat().st_atime_ns
     except FileNotFoundError:
         return 0
 

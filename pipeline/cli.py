@@ -141,6 +141,17 @@ def build_shards_cmd(
     sys.exit(result.exit_code)
 
 
+def cache_limit_checked(value: float | None) -> float | None:
+    """`--cache-limit` as given, or the option's one-line error when it is not a finite number above 0."""
+    from pipeline.cache import CacheError, limit_bytes
+
+    try:
+        limit_bytes(value)
+    except CacheError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--cache-limit ")) from None
+    return value
+
+
 LOCATION_HELP = (
     "SHARDS is a directory, a file:// or http(s):// URL of one, or a pipe: command template whose {} "
     "stands for a file name (e.g. 'pipe:aws s3 cp s3://bucket/shards/{} -')."
@@ -160,6 +171,7 @@ LOCATION_HELP = (
     "--cache-limit",
     default=None,
     type=click.FloatRange(min=0, min_open=True),
+    callback=lambda ctx, param, value: cache_limit_checked(value),
     help="GB the cache may hold (default: no limit); least recently read shards are evicted.",
 )
 @click.option(

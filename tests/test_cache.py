@@ -9,6 +9,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -20,7 +21,7 @@ import pytest
 from demo_data import demo_dataset, demo_shards
 from shard_server import serve_kept
 
-from pipeline.cache import CacheError, ShardCache
+from pipeline.cache import CacheError, ShardCache, cache_view
 from pipeline.errors import AslError
 from pipeline.http import http_chunks
 from pipeline.location import LocationError
@@ -386,3 +387,118 @@ def test_three_epochs_over_http_send_one_request_per_shard(tmp_path_factory: pyt
                 assert data == (location / e["name"]).read_bytes()
         assert sorted(requests) == sorted(e["name"] for e in manifest["shards"])
         assert len(connections) == 1
+
+
+# ---------------------------------------------------------------- the cache deletes only what it stored
+
+
+def stored(shards, source: Source, *indices: int) -> None:  # noqa: ANN001 - a CachedShards
+    for i in indices:
+        read(shards, i, source)
+        time.sleep(0.01)
+
+
+def test_a_directory_holding_other_files_is_refused_and_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "thesis.tex").write_text("years of work")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"jpg")
+    with pytest.raises(CacheError) as info:
+        ShardCache(tmp_path, limit_bytes=1)
+    assert str(info.value) == (
+        f"{tmp_path}: not a shard cache directory (no .asl-shard-cache file) and not empty (holds photos, "
+        "thesis.tex); give a new or empty directory, which the cache then owns"
+    )
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.jpg", "photos", "thesis.tex"]
+
+
+def test_eviction_never_deletes_files_it_did_not_store(tmp_path: Path) -> None:
+    cache, source = ShardCache(tmp_path / "c", limit_bytes=int(1.5 * SIZE)), Source()
+    shards = cache.open(LOC, FP)
+    stored(shards, source, 0)
+    # files the cache did not write, put into its directory afterwards: at the root, in an entry directory
+    # (a shard's name without its stamp), and a link with a stamp to a file outside
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_bytes(b"p" * SIZE)
+    (cache.root / "notes.txt").write_bytes(b"n" * SIZE)
+    (shards.dir / entry(7)["name"]).write_bytes(b"u" * SIZE)
+    (shards.dir / entry(8)["name"]).symlink_to(outside / "precious")
+    (shards.dir / f".{entry(8)['name']}.ok").write_text("stamp")
+    # an entry directory that is a link to a folder outside, holding shard-named files with stamps
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / entry(9)["name"]).write_bytes(b"l" * SIZE)
+    (linked / f".{entry(9)['name']}.ok").write_text("stamp")
+    (cache.root / "0123456789abcdef").symlink_to(linked, target_is_directory=True)
+    assert cache.entries() == [shards.path(entry(0)["name"])]
+    stored(shards, source, 1, 2, 3)
+    assert names_in(shards) == sorted([entry(3)["name"], entry(7)["name"], entry(8)["name"]])
+    assert (cache.root / "notes.txt").read_bytes() == b"n" * SIZE
+    assert (shards.dir / entry(7)["name"]).read_bytes() == b"u" * SIZE
+    assert (outside / "precious").read_bytes() == b"p" * SIZE
+    assert (linked / entry(9)["name"]).read_bytes() == b"l" * SIZE
+
+
+def test_an_entry_directory_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    cache = ShardCache(tmp_path / "c")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    key = hashlib.sha256(f"http:{LOC}|{FP}".encode()).hexdigest()[:16]
+    (cache.root / key).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(CacheError, match="an entry directory is a link or not a directory"):
+        cache.open(LOC, FP)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_filesystem_root_or_a_directory_holding_the_run_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CacheError, match="^/: a filesystem root cannot be the cache directory"):
+        ShardCache("/", limit_bytes=1)
+    run = tmp_path / "runs" / "a"
+    for root in (tmp_path, tmp_path / "runs", run):
+        with pytest.raises(CacheError) as info:
+            ShardCache(root, limit_bytes=SIZE, outputs=[run])
+        assert str(info.value) == (
+            f"{root}: the cache directory holds the run's output directory {run}; give the cache a directory of its own"
+        )
+    assert not run.exists()
+    ShardCache(tmp_path / "cache", outputs=[run])  # beside the run: fine
+    manifest = {"fingerprint": FP, "shards": [entry(0)]}
+    with pytest.raises(CacheError, match="holds the run's output directory"):
+        cache_view(tmp_path, 1.0, LOC, manifest, outputs=[run])
+
+
+def test_a_cache_from_before_the_marker_is_adopted(tmp_path: Path) -> None:
+    shards, source = ShardCache(tmp_path).open(LOC, FP), Source()
+    stored(shards, source, 0)
+    (tmp_path / ".asl-shard-cache").unlink()
+    again = ShardCache(tmp_path, limit_bytes=SIZE).open(LOC, FP)
+    assert (tmp_path / ".asl-shard-cache").is_file()
+    assert read(again, 0, source) == blob(0) and source.calls == [entry(0)["name"]]
+
+
+@pytest.mark.parametrize("limit", [float("nan"), float("inf"), -1.0, 0.0, 1e300, True])
+def test_a_limit_that_is_not_a_finite_positive_number_is_one_line(tmp_path: Path, limit: float) -> None:
+    with pytest.raises(CacheError, match=r"^--cache-limit .*: must be a finite number of GB above 0$"):
+        cache_view(tmp_path, limit, LOC, {"fingerprint": FP, "shards": []})
+
+
+@pytest.mark.parametrize("limit", ["nan", "inf", "-1", "-inf"])
+def test_the_commands_refuse_a_limit_that_is_not_a_finite_positive_number(tmp_path: Path, limit: str) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main as pipeline_main
+    from train.cli import main as train_main
+
+    ckpt = tmp_path / "x.pt"
+    ckpt.write_bytes(b"")
+    runs = [
+        (pipeline_main, ["verify", str(tmp_path), "--cache-dir", str(tmp_path / "c"), "--cache-limit", limit]),
+        (train_main, ["evaluate", "--checkpoint", str(ckpt), "--cache-dir", str(tmp_path), "--cache-limit", limit]),
+        (train_main, ["--shards", str(tmp_path), "--cache-dir", str(tmp_path / "c"), "--cache-limit", limit]),
+    ]
+    for main, args in runs:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), result.output
+        last = result.output.strip().splitlines()[-1]
+        assert re.match(r"Error: .*cache[-_]limit.*" + re.escape(limit), last), result.output
+    assert not (tmp_path / "c").exists()

@@ -243,6 +243,16 @@ def cv_cmd(ctx: click.Context, config: Path | None, cv_folds: list[int] | None, 
         click.echo(f"wrote {Path(cfg.out) / 'cv.json'} and {Path(cfg.out) / 'oof.csv'}")
 
 
+def _cache_limit(value: float | None) -> float | None:
+    from pipeline.cache import CacheError, limit_bytes
+
+    try:
+        limit_bytes(value)
+    except CacheError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--cache-limit ")) from None
+    return value
+
+
 @main.command("evaluate")
 @click.option(
     "--checkpoint",
@@ -279,6 +289,7 @@ def cv_cmd(ctx: click.Context, config: Path | None, cv_folds: list[int] | None, 
     "--cache-limit",
     default=None,
     type=click.FloatRange(min=0, min_open=True),
+    callback=lambda ctx, param, value: _cache_limit(value),
     help="GB the cache may hold (default: no limit).",
 )
 @click.option(

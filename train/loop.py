@@ -197,7 +197,7 @@ def open_data(
             stall_s=cfg.io_timeout,
             retries=cfg.io_retries,
             min_rate=cfg.io_min_rate * 1000,
-            cache=cache_view(cfg.cache_dir, cfg.cache_limit, cfg.shards, manifest),
+            cache=cache_view(cfg.cache_dir, cfg.cache_limit, cfg.shards, manifest, outputs=[cfg.out]),
         )
         train_loader = make_loader(cfg.shards, train_folds, cfg.batch_size, train=True, **loader_args)
         val_loader = None
