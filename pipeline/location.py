@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +154,7 @@ class Location:
         either way is tried again, `retries` times (a fresh read each time, after 1 s, 2 s, 4 s...); a
         local one is not (it would fail the same way).
         """
+        _refuse_untyped(self)
         url, opener, pace = self.url(name), SCHEMES[self.scheme].read, Pace(stall_s, min_rate)
         attempts = 1 if self.is_local else retries + 1
         for attempt in range(attempts):
@@ -178,6 +179,40 @@ class Location:
         if stream is not None:
             return stream(self.url(name), max_bytes, Pace(stall_s, min_rate))
         return iter([self.read(name, max_bytes=max_bytes, stall_s=stall_s, min_rate=min_rate)])
+
+
+# Which pipe: commands may run in this process: None lets any (a program's own calls); a command line sets the
+# templates typed on it, and where any other location came from (a location read from a file is data, and data
+# never runs a command).
+_typed_commands: tuple[frozenset[str], str] | None = None
+
+
+def run_only_typed_commands(typed: Iterable[str | None], origin: str) -> None:
+    """From now on, a `pipe:` location runs its command only if it is one of `typed` (the locations typed on this
+    command line); any other came from `origin` (a checkpoint, a run directory, a --config file) and is refused."""
+    global _typed_commands
+    templates = set()
+    for spec in typed:
+        with contextlib.suppress(LocationSpecError):  # a location that cannot be used says so where it is read
+            templates.add(Location.parse(spec).base if spec is not None else None)
+    _typed_commands = (frozenset(templates - {None}), origin)
+
+
+def run_any_command() -> None:
+    """Let every `pipe:` location run its command again (`--allow-pipe`; a program's own calls)."""
+    global _typed_commands
+    _typed_commands = None
+
+
+def _refuse_untyped(loc: Location) -> None:
+    """LocationSpecError for a `pipe:` location not typed on this command line (`run_only_typed_commands`)."""
+    if loc.kind != "pipe" or _typed_commands is None or loc.base in _typed_commands[0]:
+        return
+    raise LocationSpecError(
+        f"{printable(loc.spec)}: not run: a pipe: location runs a shell command, and this one comes from "
+        f"{_typed_commands[1]}, not from this command line; type it with --shards, or pass --allow-pipe to run "
+        "commands named in files"
+    )
 
 
 def _read_local(path: str, max_bytes: int | None, pace: Pace) -> bytes:

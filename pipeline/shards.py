@@ -33,7 +33,7 @@ import numpy as np
 from pipeline.errors import AslError
 from pipeline.features import MAX_LEN, N_CHANNELS, N_PACKED, pack_missing, pad_features, pad_frames
 from pipeline.landmarks import N_POINTS
-from pipeline.location import MIN_RATE, STALL_S, Location, LocationError
+from pipeline.location import MIN_RATE, STALL_S, Location, LocationError, LocationSpecError
 from pipeline.tario import TAR_END, TarError, load_npy, member_blocks, npy_bytes, tar_members
 from pipeline.text import printable
 
@@ -255,6 +255,8 @@ def read_manifest(
         if loc.is_local and not Path(url).exists():
             raise NoManifestError(f"{url}: no manifest (run `asl-pipeline build-shards` first)") from None
         raise LocationError(f"cannot read the manifest: {exc}") from None
+    except LocationSpecError:
+        raise
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ShardError(f"{url}: not a JSON manifest ({str(exc)[:200]})") from None
     problem = manifest_problem(manifest)
