@@ -16,11 +16,11 @@ whenever the file's mtime differs from the one stamped when it was stored (`.<na
 written to after it was stored is hashed even under a size-only check. A file that fails is dropped
 and fetched again, with one warning.
 
-A fetch streams into a temporary file beside the entry (`.<name>.<pid>.tmp`), is checked for size
-and sha256, then renamed: a process killed mid-fill leaves only the temporary, which the next fill
-of that shard (or the next `open`) removes. Past `limit_bytes`, the least recently read entries (by
-access time, set on every read) are evicted, never one being read, filled or pinned (`pin`) by any
-process.
+A fetch streams into a temporary file beside the entry (`pipeline.files.AtomicFile`: `<name>.tmp`, created
+exclusively), is checked for size and sha256, then renamed: a process killed mid-fill leaves only the
+temporary, which the next fill of that shard (or the next `open`) removes. Past `limit_bytes`, the
+least recently read entries (by access time, set on every read) are evicted, never one being read,
+filled or pinned (`pin`) by any process.
 
 Locks are `flock`s, released by the kernel when a process dies; the cache directory must be on a
 node-local filesystem (flock over NFS is not reliable). Per entry:
@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import logging
@@ -60,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import AslError
+from pipeline.files import AtomicFile, write_atomic, write_json_atomic
 from pipeline.location import Location, LocationError
 from pipeline.read import InputFileError, read_file
 from pipeline.text import printable
@@ -70,6 +72,7 @@ CHECKS = ("size", "sha256")
 Fetch = Callable[[], "Iterator[bytes] | bytes"]
 _META = "location.json"
 MARKER = ".asl-shard-cache"  # in a cache's root: the directory is the cache's, and eviction may delete in it
+_TEMPORARY = re.compile(r"(.+?)(?:\.\d+\.[0-9a-f]{8})?\.tmp")  # `pipeline.files` temporaries: (the name)
 _KEY = re.compile(r"[0-9a-f]{16}")  # an entry directory's name
 _ENTRY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*", re.ASCII)  # the shard names a location accepts
 
@@ -148,10 +151,12 @@ class CachedShards:
             raise
         except OSError as exc:
             raise CacheError(f"{self.dir}: cannot use the cache directory ({exc.strerror or exc})") from None
-        for tmp in self.dir.glob(".*.tmp"):  # left by killed fills; a fill still running holds its lock
-            name = tmp.name[1:].rsplit(".", 2)[0]
-            with contextlib.suppress(BlockingIOError), _locked(self._lock(name, "fill"), fcntl.LOCK_EX | fcntl.LOCK_NB):
-                tmp.unlink(missing_ok=True)
+        for tmp in self.dir.glob("*.tmp"):  # left by killed fills; a fill still running holds its lock
+            name = _TEMPORARY.fullmatch(tmp.name)
+            if name and _ENTRY.fullmatch(name[1]):
+                lock = _locked(self._lock(name[1], "fill"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                with contextlib.suppress(BlockingIOError), lock:
+                    tmp.unlink(missing_ok=True)
 
     def path(self, name: str) -> Path:
         """Where shard `name` is cached (a name a location refuses is refused here too)."""
@@ -204,8 +209,9 @@ class CachedShards:
                 self.location.url(name),
             )
             path.unlink(missing_ok=True)
-        for tmp in self.dir.glob(f".{name}.*.tmp"):  # we hold its fill lock: any temporary is a killed fill's
-            tmp.unlink(missing_ok=True)
+        for tmp in self.dir.glob(f"{glob.escape(name)}*.tmp"):  # we hold its fill lock: a killed fill's temporary
+            if (found := _TEMPORARY.fullmatch(tmp.name)) and found[1] == name:
+                tmp.unlink(missing_ok=True)
         for attempt in range(retries + 1):
             try:
                 return self._fill(name, path, size, sha256, fetch)
@@ -219,8 +225,7 @@ class CachedShards:
     def _fill(self, name: str, path: Path, size: int, sha256: str, fetch: Fetch) -> bytes:
         """Fetch, check and (while the cache can take it) store one shard."""
         url = self.location.url(name)
-        tmp = self.dir / f".{name}.{os.getpid()}.tmp"
-        fd = self._create(tmp, url, size)
+        out = self._create(path, url, size)
         digest, chunks, total = hashlib.sha256(), [], 0
         try:
             got = fetch()
@@ -231,30 +236,28 @@ class CachedShards:
                         raise LocationError(f"{url}: more than the {size} bytes expected")
                     digest.update(chunk)
                     chunks.append(chunk)
-                    if fd is not None and not self._write(fd, chunk, url):
-                        fd = _discard(fd, tmp)
+                    if out is not None and not self._write(out, chunk, url):
+                        out = None
             if total != size:
                 raise LocationError(f"{url}: {total} bytes, manifest says {size} (cut short or altered)")
             if digest.hexdigest() != sha256:
                 raise LocationError(f"{url}: sha256 differs from the manifest (altered or corrupted)")
-            if fd is not None:
+            if out is not None:
                 try:
-                    os.fsync(fd)  # complete contents behind the rename, even after a crash of the machine
-                    os.close(fd)
-                    fd = None
-                    _write_stamp(path, tmp, sha256)
-                    os.replace(tmp, path)
+                    out.file.flush()
+                    _write_stamp(path, os.fstat(out.file.fileno()), sha256)  # mtime: fixed by the last write
+                    out.commit()  # complete contents behind the rename, even after a crash of the machine
+                    out = None
                 except OSError as exc:
                     self._stop_caching(url, exc)
         finally:
-            if fd is not None:
-                os.close(fd)
-            tmp.unlink(missing_ok=True)
+            if out is not None:
+                out.discard()
         self.cache.evict()  # concurrent fills may each have made room for themselves only
         return b"".join(chunks)
 
-    def _create(self, tmp: Path, url: str, size: int) -> int | None:
-        """The temporary file's descriptor, or None when this shard is not to be stored."""
+    def _create(self, path: Path, url: str, size: int) -> AtomicFile | None:
+        """The entry's next version (`pipeline.files.AtomicFile`), or None when this shard is not to be stored."""
         if self._uncached is not None:
             return None
         if not self.cache.evict(room=size):
@@ -266,19 +269,18 @@ class CachedShards:
             )
             return None
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            return AtomicFile(path)
         except OSError as exc:
             self._stop_caching(url, exc)
             return None
 
-    def _write(self, fd: int, chunk: bytes, url: str) -> bool:
-        """Write a whole chunk; False (caching stopped, said once) when the disk refuses it."""
+    def _write(self, out: AtomicFile, chunk: bytes, url: str) -> bool:
+        """Write a whole chunk; False (the temporary dropped, caching stopped, said once) when the disk refuses it."""
         try:
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
+            out.write(chunk)
             return True
         except OSError as exc:
+            out.discard()
             self._stop_caching(url, exc)
             return False
 
@@ -447,14 +449,7 @@ def _claim(meta: Path, owner: dict[str, str]) -> None:
                 f"{meta}: entry directory already holds {found.get('location')!r} build "
                 f"{found.get('fingerprint')!r}; use another cache directory"
             )
-    fd, tmp = tempfile.mkstemp(dir=meta.parent, prefix=".location-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(owner, f, indent=1, sort_keys=True)
-        os.replace(tmp, meta)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(meta, owner)
 
 
 def _cached(path: Path, size: int, sha256: str, check: str) -> bytes | None:
@@ -472,14 +467,11 @@ def _cached(path: Path, size: int, sha256: str, check: str) -> bytes | None:
     return data
 
 
-def _write_stamp(path: Path, tmp: Path, sha256: str) -> None:
-    """Record the stored file's size, mtime and digest beside it (`.<name>.ok`): a later write to the file
-    changes its mtime, and the next read then hashes it even when only sizes are checked."""
-    st = os.stat(tmp)
-    stamp = path.with_name(f".{path.name}.ok")
-    staged = stamp.with_name(stamp.name + f".{os.getpid()}")
-    staged.write_text(f"{st.st_size} {st.st_mtime_ns} {sha256}")
-    os.replace(staged, stamp)
+def _write_stamp(path: Path, st: os.stat_result, sha256: str) -> None:
+    """Record the stored file's size, mtime (`st`: its temporary's, which the rename keeps) and digest beside it
+    (`.<name>.ok`): a later write to the file changes its mtime, and the next read then hashes it even when only
+    sizes are checked."""
+    write_atomic(path.with_name(f".{path.name}.ok"), f"{st.st_size} {st.st_mtime_ns} {sha256}".encode())
 
 
 def _stamp(path: Path) -> str | None:
@@ -500,12 +492,6 @@ def _chunks(got: Iterator[bytes] | bytes) -> Iterator[bytes]:
         close = getattr(got, "close", None)
         if close is not None:
             close()
-
-
-def _discard(fd: int, tmp: Path) -> None:
-    os.close(fd)
-    tmp.unlink(missing_ok=True)
-    return None
 
 
 def _drop_unused(path: Path) -> bool:

@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +31,7 @@ import numpy as np
 
 from pipeline.errors import AslError
 from pipeline.features import MAX_LEN, N_CHANNELS, N_PACKED, pack_missing, pad_features, pad_frames
+from pipeline.files import AtomicFile
 from pipeline.landmarks import N_POINTS
 from pipeline.location import MIN_RATE, STALL_S, Location, LocationError, LocationSpecError
 from pipeline.tario import TAR_END, TarError, load_npy, member_blocks, npy_bytes, tar_members
@@ -109,9 +109,13 @@ class ShardWriter:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._out = AtomicFile(self.path)
         self._hash = hashlib.sha256()
+
+    @property
+    def tmp(self) -> Path:
+        """The temporary the shard is written under until `close`."""
+        return self._out.tmp
 
     def write(self, members: Iterable[tuple[str, bytes]]) -> None:
         for name, data in members:
@@ -120,25 +124,18 @@ class ShardWriter:
 
     def _put(self, data: bytes) -> None:
         self._hash.update(data)
-        self._file.write(data)
+        self._out.write(data)
 
     def close(self) -> tuple[int, str]:
         """Finish the shard (end-of-archive blocks, fsync, rename); returns its size and sha256."""
         self._put(TAR_END)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        size = self._file.tell()
-        self._file.close()
-        os.replace(self.tmp, self.path)
+        size = self._out.file.tell()
+        self._out.commit()
         return size, self._hash.hexdigest()
 
     def abort(self) -> None:
         """Remove the partial shard; also when closing fails (on a full disk the flush inside close does)."""
-        try:
-            with contextlib.suppress(OSError):
-                self._file.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
+        self._out.discard()
 
 
 def iter_members(source: str | Path | BinaryIO, name: str | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -23,6 +23,7 @@ from shard_server import serve_kept
 
 from pipeline.cache import CacheError, ShardCache, cache_view
 from pipeline.errors import AslError
+from pipeline.files import AtomicFile
 from pipeline.http import http_chunks
 from pipeline.location import LocationError
 from pipeline.shards import read_manifest
@@ -219,14 +220,14 @@ def test_a_kill_during_a_fill_leaves_only_a_temporary_that_the_next_use_removes(
     name = entry(0)["name"]
     assert not shards.path(name).exists()
     temporaries = list(shards.dir.glob("*.tmp"))
-    assert [p.name for p in temporaries] == [f".{name}.{child.pid}.tmp"]
+    assert [p.name for p in temporaries] == [f"{name}.tmp"]
     assert temporaries[0].stat().st_size == SIZE // 2
     source = Source()
     assert read(shards, 0, source) == blob(0)  # rerun: fetched whole, the temporary gone
     assert source.calls == [name]
     assert not list(shards.dir.glob("*.tmp"))
     # the same kill, then a fresh open (a restarted run) sweeps the temporary before any read
-    (shards.dir / f".{entry(1)['name']}.99999999.tmp").write_bytes(b"half")
+    (shards.dir / f"{entry(1)['name']}.99999999.0123abcd.tmp").write_bytes(b"half")
     ShardCache(root).open(LOC, FP)
     assert not list(shards.dir.glob("*.tmp"))
 
@@ -342,16 +343,16 @@ def test_a_full_disk_goes_on_uncached_with_one_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     shards, source = ShardCache(tmp_path).open(LOC, FP), Source()
-    real_write, writes = os.write, []
+    real_write, writes = AtomicFile.write, []
 
-    def full(fd: int, data) -> int:  # noqa: ANN001 - bytes-like
-        if str(tmp_path) in os.readlink(f"/proc/self/fd/{fd}"):
-            writes.append(fd)
+    def full(self: AtomicFile, data: bytes) -> None:
+        if self.path.is_relative_to(tmp_path):
+            writes.append(self.path)
             if len(writes) > 2:  # a little fits, then the disk is full
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(fd, data)
+        real_write(self, data)
 
-    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(AtomicFile, "write", full)
     with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
         assert [read(shards, i, source) for i in (0, 1, 2)] == [blob(0), blob(1), blob(2)]
     assert names_in(shards) == [] and not list(shards.dir.glob("*.tmp"))
