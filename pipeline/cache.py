@@ -63,6 +63,7 @@ from typing import Any
 from pipeline.errors import AslError
 from pipeline.files import AtomicFile, write_atomic, write_json_atomic
 from pipeline.location import Location, LocationError
+from pipeline.policy import DEFAULT_POLICY, ReadPolicy
 from pipeline.read import InputFileError, read_file
 from pipeline.text import printable
 
@@ -163,12 +164,14 @@ class CachedShards:
         self.location.url(name)
         return self.dir / name
 
-    def read(self, name: str, size: int, sha256: str, fetch: Fetch, check: str = "size", retries: int = 0) -> bytes:
+    def read(
+        self, name: str, size: int, sha256: str, fetch: Fetch, check: str = "size", policy: ReadPolicy = DEFAULT_POLICY
+    ) -> bytes:
         """The bytes of shard `name`: `size` bytes with digest `sha256` (the manifest's entry).
 
         A cached copy is checked (size, and sha256 with `check="sha256"`); without one, `fetch()`
         (the file's bytes, or its chunks) is checked for size and sha256, stored and returned. A fetch
-        that fails (LocationError, or a mismatch) is tried again `retries` times, after 1 s, 2 s...
+        that fails (LocationError, or a mismatch) is tried again `policy.retries` times, after `policy.retry_wait`.
         """
         if check not in CHECKS:
             raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
@@ -180,7 +183,7 @@ class CachedShards:
                 with _locked(self._lock(name, "fill"), fcntl.LOCK_EX):  # others wait for one fetch
                     data = _cached(path, size, sha256, check)  # filled by the process we waited for?
                     if data is None:
-                        data = self._refill(name, path, size, sha256, fetch, retries)
+                        data = self._refill(name, path, size, sha256, fetch, policy)
             with contextlib.suppress(FileNotFoundError):  # the last use, which eviction goes by: the access time
                 os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))  # (the stamp's mtime kept)
         return data
@@ -200,7 +203,7 @@ class CachedShards:
             if fd is not None:
                 os.close(fd)
 
-    def _refill(self, name: str, path: Path, size: int, sha256: str, fetch: Fetch, retries: int) -> bytes:
+    def _refill(self, name: str, path: Path, size: int, sha256: str, fetch: Fetch, policy: ReadPolicy) -> bytes:
         """Drop a bad entry (saying so), then fetch it, `retries` more times if the fetch fails."""
         if path.exists() or path.is_symlink():
             log.warning(
@@ -212,14 +215,14 @@ class CachedShards:
         for tmp in self.dir.glob(f"{glob.escape(name)}*.tmp"):  # we hold its fill lock: a killed fill's temporary
             if (found := _TEMPORARY.fullmatch(tmp.name)) and found[1] == name:
                 tmp.unlink(missing_ok=True)
-        for attempt in range(retries + 1):
+        for attempt in range(policy.retries + 1):
             try:
                 return self._fill(name, path, size, sha256, fetch)
             except LocationError as exc:
-                if attempt == retries:
+                if attempt == policy.retries:
                     raise
-                log.warning("%s (attempt %d of %d; retrying)", exc, attempt + 1, retries + 1)
-                time.sleep(2.0**attempt)
+                log.warning("%s (attempt %d of %d; retrying)", exc, attempt + 1, policy.retries + 1)
+                time.sleep(policy.retry_wait(attempt))
         raise AssertionError("unreachable")
 
     def _fill(self, name: str, path: Path, size: int, sha256: str, fetch: Fetch) -> bytes:

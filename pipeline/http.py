@@ -1,8 +1,8 @@
 """Files of an `http(s)://` location, streamed over pooled connections (urllib3) instead of a process per file.
 
 One connection pool per process (DataLoader workers are forked: a child never reuses its parent's
-sockets). A read gives up after `stall_s` seconds without a byte, after `deadline_s` seconds in all,
-once slower than `min_rate` bytes/s on average (`pipeline.location.Pace`), or past `max_bytes` (it
+sockets). A read gives up as its `pipeline.policy.ReadPolicy` says (`stall_s` seconds without a byte,
+`deadline_s` seconds in all, an average below `min_rate` bytes/s), or past `max_bytes` (it
 never reads more than `max_bytes + 1` bytes of a body, so an endless or oversized body costs one
 bounded read). Every failure is one `LocationError` line naming the URL, the server's text in it (a
 reason phrase, an error's message) escaped for printing. Nothing is retried here: whole-file retries
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import urllib3
 from urllib3.exceptions import HTTPError, ReadTimeoutError
 
-from pipeline.location import STALL_S, LocationError, Pace
+from pipeline.policy import DEFAULT_POLICY, LocationError, ReadPolicy
 from pipeline.text import printable
 
 _CHUNK = 1 << 20
@@ -39,13 +39,11 @@ def pool() -> urllib3.PoolManager:
     return _pools[pid]
 
 
-def http_chunks(
-    url: str, max_bytes: int, stall_s: float = STALL_S, deadline_s: float | None = None, min_rate: float = 0.0
-) -> Iterator[bytes]:
-    """The body of `url` in chunks; LocationError (naming `url`) on a status other than 200, a stall, the
-    deadline, an average rate below `min_rate` (after the first `stall_s`), a body longer than `max_bytes`,
-    or a broken connection. The connection is kept for reuse only after a whole body was read."""
-    start, pace = time.monotonic(), Pace(stall_s, min_rate)
+def http_chunks(url: str, max_bytes: int, policy: ReadPolicy = DEFAULT_POLICY) -> Iterator[bytes]:
+    """The body of `url` in chunks; LocationError (naming `url`) on a status other than 200, a stall, a read
+    slower than `policy` allows, a body longer than `max_bytes`, or a broken connection. The connection is kept
+    for reuse only after a whole body was read."""
+    start, stall_s = time.monotonic(), policy.stall_s
     try:
         response = pool().request(
             "GET",
@@ -74,10 +72,8 @@ def http_chunks(
             if total > max_bytes:
                 raise LocationError(f"{url}: more than the {max_bytes} bytes expected")
             elapsed = time.monotonic() - start
-            if deadline_s is not None and elapsed > deadline_s:
-                raise LocationError(f"{url}: not read within {deadline_s:g} s; abandoned")
-            if pace.time_left(elapsed, total) < 0:
-                raise pace.too_slow(url, total, elapsed)
+            if policy.time_left(elapsed, total) < 0:
+                raise policy.too_slow(url, total, elapsed)
             yield chunk
         done = True
     except HTTPError as exc:
@@ -88,11 +84,9 @@ def http_chunks(
         response.release_conn()
 
 
-def http_read(
-    url: str, max_bytes: int, stall_s: float = STALL_S, deadline_s: float | None = None, min_rate: float = 0.0
-) -> bytes:
+def http_read(url: str, max_bytes: int, policy: ReadPolicy = DEFAULT_POLICY) -> bytes:
     """The whole body of `url` (see `http_chunks`)."""
-    return b"".join(http_chunks(url, max_bytes, stall_s, deadline_s, min_rate))
+    return b"".join(http_chunks(url, max_bytes, policy))
 
 
 def _reason(exc: HTTPError, stall_s: float) -> str:

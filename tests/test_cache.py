@@ -26,11 +26,13 @@ from pipeline.errors import AslError
 from pipeline.files import AtomicFile
 from pipeline.http import http_chunks
 from pipeline.location import LocationError
+from pipeline.policy import ReadPolicy
 from pipeline.shards import read_manifest
 
 LOC = "http://shards.example/asl"
 FP = "build-1"
 SIZE = 300_000
+ONCE = ReadPolicy(retries=0)  # a failed fetch is an error at once
 
 
 def blob(i: int, size: int = SIZE) -> bytes:
@@ -62,6 +64,7 @@ class Source:
 
 def read(shards, i: int, source: Source, **kw) -> bytes:  # noqa: ANN001 - a CachedShards
     e = entry(i)
+    kw.setdefault("policy", ONCE)
     return shards.read(e["name"], e["bytes"], e["sha256"], source.fetch(i), **kw)
 
 
@@ -137,7 +140,7 @@ def test_a_bad_fetch_is_an_error_naming_the_shard_and_stores_nothing(tmp_path: P
         assert sorted(p.name for p in shards.dir.iterdir() if not p.name.startswith(".")) == ["location.json"]
         assert not list(shards.dir.glob("*.tmp"))
     source.data[name] = blob(1)  # altered once on the wire: the retry reads it whole
-    assert read(shards, 0, source, retries=1) == blob(0)
+    assert read(shards, 0, source, policy=ReadPolicy(retries=1)) == blob(0)
     assert source.calls[-2:] == [name, name]
 
 
@@ -150,7 +153,7 @@ def test_an_endless_fetch_is_cut_at_the_expected_size(tmp_path: Path) -> None:
             yield bytes(65536)
 
     with pytest.raises(LocationError, match="more than the 300000 bytes expected"):
-        shards.read("fold0-000000.tar", SIZE, "0" * 64, endless)
+        shards.read("fold0-000000.tar", SIZE, "0" * 64, endless, policy=ONCE)
     assert len(pulled) == SIZE // 65536 + 1
 
 

@@ -181,7 +181,7 @@ def open_data(
     """
     error = None
     try:
-        manifest = read_manifest(cfg.shards, cfg.io_timeout, cfg.io_min_rate * 1000)
+        manifest = read_manifest(cfg.shards, cfg.read_policy())
         if ckpt is not None and ckpt.get("shards_fingerprint") != manifest["fingerprint"]:
             raise ShardError(f"{cfg.shards} is not the shard set {resume} was trained on (its manifest differs)")
         train_folds, val_folds = split_folds(manifest, cfg.val_folds, cfg.shards)
@@ -194,9 +194,7 @@ def open_data(
             pin_memory=device.type == "cuda",
             manifest=manifest,
             check=cfg.shard_check,
-            stall_s=cfg.io_timeout,
-            retries=cfg.io_retries,
-            min_rate=cfg.io_min_rate * 1000,
+            policy=cfg.read_policy(),
             cache=cache_view(cfg.cache_dir, cfg.cache_limit, cfg.shards, manifest, outputs=[cfg.out]),
         )
         train_loader = make_loader(cfg.shards, train_folds, cfg.batch_size, train=True, **loader_args)
