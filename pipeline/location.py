@@ -11,7 +11,8 @@ A location is one of:
 Every remote read is bounded in bytes (the caller's `max_bytes`) and in time (`pipeline.policy.ReadPolicy`):
 it is abandoned after `stall_s` seconds without a byte, and once it has run longer than
 `stall_s + bytes received / min_rate` (so a shard of known size has a deadline, and a trickle is
-given up early). A command runs in its own process group with its stderr kept to the last
+given up early). A command runs in its own process group, dies with the process that started it
+(`pipeline.procs.die_with_parent`, even when that one is SIGKILLed) with its stderr kept to the last
 `STDERR_KEEP` bytes; the group is killed when the read fails or is abandoned, when the process exits,
 and on SIGTERM or SIGINT once `stop_commands_on_signals` is installed (the command lines do). A
 command that closes its output but keeps running is an error, as is a non-zero exit status (with
@@ -42,6 +43,7 @@ from urllib.request import url2pathname
 
 from pipeline.errors import AslError
 from pipeline.policy import DEFAULT_POLICY, LocationError, ReadPolicy
+from pipeline.procs import die_with_parent
 from pipeline.read import InputFileError, read_file
 from pipeline.text import printable
 
@@ -224,7 +226,8 @@ def read_command(url: str, argv: list[str] | str, max_bytes: int | None, policy:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            start_new_session=True,
+            start_new_session=True,  # its own group: killed whole when its read fails
+            preexec_fn=die_with_parent,  # and gone with this process even when it is SIGKILLed
         )
     except OSError as exc:
         raise LocationError(f"{url}: cannot run {'the shell' if shell else argv[0]} ({exc.strerror or exc})") from None

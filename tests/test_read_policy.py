@@ -96,3 +96,29 @@ def test_the_readers_and_the_epoch_split_import_in_one_direction() -> None:
     assert "train.data" not in imported("train.resplit") and "train.data" not in imported("train.split")
     assert {"train.resplit", "train.split"} <= imported("train.data")
     assert "train.split" in imported("train.resplit")
+
+
+def test_the_readers_wait_as_the_policy_says(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A location's retries and the cache's fills sleep `retry_wait`: doubling, capped (the waits, not wall time)."""
+    from pipeline import cache as cache_mod
+    from pipeline import location
+    from pipeline.cache import ShardCache
+
+    waits: list[float] = []
+    monkeypatch.setattr(location.time, "sleep", waits.append)  # one `time` module: the cache's sleeps land here too
+    assert cache_mod.time is location.time
+
+    def failing(url: str, max_bytes: int | None, policy: ReadPolicy) -> bytes:
+        raise location.LocationError(f"{url}: refused")
+
+    monkeypatch.setitem(location.SCHEMES, "bad", location.Scheme("bad", failing))
+    policy = ReadPolicy(retries=8)
+    with pytest.raises(location.LocationError, match="bad://x/a.tar: refused"):
+        location.Location.parse("bad://x").read("a.tar", policy=policy)
+    expected = [1, 2, 4, 8, 16, 30, 30, 30]
+    assert waits == expected
+    waits.clear()
+    shards = ShardCache(tmp_path).open("bad://x", "fp")
+    with pytest.raises(location.LocationError):
+        shards.read("a.tar", 3, "0" * 64, lambda: b"abc", policy=policy)  # sha256 differs every time
+    assert waits == expected

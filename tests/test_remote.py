@@ -582,21 +582,28 @@ def test_three_epochs_over_http_with_a_cache_fetch_each_shard_once(
     [
         ("file", "the cache directory is a file, not a directory"),
         ("limit", "is smaller than a shard"),
+        ("holds the run", "the cache directory holds the run's output directory"),
+        ("holds other files", "not a shard cache directory (no .asl-shard-cache file) and not empty"),
     ],
 )
 def test_an_unusable_cache_setting_is_one_line_before_training(
     shards: Path, tmp_path: Path, setting: str, message: str
 ) -> None:
     cache = tmp_path / "cache"
-    extra = ["--cache-dir", cache]
+    extra = ["--cache-dir", cache, "--cache-limit", "0.00001" if setting == "limit" else "1"]
     if setting == "file":
         cache.write_text("not a directory")
-    else:
-        extra += ["--cache-limit", "0.00001"]
+    elif setting == "holds the run":
+        extra[1] = tmp_path
+    elif setting == "holds other files":
+        cache.mkdir()
+        (cache / "notes.txt").write_text("mine")
     with serve(shards) as (url, _, requests):
         result = invoke(train_cli, train_args(url, tmp_path / "run", *extra))
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
     assert not any(r.endswith(".tar") for r in requests)
+    if setting == "holds other files":
+        assert [p.name for p in cache.iterdir()] == ["notes.txt"] and (cache / "notes.txt").read_text() == "mine"
 
 
 def test_a_local_directory_is_never_cached(shards: Path, tmp_path: Path) -> None:

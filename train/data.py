@@ -60,6 +60,7 @@ from pipeline.features import MAX_LEN, N_CHANNELS, N_PACKED, pad_features, pad_f
 from pipeline.landmarks import N_POINTS
 from pipeline.location import Location, LocationError
 from pipeline.policy import DEFAULT_POLICY, ReadPolicy
+from pipeline.procs import die_with_parent
 from pipeline.shards import ShardError, as_location, decode_compact, read_manifest, read_shard, shard_samples
 from train.batch import Batch
 from train.resplit import rest_of_epoch, rest_steps
@@ -333,7 +334,13 @@ def make_loader(
         generator=generator,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=worker_init,
     )
+
+
+def worker_init(worker_id: int) -> None:
+    """A DataLoader worker ends with the trainer, even a SIGKILLed one (and its `pipe:` commands with it)."""
+    die_with_parent()
 
 
 def train_val_folds(manifest: dict[str, Any], val_folds: Iterable[int]) -> tuple[list[int], list[int]]:
