@@ -142,8 +142,9 @@ def build_shards_cmd(
     sys.exit(result.exit_code)
 
 
-def cache_limit_checked(value: float | None) -> float | None:
-    """`--cache-limit` as given, or the option's one-line error when it is not a finite number above 0."""
+def cache_limit_checked(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A click callback: `--cache-limit` as given, or the option's one-line error unless it is a finite number
+    above 0 (`pipeline.cache.limit_bytes`, for every command that has the option)."""
     from pipeline.cache import CacheError, limit_bytes
 
     try:
@@ -172,7 +173,7 @@ LOCATION_HELP = (
     "--cache-limit",
     default=None,
     type=click.FloatRange(min=0, min_open=True),
-    callback=lambda ctx, param, value: cache_limit_checked(value),
+    callback=cache_limit_checked,
     help="GB the cache may hold (default: no limit); least recently read shards are evicted.",
 )
 @click.option(

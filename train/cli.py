@@ -269,14 +269,10 @@ def cv_cmd(
         click.echo(f"wrote {Path(cfg.out) / 'cv.json'} and {Path(cfg.out) / 'oof.csv'}")
 
 
-def _cache_limit(value: float | None) -> float | None:
-    from pipeline.cache import CacheError, limit_bytes
+def _cache_limit(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    from pipeline.cli import cache_limit_checked  # asl-pipeline's check; imported only when the option is given
 
-    try:
-        limit_bytes(value)
-    except CacheError as exc:
-        raise click.BadParameter(str(exc).removeprefix("--cache-limit ")) from None
-    return value
+    return value if value is None else cache_limit_checked(ctx, param, value)
 
 
 @main.command("evaluate")
@@ -315,7 +311,7 @@ def _cache_limit(value: float | None) -> float | None:
     "--cache-limit",
     default=None,
     type=click.FloatRange(min=0, min_open=True),
-    callback=lambda ctx, param, value: _cache_limit(value),
+    callback=_cache_limit,
     help="GB the cache may hold (default: no limit).",
 )
 @ALLOW_PIPE_OPTION
