@@ -40,7 +40,8 @@ from loader import Row, prepare_shards, timed_epoch, warm_page_cache
 
 from pipeline.cache import ShardCache, cache_view
 from pipeline.http import http_chunks
-from pipeline.location import Location, Pace, read_command
+from pipeline.location import Location, read_command
+from pipeline.policy import ReadPolicy
 from pipeline.shards import read_manifest, read_shard
 from train.data import ShardStream
 
@@ -57,7 +58,7 @@ _SERVER = (
 def curl_read(url: str, e: dict[str, Any]) -> bytes:
     """A shard read by a curl process, as http locations were read before the pooled client; size and sha256."""
     argv = ["curl", "--silent", "--show-error", "--fail", "--location", "--connect-timeout", "15", url]
-    data = read_command(url, argv, e["bytes"], Pace())
+    data = read_command(url, argv, e["bytes"], ReadPolicy())
     if len(data) != e["bytes"] or hashlib.sha256(data).hexdigest() != e["sha256"]:
         raise ValueError(f"{url}: differs from the manifest")
     return data

@@ -16,11 +16,11 @@ whenever the file's mtime differs from the one stamped when it was stored (`.<na
 written to after it was stored is hashed even under a size-only check. A file that fails is dropped
 and fetched again, with one warning.
 
-A fetch streams into a temporary file beside the entry (`.<name>.<pid>.tmp`), is checked for size
-and sha256, then renamed: a process killed mid-fill leaves only the temporary, which the next fill
-of that shard (or the next `open`) removes. Past `limit_bytes`, the least recently read entries (by
-access time, set on every read) are evicted, never one being read, filled or pinned (`pin`) by any
-process.
+A fetch streams into a temporary file beside the entry (`pipeline.files.AtomicFile`: `<name>.tmp`, created
+exclusively), is checked for size and sha256, then renamed: a process killed mid-fill leaves only the
+temporary, which the next fill of that shard (or the next `open`) removes. Past `limit_bytes`, the
+least recently read entries (by access time, set on every read) are evicted, never one being read,
+filled or pinned (`pin`) by any process.
 
 Locks are `flock`s, released by the kernel when a process dies; the cache directory must be on a
 node-local filesystem (flock over NFS is not reliable). Per entry:
@@ -28,8 +28,13 @@ node-local filesystem (flock over NFS is not reliable). Per entry:
 each fetching; `.<name>.use`: shared while it is read or pinned, and taken exclusive (without
 waiting) to evict it.
 
-Failures: a cache directory that is a file, cannot be created or written, a limit that is not
-positive or smaller than a shard are `CacheError`s (one line, at `ShardCache()` or the read): each is
+The cache owns its root: a new or empty directory is marked with `.asl-shard-cache`, and a directory
+that holds anything else (or a filesystem root, or one holding the run's output) is refused.
+Eviction considers only what the cache stored (real files of shard names, stamped, in real entry
+directories), and never follows a symbolic link.
+
+Failures: a cache directory that is a file, cannot be created or written, is not the cache's, a
+limit that is not positive or smaller than a shard are `CacheError`s (one line, at `ShardCache()` or the read): each is
 a setting to correct before a long run, not something to discover later in a traffic bill. A disk
 that fills up (or a filesystem turned read-only) during a run is not: the run goes on uncached, with
 one warning, rather than stop or crowd out the checkpoints that share the disk.
@@ -40,11 +45,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -52,14 +61,21 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import AslError
+from pipeline.files import AtomicFile, write_atomic, write_json_atomic
 from pipeline.location import Location, LocationError
+from pipeline.policy import DEFAULT_POLICY, ReadPolicy
 from pipeline.read import InputFileError, read_file
+from pipeline.text import printable
 
 log = logging.getLogger(__name__)
 
 CHECKS = ("size", "sha256")
 Fetch = Callable[[], "Iterator[bytes] | bytes"]
 _META = "location.json"
+MARKER = ".asl-shard-cache"  # in a cache's root: the directory is the cache's, and eviction may delete in it
+_TEMPORARY = re.compile(r"(.+?)(?:\.\d+\.[0-9a-f]{8})?\.tmp")  # `pipeline.files` temporaries: (the name)
+_KEY = re.compile(r"[0-9a-f]{16}")  # an entry directory's name
+_ENTRY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*", re.ASCII)  # the shard names a location accepts
 
 
 class CacheError(AslError, OSError):
@@ -69,12 +85,12 @@ class CacheError(AslError, OSError):
 class ShardCache:
     """A cache directory, optionally bounded to `limit_bytes` in all (every location and build together)."""
 
-    def __init__(self, root: str | Path, limit_bytes: int | None = None) -> None:
+    def __init__(self, root: str | Path, limit_bytes: int | None = None, outputs: Iterable[str | Path] = ()) -> None:
         self.root = Path(root)
         if limit_bytes is not None and limit_bytes <= 0:
             raise CacheError(f"{self.root}: the cache limit must be positive, got {limit_bytes} bytes")
         self.limit_bytes = limit_bytes
-        _check_usable(self.root)
+        _check_usable(self.root, outputs)
         free = shutil.disk_usage(self.root).free
         if limit_bytes is not None and limit_bytes > free + self.size():
             log.warning(
@@ -90,8 +106,9 @@ class ShardCache:
         return CachedShards(self, Location.parse(str(location)), fingerprint, largest)
 
     def entries(self) -> list[Path]:
-        """The cached shard files of every location and build."""
-        return [p for d in self.root.iterdir() if d.is_dir() for p in d.iterdir() if _is_entry(p)]
+        """The cached shard files of every location and build: only files this cache stored (its own names, each
+        with its stamp), never through a symbolic link."""
+        return [d / name for d in _entry_dirs(self.root) for name in _entry_names(d)]
 
     def size(self) -> int:
         """Bytes held by the cached shard files."""
@@ -128,25 +145,33 @@ class CachedShards:
             self._check_fits("a shard", largest)
         try:
             self.dir.mkdir(exist_ok=True)
+            if not _is_key_dir(self.dir):
+                raise CacheError(f"{self.dir}: an entry directory is a link or not a directory; remove it")
             _claim(self.dir / _META, {"location": location.spec, "fingerprint": fingerprint})
+        except CacheError:
+            raise
         except OSError as exc:
             raise CacheError(f"{self.dir}: cannot use the cache directory ({exc.strerror or exc})") from None
-        for tmp in self.dir.glob(".*.tmp"):  # left by killed fills; a fill still running holds its lock
-            name = tmp.name[1:].rsplit(".", 2)[0]
-            with contextlib.suppress(BlockingIOError), _locked(self._lock(name, "fill"), fcntl.LOCK_EX | fcntl.LOCK_NB):
-                tmp.unlink(missing_ok=True)
+        for tmp in self.dir.glob("*.tmp"):  # left by killed fills; a fill still running holds its lock
+            name = _TEMPORARY.fullmatch(tmp.name)
+            if name and _ENTRY.fullmatch(name[1]):
+                lock = _locked(self._lock(name[1], "fill"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                with contextlib.suppress(BlockingIOError), lock:
+                    tmp.unlink(missing_ok=True)
 
     def path(self, name: str) -> Path:
         """Where shard `name` is cached (a name a location refuses is refused here too)."""
         self.location.url(name)
         return self.dir / name
 
-    def read(self, name: str, size: int, sha256: str, fetch: Fetch, check: str = "size", retries: int = 0) -> bytes:
+    def read(
+        self, name: str, size: int, sha256: str, fetch: Fetch, check: str = "size", policy: ReadPolicy = DEFAULT_POLICY
+    ) -> bytes:
         """The bytes of shard `name`: `size` bytes with digest `sha256` (the manifest's entry).
 
         A cached copy is checked (size, and sha256 with `check="sha256"`); without one, `fetch()`
         (the file's bytes, or its chunks) is checked for size and sha256, stored and returned. A fetch
-        that fails (LocationError, or a mismatch) is tried again `retries` times, after 1 s, 2 s...
+        that fails (LocationError, or a mismatch) is tried again `policy.retries` times, after `policy.retry_wait`.
         """
         if check not in CHECKS:
             raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
@@ -158,7 +183,7 @@ class CachedShards:
                 with _locked(self._lock(name, "fill"), fcntl.LOCK_EX):  # others wait for one fetch
                     data = _cached(path, size, sha256, check)  # filled by the process we waited for?
                     if data is None:
-                        data = self._refill(name, path, size, sha256, fetch, retries)
+                        data = self._refill(name, path, size, sha256, fetch, policy)
             with contextlib.suppress(FileNotFoundError):  # the last use, which eviction goes by: the access time
                 os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))  # (the stamp's mtime kept)
         return data
@@ -178,7 +203,7 @@ class CachedShards:
             if fd is not None:
                 os.close(fd)
 
-    def _refill(self, name: str, path: Path, size: int, sha256: str, fetch: Fetch, retries: int) -> bytes:
+    def _refill(self, name: str, path: Path, size: int, sha256: str, fetch: Fetch, policy: ReadPolicy) -> bytes:
         """Drop a bad entry (saying so), then fetch it, `retries` more times if the fetch fails."""
         if path.exists() or path.is_symlink():
             log.warning(
@@ -187,23 +212,23 @@ class CachedShards:
                 self.location.url(name),
             )
             path.unlink(missing_ok=True)
-        for tmp in self.dir.glob(f".{name}.*.tmp"):  # we hold its fill lock: any temporary is a killed fill's
-            tmp.unlink(missing_ok=True)
-        for attempt in range(retries + 1):
+        for tmp in self.dir.glob(f"{glob.escape(name)}*.tmp"):  # we hold its fill lock: a killed fill's temporary
+            if (found := _TEMPORARY.fullmatch(tmp.name)) and found[1] == name:
+                tmp.unlink(missing_ok=True)
+        for attempt in range(policy.retries + 1):
             try:
                 return self._fill(name, path, size, sha256, fetch)
             except LocationError as exc:
-                if attempt == retries:
+                if attempt == policy.retries:
                     raise
-                log.warning("%s (attempt %d of %d; retrying)", exc, attempt + 1, retries + 1)
-                time.sleep(2.0**attempt)
+                log.warning("%s (attempt %d of %d; retrying)", exc, attempt + 1, policy.retries + 1)
+                time.sleep(policy.retry_wait(attempt))
         raise AssertionError("unreachable")
 
     def _fill(self, name: str, path: Path, size: int, sha256: str, fetch: Fetch) -> bytes:
         """Fetch, check and (while the cache can take it) store one shard."""
         url = self.location.url(name)
-        tmp = self.dir / f".{name}.{os.getpid()}.tmp"
-        fd = self._create(tmp, url, size)
+        out = self._create(path, url, size)
         digest, chunks, total = hashlib.sha256(), [], 0
         try:
             got = fetch()
@@ -214,30 +239,28 @@ class CachedShards:
                         raise LocationError(f"{url}: more than the {size} bytes expected")
                     digest.update(chunk)
                     chunks.append(chunk)
-                    if fd is not None and not self._write(fd, chunk, url):
-                        fd = _discard(fd, tmp)
+                    if out is not None and not self._write(out, chunk, url):
+                        out = None
             if total != size:
                 raise LocationError(f"{url}: {total} bytes, manifest says {size} (cut short or altered)")
             if digest.hexdigest() != sha256:
                 raise LocationError(f"{url}: sha256 differs from the manifest (altered or corrupted)")
-            if fd is not None:
+            if out is not None:
                 try:
-                    os.fsync(fd)  # complete contents behind the rename, even after a crash of the machine
-                    os.close(fd)
-                    fd = None
-                    _write_stamp(path, tmp, sha256)
-                    os.replace(tmp, path)
+                    out.file.flush()
+                    _write_stamp(path, os.fstat(out.file.fileno()), sha256)  # mtime: fixed by the last write
+                    out.commit()  # complete contents behind the rename, even after a crash of the machine
+                    out = None
                 except OSError as exc:
                     self._stop_caching(url, exc)
         finally:
-            if fd is not None:
-                os.close(fd)
-            tmp.unlink(missing_ok=True)
+            if out is not None:
+                out.discard()
         self.cache.evict()  # concurrent fills may each have made room for themselves only
         return b"".join(chunks)
 
-    def _create(self, tmp: Path, url: str, size: int) -> int | None:
-        """The temporary file's descriptor, or None when this shard is not to be stored."""
+    def _create(self, path: Path, url: str, size: int) -> AtomicFile | None:
+        """The entry's next version (`pipeline.files.AtomicFile`), or None when this shard is not to be stored."""
         if self._uncached is not None:
             return None
         if not self.cache.evict(room=size):
@@ -249,19 +272,18 @@ class CachedShards:
             )
             return None
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            return AtomicFile(path)
         except OSError as exc:
             self._stop_caching(url, exc)
             return None
 
-    def _write(self, fd: int, chunk: bytes, url: str) -> bool:
-        """Write a whole chunk; False (caching stopped, said once) when the disk refuses it."""
+    def _write(self, out: AtomicFile, chunk: bytes, url: str) -> bool:
+        """Write a whole chunk; False (the temporary dropped, caching stopped, said once) when the disk refuses it."""
         try:
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
+            out.write(chunk)
             return True
         except OSError as exc:
+            out.discard()
             self._stop_caching(url, exc)
             return False
 
@@ -293,30 +315,57 @@ class CachedShards:
 
 
 def cache_view(
-    cache_dir: str | Path | None, limit_gb: float | None, location: str | Location, manifest: dict[str, Any]
+    cache_dir: str | Path | None,
+    limit_gb: float | None,
+    location: str | Location,
+    manifest: dict[str, Any],
+    outputs: Iterable[str | Path] = (),
 ) -> CachedShards | None:
     """The cache of `location`'s shards under `cache_dir` (`--cache-dir`, `--cache-limit` in GB), or None without
-    a cache directory or for a local directory (never cached: its shards already are local files).
+    a cache directory or for a local directory (never cached: its shards already are local files). `outputs` are
+    the run's output directories, which the cache directory must not hold.
 
     Opened before any shard is read, so a directory or limit that cannot work is one line at once.
     """
+    limit = limit_bytes(limit_gb)
     loc = Location.parse(str(location))
     if cache_dir is None:
         return None
     if loc.is_local:
         log.info("%s is a local directory: its shards are read in place, not cached in %s", loc, cache_dir)
         return None
-    limit = None if limit_gb is None else int(limit_gb * 1e9)
     largest = max((s["bytes"] for s in manifest["shards"]), default=0)
-    return ShardCache(cache_dir, limit).open(loc, manifest["fingerprint"], largest=largest)
+    return ShardCache(cache_dir, limit, outputs).open(loc, manifest["fingerprint"], largest=largest)
 
 
-def _check_usable(root: Path) -> None:
-    """CacheError unless `root` is (or can be made) a writable directory."""
+def limit_bytes(limit_gb: float | None) -> int | None:
+    """`--cache-limit` (GB) in bytes; CacheError unless it is a finite number above 0."""
+    if limit_gb is None:
+        return None
+    size = limit_gb * 1e9 if isinstance(limit_gb, int | float) and not isinstance(limit_gb, bool) else math.nan
+    if not (math.isfinite(size) and size >= 1):
+        raise CacheError(f"--cache-limit {limit_gb}: must be a finite number of GB above 0")
+    return int(size)
+
+
+def _check_usable(root: Path, outputs: Iterable[str | Path] = ()) -> None:
+    """CacheError unless `root` is (or can be made) a writable directory that this cache owns: marked by
+    MARKER, or new or empty (then marked now). A filesystem root, a directory that holds anything else, or one
+    that holds an output directory of the run (`outputs`) is refused: eviction would be deleting in it."""
     try:
         if root.exists() and not root.is_dir():
             raise CacheError(f"{root}: the cache directory is a file, not a directory")
+        real = root.resolve()
+        if real == real.parent:
+            raise CacheError(f"{root}: a filesystem root cannot be the cache directory; give a directory of its own")
+        for out in outputs:
+            if Path(out).resolve().is_relative_to(real):
+                raise CacheError(
+                    f"{root}: the cache directory holds the run's output directory {out}; give the cache a "
+                    "directory of its own"
+                )
         root.mkdir(parents=True, exist_ok=True)
+        _claim_root(root)
         fd, probe = tempfile.mkstemp(dir=root, prefix=".probe-")
         os.close(fd)
         os.unlink(probe)
@@ -324,6 +373,69 @@ def _check_usable(root: Path) -> None:
         raise
     except OSError as exc:
         raise CacheError(f"{root}: cannot write the cache directory ({exc.strerror or exc})") from None
+
+
+def _claim_root(root: Path) -> None:
+    """Mark `root` as a shard cache's (once), or CacheError when it holds anything this cache did not write."""
+    marker = root / MARKER
+    if marker.is_file() and not marker.is_symlink():
+        return
+    foreign = sorted(name for name in os.listdir(root) if not _cache_owned(root, name))
+    if foreign:
+        shown = ", ".join(printable(name) for name in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise CacheError(
+            f"{root}: not a shard cache directory (no {MARKER} file) and not empty (holds {shown}); "
+            "give a new or empty directory, which the cache then owns"
+        )
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write("A shard cache of asl-pipeline: it deletes only the entries it stored here.\n")
+
+
+def _cache_owned(root: Path, name: str) -> bool:
+    """Whether a name in a cache root without marker is the cache's own (a cache from before the marker)."""
+    if name in (".evict", MARKER) or name.startswith(".probe-"):
+        return True
+    path = root / name
+    return _is_key_dir(path) and (path / _META).is_file()
+
+
+def _is_key_dir(path: Path) -> bool:
+    """A real directory (not a link to one) named as the cache names entry directories."""
+    return bool(_KEY.fullmatch(path.name)) and stat.S_ISDIR(_lstat_mode(path))
+
+
+def _entry_dirs(root: Path) -> list[Path]:
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    return [root / name for name in sorted(names) if _is_key_dir(root / name)]
+
+
+def _entry_names(directory: Path) -> list[str]:
+    """The shard files the cache stored in an entry directory: regular files (not links) of the names the
+    cache gives, each with its stamp beside it."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return [
+        name
+        for name in sorted(names)
+        if _ENTRY.fullmatch(name)
+        and name != _META
+        and not name.endswith(".tmp")
+        and stat.S_ISREG(_lstat_mode(directory / name))
+        and stat.S_ISREG(_lstat_mode(directory / f".{name}.ok"))
+    ]
+
+
+def _lstat_mode(path: Path) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return 0
 
 
 def _claim(meta: Path, owner: dict[str, str]) -> None:
@@ -340,14 +452,7 @@ def _claim(meta: Path, owner: dict[str, str]) -> None:
                 f"{meta}: entry directory already holds {found.get('location')!r} build "
                 f"{found.get('fingerprint')!r}; use another cache directory"
             )
-    fd, tmp = tempfile.mkstemp(dir=meta.parent, prefix=".location-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(owner, f, indent=1, sort_keys=True)
-        os.replace(tmp, meta)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(meta, owner)
 
 
 def _cached(path: Path, size: int, sha256: str, check: str) -> bytes | None:
@@ -365,14 +470,11 @@ def _cached(path: Path, size: int, sha256: str, check: str) -> bytes | None:
     return data
 
 
-def _write_stamp(path: Path, tmp: Path, sha256: str) -> None:
-    """Record the stored file's size, mtime and digest beside it (`.<name>.ok`): a later write to the file
-    changes its mtime, and the next read then hashes it even when only sizes are checked."""
-    st = os.stat(tmp)
-    stamp = path.with_name(f".{path.name}.ok")
-    staged = stamp.with_name(stamp.name + f".{os.getpid()}")
-    staged.write_text(f"{st.st_size} {st.st_mtime_ns} {sha256}")
-    os.replace(staged, stamp)
+def _write_stamp(path: Path, st: os.stat_result, sha256: str) -> None:
+    """Record the stored file's size, mtime (`st`: its temporary's, which the rename keeps) and digest beside it
+    (`.<name>.ok`): a later write to the file changes its mtime, and the next read then hashes it even when only
+    sizes are checked."""
+    write_atomic(path.with_name(f".{path.name}.ok"), f"{st.st_size} {st.st_mtime_ns} {sha256}".encode())
 
 
 def _stamp(path: Path) -> str | None:
@@ -395,27 +497,31 @@ def _chunks(got: Iterator[bytes] | bytes) -> Iterator[bytes]:
             close()
 
 
-def _discard(fd: int, tmp: Path) -> None:
-    os.close(fd)
-    tmp.unlink(missing_ok=True)
-    return None
-
-
 def _drop_unused(path: Path) -> bool:
-    """Delete an entry unless some process reads, fills or pins it."""
+    """Delete an entry unless some process reads, fills or pins it; names are unlinked inside the entry directory
+    opened without following a link, so nothing outside the cache is ever removed."""
     try:
         with _locked(path.with_name(f".{path.name}.use"), fcntl.LOCK_EX | fcntl.LOCK_NB):
-            path.unlink(missing_ok=True)
-            path.with_name(f".{path.name}.ok").unlink(missing_ok=True)
+            try:
+                fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                return False
+            try:
+                for name in (path.name, f".{path.name}.ok"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=fd)
+            finally:
+                os.close(fd)
             return True
-    except BlockingIOError:
+    except (BlockingIOError, OSError):
         return False
 
 
 @contextlib.contextmanager
 def _locked(lock: Path, how: int) -> Iterator[None]:
-    """Hold `flock(how)` on the file `lock` (created if absent; lock files stay: deleting one races its users)."""
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """Hold `flock(how)` on the file `lock` (created if absent, never through a link; lock files stay: deleting one
+    races its users)."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, how)
         yield
@@ -423,20 +529,16 @@ def _locked(lock: Path, how: int) -> Iterator[None]:
         os.close(fd)
 
 
-def _is_entry(path: Path) -> bool:
-    return not path.name.startswith(".") and path.name != _META
-
-
 def _size(path: Path) -> int:
     try:
-        return path.stat().st_size
+        return path.lstat().st_size
     except FileNotFoundError:
         return 0
 
 
 def _last_use(path: Path) -> int:
     try:
-        return path.stat().st_atime_ns
+        return path.lstat().st_atime_ns
     except FileNotFoundError:
         return 0
 

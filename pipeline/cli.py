@@ -15,7 +15,8 @@ from tqdm import tqdm
 from pipeline import build as build_mod
 from pipeline.errors import AslError, one_line
 from pipeline.features import MAX_LEN
-from pipeline.location import MIN_RATE, STALL_S, stop_commands_on_signals
+from pipeline.location import stop_commands_on_signals
+from pipeline.policy import MIN_RATE, RETRIES, STALL_S, ReadPolicy
 from pipeline.read import clip
 from pipeline.shards import MANIFEST, as_location, manifest_stats, manifest_totals, read_manifest, verify_shards
 
@@ -150,6 +151,18 @@ def build_shards_cmd(
     sys.exit(result.exit_code)
 
 
+def cache_limit_checked(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A click callback: `--cache-limit` as given, or the option's one-line error unless it is a finite number
+    above 0 (`pipeline.cache.limit_bytes`, for every command that has the option)."""
+    from pipeline.cache import CacheError, limit_bytes
+
+    try:
+        limit_bytes(value)
+    except CacheError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--cache-limit ")) from None
+    return value
+
+
 LOCATION_HELP = (
     "SHARDS is a directory, a file:// or http(s):// URL of one, or a pipe: command template whose {} "
     "stands for a file name (e.g. 'pipe:aws s3 cp s3://bucket/shards/{} -')."
@@ -169,6 +182,7 @@ LOCATION_HELP = (
     "--cache-limit",
     default=None,
     type=click.FloatRange(min=0, min_open=True),
+    callback=cache_limit_checked,
     help="GB the cache may hold (default: no limit); least recently read shards are evicted.",
 )
 @click.option(
@@ -185,8 +199,20 @@ LOCATION_HELP = (
     type=click.FloatRange(min=0),
     help="kB/s a remote read must average after its first --io-timeout s; 0: no such limit.",
 )
+@click.option(
+    "--io-retries",
+    default=RETRIES,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Further attempts at a remote shard read that failed (cut short, stalled), after 1 s, 2 s, ...",
+)
 def verify_cmd(
-    shards: str, cache_dir: Path | None, cache_limit: float | None, io_timeout: float, io_min_rate: float
+    shards: str,
+    cache_dir: Path | None,
+    cache_limit: float | None,
+    io_timeout: float,
+    io_min_rate: float,
+    io_retries: int,
 ) -> None:
     """Check every shard against the manifest: size, sha256, sample count, keys, labels and shapes.
 
@@ -194,12 +220,12 @@ def verify_cmd(
     """
     from pipeline.cache import cache_view
 
-    pace = {"stall_s": io_timeout, "min_rate": io_min_rate * 1000}
-    manifest = read_manifest(shards, io_timeout, pace["min_rate"])
+    policy = ReadPolicy.from_options(io_timeout, io_min_rate, io_retries)
+    manifest = read_manifest(shards, policy)
     totals = manifest_totals(manifest)  # not the manifest's own totals: those are not what is checked
     cache = cache_view(cache_dir, cache_limit, shards, manifest)
     with tqdm(total=totals["bytes"], unit="B", unit_scale=True, desc="verify", disable=None) as bar:
-        problems = verify_shards(shards, manifest, progress=bar.update, cache=cache, **pace)
+        problems = verify_shards(shards, manifest, progress=bar.update, policy=policy, cache=cache)
     for p in problems:
         click.echo(f"FAIL {p}", err=True)
     if problems:

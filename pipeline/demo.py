@@ -30,15 +30,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.files import atomic_file
 from pipeline.landmarks import (
     LEYE,
     LIP,
@@ -544,15 +545,10 @@ def sequence_table(frame_numbers: np.ndarray, xyz: np.ndarray) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Call write(tmp) for a temporary name beside `path`, then rename it to `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call write(f) for the pipeline's atomic file `f` of `path` (not fsynced: demo data is made again at will)."""
+    with atomic_file(path, durable=False) as f:
+        write(f)
 
 
 def _write_chunk(root: str, seed: int, items: list[tuple[int, int, int, int, str]]) -> None:
@@ -561,7 +557,7 @@ def _write_chunk(root: str, seed: int, items: list[tuple[int, int, int, int, str
         table = sequence_table(*generate_sequence(seed, index, sign, participant, frames))
         _write_atomic(
             Path(root) / rel,
-            lambda tmp, table=table: pq.write_table(table, tmp, version="1.0", use_dictionary=_DICTIONARY_COLUMNS),
+            lambda f, table=table: pq.write_table(table, f, version="1.0", use_dictionary=_DICTIONARY_COLUMNS),
         )
 
 
@@ -612,8 +608,8 @@ def write_demo_dataset(
         )
     ]
     label_map = json.dumps({name: i for i, name in enumerate(names)})
-    _write_atomic(root / "sign_to_prediction_index_map.json", lambda tmp: tmp.write_text(label_map, encoding="utf-8"))
-    _write_atomic(root / "train.csv", lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    _write_atomic(root / "sign_to_prediction_index_map.json", lambda f: f.write(label_map.encode("utf-8")))
+    _write_atomic(root / "train.csv", lambda f: f.write(("\n".join(lines) + "\n").encode("utf-8")))
     frames = int(plan["frames"].sum())
     log.info("wrote %d sequences (%d frames) to %s", sequences, frames, root)
     return {

@@ -11,9 +11,10 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pipeline.errors import AslError
 
@@ -28,23 +29,74 @@ class LockHeldError(AslError, OSError):
         self.pid = pid
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write `data` under a temporary name beside `path`, fsync, then rename over `path`.
+class AtomicFile:
+    """The next version of `path`, written under a temporary name beside it (`file`, buffered) and renamed over it
+    by `commit`.
 
-    Readers see the old file or the new one, never a part; the fsync makes the rename
-    durable only with complete contents behind it.
+    The temporary is created exclusively (`O_CREAT | O_EXCL | O_NOFOLLOW`), never opened through a name that
+    already exists: a file or a symbolic link left at `PATH.tmp` (by a killed writer, or planted) is neither
+    written nor followed; another free name is taken instead. Readers see the old file or the new one, never a
+    part; with `durable` (the default) an fsync before the rename makes it durable only with complete contents
+    behind it.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+
+    def __init__(self, path: str | Path, durable: bool = True) -> None:
+        self.path, self.durable = Path(path), durable
+        fd, self.tmp = _exclusive_temporary(self.path)
+        self.file: BinaryIO = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+
+    def commit(self) -> None:
+        """Flush (and fsync), then rename over `path`; the temporary is removed if that fails."""
+        try:
+            self.file.flush()
+            if self.durable:
+                os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Close and remove the temporary: `path` stays as it was."""
+        with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _exclusive_temporary(path: Path) -> tuple[int, Path]:
+    """A new file beside `path` and its name: `PATH.tmp` when that name is free (build-shards sweeps those after a
+    kill), else `PATH.<pid>.<random>.tmp`."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    name = path.name + ".tmp"
+    while True:
+        tmp = path.with_name(name)
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            name = f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, durable: bool = True) -> Iterator[BinaryIO]:
+    """A binary file whose contents replace `path` when the block ends without an error (`AtomicFile`); on an
+    error `path` stays as it was."""
+    out = AtomicFile(path, durable)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield out.file
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        out.discard()
         raise
+    out.commit()
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Replace `path` by a file holding `data`, whole or not at all (`AtomicFile`)."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -8,10 +8,11 @@ A location is one of:
 - a `pipe:` command template in which `{}` stands for a file name of that directory, e.g.
   `pipe:aws s3 cp s3://bucket/asl/{} -` (webdataset's `pipe:` form, run by the shell).
 
-Every remote read is bounded in bytes (the caller's `max_bytes`) and in time (`Pace`): it is
-abandoned after `stall_s` seconds without a byte, and once it has run longer than
+Every remote read is bounded in bytes (the caller's `max_bytes`) and in time (`pipeline.policy.ReadPolicy`):
+it is abandoned after `stall_s` seconds without a byte, and once it has run longer than
 `stall_s + bytes received / min_rate` (so a shard of known size has a deadline, and a trickle is
-given up early). A command runs in its own process group with its stderr kept to the last
+given up early). A command runs in its own process group, dies with the process that started it
+(`pipeline.procs.die_with_parent`, even when that one is SIGKILLed) with its stderr kept to the last
 `STDERR_KEEP` bytes; the group is killed when the read fails or is abandoned, when the process exits,
 and on SIGTERM or SIGINT once `stop_commands_on_signals` is installed (the command lines do). A
 command that closes its output but keeps running is an error, as is a non-zero exit status (with
@@ -25,7 +26,6 @@ import contextlib
 import errno
 import fcntl
 import logging
-import math
 import os
 import re
 import select
@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,14 +42,13 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from pipeline.errors import AslError
+from pipeline.policy import DEFAULT_POLICY, LocationError, ReadPolicy
+from pipeline.procs import die_with_parent
 from pipeline.read import InputFileError, read_file
 from pipeline.text import printable
 
 log = logging.getLogger(__name__)
 
-STALL_S = 60.0  # seconds without a byte before a remote read is abandoned
-MIN_RATE = 50_000  # bytes/s a remote read must average (after its first STALL_S): a 25 MB shard gets 560 s
-RETRIES = 2  # further attempts after a failed remote read
 STDERR_KEEP = 4096  # bytes of a command's stderr kept (its last ones): enough for its message, never a disk
 _CHUNK = 1 << 20
 # File names a location may be asked for: what build-shards writes. Anything else (a manifest
@@ -57,37 +56,8 @@ _CHUNK = 1 << 20
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*", re.ASCII)
 
 
-class LocationError(AslError, OSError):
-    """A file of a location that could not be read: the message names its URL and the reason."""
-
-
 class LocationSpecError(AslError, ValueError):
     """A location that cannot be used as written (unknown scheme, a pipe: without {}, a refused file name)."""
-
-
-@dataclass(frozen=True)
-class Pace:
-    """How long a remote read may take: `stall_s` without a byte, and `stall_s + received / min_rate` in all
-    (`min_rate` in bytes/s; 0 leaves only the stall limit)."""
-
-    stall_s: float = STALL_S
-    min_rate: float = MIN_RATE
-
-    def time_left(self, elapsed: float, received: int) -> float:
-        """Seconds the read may still run, having received `received` bytes in `elapsed` seconds."""
-        if not self.min_rate:
-            return math.inf
-        return self.stall_s + received / self.min_rate - elapsed
-
-    def deadline(self, size: int) -> float:
-        """The longest a read of `size` bytes may take in all."""
-        return self.stall_s + size / self.min_rate if self.min_rate else math.inf
-
-    def too_slow(self, url: str, received: int, elapsed: float) -> LocationError:
-        return LocationError(
-            f"{url}: {received} bytes in {elapsed:.0f} s, below the minimum rate of "
-            f"{self.min_rate / 1000:g} kB/s (--io-min-rate); abandoned"
-        )
 
 
 @dataclass(frozen=True)
@@ -143,22 +113,21 @@ class Location:
         name: str,
         max_bytes: int | None = None,
         check: Callable[[bytes], str | None] | None = None,
-        stall_s: float = STALL_S,
-        retries: int = 0,
-        min_rate: float = MIN_RATE,
+        policy: ReadPolicy = DEFAULT_POLICY,
     ) -> bytes:
         """The whole content of file `name`, or a LocationError naming its URL and the reason.
 
-        Reading more than `max_bytes` is an error, and so is a remote read slower than `Pace(stall_s,
-        min_rate)`; `check(data)` may return a problem, which is an error too. A remote read that fails
-        either way is tried again, `retries` times (a fresh read each time, after 1 s, 2 s, 4 s...); a
-        local one is not (it would fail the same way).
+        Reading more than `max_bytes` is an error, and so is a remote read slower than `policy` allows;
+        `check(data)` may return a problem, which is an error too. A remote read that fails either way is
+        tried again, `policy.retries` times (a fresh read each time, after `policy.retry_wait`); a local one
+        is not (it would fail the same way).
         """
-        url, opener, pace = self.url(name), SCHEMES[self.scheme].read, Pace(stall_s, min_rate)
-        attempts = 1 if self.is_local else retries + 1
+        _refuse_untyped(self)
+        url, opener = self.url(name), SCHEMES[self.scheme].read
+        attempts = 1 if self.is_local else policy.retries + 1
         for attempt in range(attempts):
             try:
-                data = opener(url, max_bytes, pace)
+                data = opener(url, max_bytes, policy)
                 problem = check(data) if check else None
                 if problem:
                     raise LocationError(f"{url}: {problem}")
@@ -167,20 +136,52 @@ class Location:
                 if attempt == attempts - 1:
                     raise
                 log.warning("%s (attempt %d of %d; retrying)", exc, attempt + 1, attempts)
-                time.sleep(2.0**attempt)
+                time.sleep(policy.retry_wait(attempt))
         raise AssertionError("unreachable")
 
-    def chunks(
-        self, name: str, max_bytes: int, stall_s: float = STALL_S, min_rate: float = MIN_RATE
-    ) -> Iterator[bytes]:
+    def chunks(self, name: str, max_bytes: int, policy: ReadPolicy = DEFAULT_POLICY) -> Iterator[bytes]:
         """File `name` as it arrives (a scheme that can stream it) or in one piece; one attempt, bounded as `read`."""
         stream = SCHEMES[self.scheme].chunks
         if stream is not None:
-            return stream(self.url(name), max_bytes, Pace(stall_s, min_rate))
-        return iter([self.read(name, max_bytes=max_bytes, stall_s=stall_s, min_rate=min_rate)])
+            return stream(self.url(name), max_bytes, policy)
+        return iter([self.read(name, max_bytes=max_bytes, policy=policy.once())])
 
 
-def _read_local(path: str, max_bytes: int | None, pace: Pace) -> bytes:
+# Which pipe: commands may run in this process: None lets any (a program's own calls); a command line sets the
+# templates typed on it, and where any other location came from (a location read from a file is data, and data
+# never runs a command).
+_typed_commands: tuple[frozenset[str], str] | None = None
+
+
+def run_only_typed_commands(typed: Iterable[str | None], origin: str) -> None:
+    """From now on, a `pipe:` location runs its command only if it is one of `typed` (the locations typed on this
+    command line); any other came from `origin` (a checkpoint, a run directory, a --config file) and is refused."""
+    global _typed_commands
+    templates = set()
+    for spec in typed:
+        with contextlib.suppress(LocationSpecError):  # a location that cannot be used says so where it is read
+            templates.add(Location.parse(spec).base if spec is not None else None)
+    _typed_commands = (frozenset(templates - {None}), origin)
+
+
+def run_any_command() -> None:
+    """Let every `pipe:` location run its command again (`--allow-pipe`; a program's own calls)."""
+    global _typed_commands
+    _typed_commands = None
+
+
+def _refuse_untyped(loc: Location) -> None:
+    """LocationSpecError for a `pipe:` location not typed on this command line (`run_only_typed_commands`)."""
+    if loc.kind != "pipe" or _typed_commands is None or loc.base in _typed_commands[0]:
+        return
+    raise LocationSpecError(
+        f"{printable(loc.spec)}: not run: a pipe: location runs a shell command, and this one comes from "
+        f"{_typed_commands[1]}, not from this command line; type it with --shards, or pass --allow-pipe to run "
+        "commands named in files"
+    )
+
+
+def _read_local(path: str, max_bytes: int | None, policy: ReadPolicy) -> bytes:
     """A regular file's bytes, through the pipeline's one input gate (`pipeline.read.read_file`): a FIFO,
     device or directory is refused, never opened blocking or read without end."""
     try:
@@ -195,27 +196,27 @@ def _read_local(path: str, max_bytes: int | None, pace: Pace) -> bytes:
         raise LocationError(str(exc)) from None
 
 
-def _read_http(url: str, max_bytes: int | None, pace: Pace) -> bytes:
+def _read_http(url: str, max_bytes: int | None, policy: ReadPolicy) -> bytes:
     """An http(s) URL's content over this process's pooled connections."""
     from pipeline.http import http_read  # urllib3: only when an http location is read
 
-    return http_read(url, sys.maxsize if max_bytes is None else max_bytes, pace.stall_s, min_rate=pace.min_rate)
+    return http_read(url, sys.maxsize if max_bytes is None else max_bytes, policy)
 
 
-def _http_chunks(url: str, max_bytes: int, pace: Pace) -> Iterator[bytes]:
+def _http_chunks(url: str, max_bytes: int, policy: ReadPolicy) -> Iterator[bytes]:
     from pipeline.http import http_chunks
 
-    return http_chunks(url, max_bytes, pace.stall_s, min_rate=pace.min_rate)
+    return http_chunks(url, max_bytes, policy)
 
 
-def _read_pipe(url: str, max_bytes: int | None, pace: Pace) -> bytes:
+def _read_pipe(url: str, max_bytes: int | None, policy: ReadPolicy) -> bytes:
     """What the shell command of a `pipe:` URL writes to its stdout."""
-    return read_command(url, url.removeprefix("pipe:"), max_bytes, pace)
+    return read_command(url, url.removeprefix("pipe:"), max_bytes, policy)
 
 
-def read_command(url: str, argv: list[str] | str, max_bytes: int | None, pace: Pace) -> bytes:
-    """A command's stdout (`argv` a string: run by the shell), bounded by `max_bytes` and `pace`; LocationError
-    (naming `url`) when it fails, exits non-zero, or closes its output and does not exit within `pace.stall_s`."""
+def read_command(url: str, argv: list[str] | str, max_bytes: int | None, policy: ReadPolicy) -> bytes:
+    """A command's stdout (`argv` a string: run by the shell), bounded by `max_bytes` and `policy`; LocationError
+    (naming `url`) when it fails, exits non-zero, or closes its output and does not exit within `policy.stall_s`."""
     shell = isinstance(argv, str)
     what = "the pipe: command" if shell else argv[0]
     try:
@@ -225,16 +226,18 @@ def read_command(url: str, argv: list[str] | str, max_bytes: int | None, pace: P
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            start_new_session=True,
+            start_new_session=True,  # its own group: killed whole when its read fails
+            preexec_fn=die_with_parent,  # and gone with this process even when it is SIGKILLed
         )
     except OSError as exc:
         raise LocationError(f"{url}: cannot run {'the shell' if shell else argv[0]} ({exc.strerror or exc})") from None
     _running[proc.pid] = os.getpid()
     try:
         tail = bytearray()
-        data = _stdout(proc, url, max_bytes, pace, tail)
-        if not _exited(proc, pace.stall_s, tail):
-            raise LocationError(f"{url}: {what} closed its output but did not exit within {pace.stall_s:g} s; stopped")
+        data = _stdout(proc, url, max_bytes, policy, tail)
+        if not _exited(proc, policy.stall_s, tail):
+            late = f"closed its output but did not exit within {policy.stall_s:g} s; stopped"
+            raise LocationError(f"{url}: {what} {late}")
     except BaseException:
         _kill(proc)
         raise
@@ -249,9 +252,9 @@ def read_command(url: str, argv: list[str] | str, max_bytes: int | None, pace: P
     return data
 
 
-def _stdout(proc: subprocess.Popen, url: str, limit: int | None, pace: Pace, tail: bytearray) -> bytes:
+def _stdout(proc: subprocess.Popen, url: str, limit: int | None, policy: ReadPolicy, tail: bytearray) -> bytes:
     """A command's stdout until it closes it; its stderr's last STDERR_KEEP bytes into `tail` meanwhile.
-    LocationError past `limit` bytes, or when slower than `pace`."""
+    LocationError past `limit` bytes, or when slower than `policy` allows."""
     out, err = proc.stdout.fileno(), proc.stderr.fileno()
     with contextlib.suppress(AttributeError, OSError):  # Linux: 1 MB chunks instead of 64 kB: fewer reads and selects
         fcntl.fcntl(out, fcntl.F_SETPIPE_SZ, _CHUNK)
@@ -259,11 +262,11 @@ def _stdout(proc: subprocess.Popen, url: str, limit: int | None, pace: Pace, tai
     start = last = time.monotonic()
     while True:
         now = time.monotonic()
-        stalled, left = pace.stall_s - (now - last), pace.time_left(now - start, total)
+        stalled, left = policy.stall_s - (now - last), policy.time_left(now - start, total)
         if stalled <= 0:
-            raise LocationError(f"{url}: no data for {pace.stall_s:g} s (stalled server or command); abandoned")
+            raise LocationError(f"{url}: no data for {policy.stall_s:g} s (stalled server or command); abandoned")
         if left <= 0:
-            raise pace.too_slow(url, total, now - start)
+            raise policy.too_slow(url, total, now - start)
         ready, _, _ = select.select(fds, [], [], min(stalled, left))
         if err in ready and not _keep_tail(err, tail):
             fds.remove(err)
@@ -383,10 +386,10 @@ class Scheme:
     """One kind of location: how its files are read, and how a spec and a file name make their URL."""
 
     kind: str  # what `Location.kind` says ("local" reads are never retried nor hashed by default)
-    read: Callable[[str, int | None, Pace], bytes]  # (url, max_bytes, pace) -> the file's whole content
+    read: Callable[[str, int | None, ReadPolicy], bytes]  # (url, max_bytes, policy) -> the file's whole content
     base: Callable[[str], str] = _no_trailing_slash  # spec -> base
     join: Callable[[str, str], str] = _url_join  # (base, file name) -> url
-    chunks: Callable[[str, int, Pace], Iterator[bytes]] | None = None  # a file as it arrives, where it can stream
+    chunks: Callable[[str, int, ReadPolicy], Iterator[bytes]] | None = None  # a file as it arrives, where it can stream
 
 
 # A new kind of location is one reader above and one entry here (as webdataset's gopen_schemes).

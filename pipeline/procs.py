@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import sys
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Loaded here, in the parent: a preexec_fn runs between fork and exec, where loading a library is not safe.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> bool:
@@ -20,8 +21,7 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     """
     if not sys.platform.startswith("linux"):
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+    if _LIBC.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         return False
     # The parent may have died between fork and prctl: then nobody will send the signal.
     if os.getppid() == 1:

@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -32,8 +31,10 @@ import numpy as np
 
 from pipeline.errors import AslError
 from pipeline.features import MAX_LEN, N_CHANNELS, N_PACKED, pack_missing, pad_features, pad_frames
+from pipeline.files import AtomicFile
 from pipeline.landmarks import N_POINTS
-from pipeline.location import MIN_RATE, STALL_S, Location, LocationError
+from pipeline.location import Location, LocationError, LocationSpecError
+from pipeline.policy import DEFAULT_POLICY, ReadPolicy
 from pipeline.tario import TAR_END, TarError, load_npy, member_blocks, npy_bytes, tar_members
 from pipeline.text import printable
 
@@ -109,9 +110,13 @@ class ShardWriter:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._out = AtomicFile(self.path)
         self._hash = hashlib.sha256()
+
+    @property
+    def tmp(self) -> Path:
+        """The temporary the shard is written under until `close`."""
+        return self._out.tmp
 
     def write(self, members: Iterable[tuple[str, bytes]]) -> None:
         for name, data in members:
@@ -120,25 +125,18 @@ class ShardWriter:
 
     def _put(self, data: bytes) -> None:
         self._hash.update(data)
-        self._file.write(data)
+        self._out.write(data)
 
     def close(self) -> tuple[int, str]:
         """Finish the shard (end-of-archive blocks, fsync, rename); returns its size and sha256."""
         self._put(TAR_END)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        size = self._file.tell()
-        self._file.close()
-        os.replace(self.tmp, self.path)
+        size = self._out.file.tell()
+        self._out.commit()
         return size, self._hash.hexdigest()
 
     def abort(self) -> None:
         """Remove the partial shard; also when closing fails (on a full disk the flush inside close does)."""
-        try:
-            with contextlib.suppress(OSError):
-                self._file.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
+        self._out.discard()
 
 
 def iter_members(source: str | Path | BinaryIO, name: str | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -240,21 +238,22 @@ def _label_problem(label: int, meta: Any) -> str | None:
     return None
 
 
-def read_manifest(
-    location: str | Path | Location, stall_s: float = STALL_S, min_rate: float = MIN_RATE
-) -> dict[str, Any]:
+def read_manifest(location: str | Path | Location, policy: ReadPolicy = DEFAULT_POLICY) -> dict[str, Any]:
     """The manifest of a shard location (directory, URL or pipe: template), checked by `manifest_problem`.
 
-    At most MANIFEST_MAX_BYTES are read, remotely within `Pace(stall_s, min_rate)` (`pipeline.location`).
+    At most MANIFEST_MAX_BYTES are read, remotely within `policy`'s time and in one attempt: a location that cannot
+    give its manifest is a setting to correct before anything starts.
     """
     loc = as_location(location)
     url = loc.url(MANIFEST)
     try:
-        manifest = json.loads(loc.read(MANIFEST, max_bytes=MANIFEST_MAX_BYTES, stall_s=stall_s, min_rate=min_rate))
+        manifest = json.loads(loc.read(MANIFEST, max_bytes=MANIFEST_MAX_BYTES, policy=policy.once()))
     except LocationError as exc:
         if loc.is_local and not Path(url).exists():
             raise NoManifestError(f"{url}: no manifest (run `asl-pipeline build-shards` first)") from None
         raise LocationError(f"cannot read the manifest: {exc}") from None
+    except LocationSpecError:
+        raise
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ShardError(f"{url}: not a JSON manifest ({str(exc)[:200]})") from None
     problem = manifest_problem(manifest)
@@ -386,16 +385,14 @@ def read_shard(
     location: Location,
     entry: dict[str, Any],
     check: str = "auto",
-    stall_s: float = STALL_S,
-    retries: int = 0,
-    min_rate: float = MIN_RATE,
+    policy: ReadPolicy = DEFAULT_POLICY,
     cache: CachedShards | None = None,
 ) -> bytes:
     """The bytes of one shard of the manifest: exactly its size and, with `check="sha256"`, its digest.
 
     `check="auto"` hashes what crosses a wire (http, pipe:) and not a local directory, whose
     shards the build wrote and `verify` checks: the digest costs about 10% of a worker's time.
-    A remote shard is read within `Pace(stall_s, min_rate)`; with `cache` (this location's view of
+    A remote shard is read as `policy` says (time, retries); with `cache` (this location's view of
     a `pipeline.cache.ShardCache`) it is read from the cache, fetched into it on a miss (always
     checked for sha256 then), the cached copy re-checked for size (and sha256 with `check="sha256"`).
 
@@ -410,9 +407,9 @@ def read_shard(
             name,
             size,
             entry["sha256"],
-            lambda: location.chunks(name, size, stall_s, min_rate),
+            lambda: location.chunks(name, size, policy),
             check="sha256" if check == "sha256" else "size",
-            retries=retries,
+            policy=policy,
         )
     if check == "auto":
         check = "size" if location.is_local else "sha256"
@@ -424,9 +421,7 @@ def read_shard(
             return "sha256 differs from the manifest (altered or corrupted)"
         return None
 
-    return location.read(
-        entry["name"], max_bytes=entry["bytes"], check=problem, stall_s=stall_s, retries=retries, min_rate=min_rate
-    )
+    return location.read(entry["name"], max_bytes=entry["bytes"], check=problem, policy=policy)
 
 
 SHARD_CHECKS = ("auto", "sha256", "size")
@@ -449,31 +444,25 @@ def verify_shards(
     location: str | Path | Location,
     manifest: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
-    stall_s: float = STALL_S,
-    min_rate: float = MIN_RATE,
+    policy: ReadPolicy = DEFAULT_POLICY,
     cache: CachedShards | None = None,
 ) -> list[str]:
     """Check every shard against the manifest (read from `location` unless given); returns the problems found.
 
     Size, sha256, then every sample decoded: keys, order and count, labels, layout. `progress(bytes)`
-    is called after each shard. Remote shards are read as `read_shard` reads them (through `cache`
+    is called after each shard. Remote shards are read as `read_shard` reads them, within `policy` (through `cache`
     when given: a cached copy is hashed, and fetched again when it differs).
     """
     loc = as_location(location)
-    manifest = manifest if manifest is not None else read_manifest(loc, stall_s, min_rate)
+    manifest = manifest if manifest is not None else read_manifest(loc, policy)
     problems = []
     for entry in manifest["shards"]:
         url = loc.url(entry["name"])
         try:  # a local file is read whatever its size, to say what else is wrong with it
             if cache is not None and not loc.is_local:
-                data = read_shard(loc, entry, "sha256", stall_s, 0, min_rate, cache)
+                data = read_shard(loc, entry, "sha256", policy, cache)
             else:
-                data = loc.read(
-                    entry["name"],
-                    max_bytes=None if loc.is_local else entry["bytes"],
-                    stall_s=stall_s,
-                    min_rate=min_rate,
-                )
+                data = loc.read(entry["name"], max_bytes=None if loc.is_local else entry["bytes"], policy=policy)
         except LocationError as exc:
             problems.append(str(exc))
             continue

@@ -9,6 +9,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -20,15 +21,18 @@ import pytest
 from demo_data import demo_dataset, demo_shards
 from shard_server import serve_kept
 
-from pipeline.cache import CacheError, ShardCache
+from pipeline.cache import CacheError, ShardCache, cache_view
 from pipeline.errors import AslError
+from pipeline.files import AtomicFile
 from pipeline.http import http_chunks
 from pipeline.location import LocationError
+from pipeline.policy import ReadPolicy
 from pipeline.shards import read_manifest
 
 LOC = "http://shards.example/asl"
 FP = "build-1"
 SIZE = 300_000
+ONCE = ReadPolicy(retries=0)  # a failed fetch is an error at once
 
 
 def blob(i: int, size: int = SIZE) -> bytes:
@@ -60,6 +64,7 @@ class Source:
 
 def read(shards, i: int, source: Source, **kw) -> bytes:  # noqa: ANN001 - a CachedShards
     e = entry(i)
+    kw.setdefault("policy", ONCE)
     return shards.read(e["name"], e["bytes"], e["sha256"], source.fetch(i), **kw)
 
 
@@ -135,7 +140,7 @@ def test_a_bad_fetch_is_an_error_naming_the_shard_and_stores_nothing(tmp_path: P
         assert sorted(p.name for p in shards.dir.iterdir() if not p.name.startswith(".")) == ["location.json"]
         assert not list(shards.dir.glob("*.tmp"))
     source.data[name] = blob(1)  # altered once on the wire: the retry reads it whole
-    assert read(shards, 0, source, retries=1) == blob(0)
+    assert read(shards, 0, source, policy=ReadPolicy(retries=1)) == blob(0)
     assert source.calls[-2:] == [name, name]
 
 
@@ -148,7 +153,7 @@ def test_an_endless_fetch_is_cut_at_the_expected_size(tmp_path: Path) -> None:
             yield bytes(65536)
 
     with pytest.raises(LocationError, match="more than the 300000 bytes expected"):
-        shards.read("fold0-000000.tar", SIZE, "0" * 64, endless)
+        shards.read("fold0-000000.tar", SIZE, "0" * 64, endless, policy=ONCE)
     assert len(pulled) == SIZE // 65536 + 1
 
 
@@ -220,14 +225,14 @@ def test_a_kill_during_a_fill_leaves_only_a_temporary_that_the_next_use_removes(
     name = entry(0)["name"]
     assert not shards.path(name).exists()
     temporaries = list(shards.dir.glob("*.tmp"))
-    assert [p.name for p in temporaries] == [f".{name}.{child.pid}.tmp"]
+    assert [p.name for p in temporaries] == [f"{name}.tmp"]
     assert temporaries[0].stat().st_size == SIZE // 2
     source = Source()
     assert read(shards, 0, source) == blob(0)  # rerun: fetched whole, the temporary gone
     assert source.calls == [name]
     assert not list(shards.dir.glob("*.tmp"))
     # the same kill, then a fresh open (a restarted run) sweeps the temporary before any read
-    (shards.dir / f".{entry(1)['name']}.99999999.tmp").write_bytes(b"half")
+    (shards.dir / f"{entry(1)['name']}.99999999.0123abcd.tmp").write_bytes(b"half")
     ShardCache(root).open(LOC, FP)
     assert not list(shards.dir.glob("*.tmp"))
 
@@ -345,16 +350,16 @@ def test_a_full_disk_goes_on_uncached_with_one_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     shards, source = ShardCache(tmp_path).open(LOC, FP), Source()
-    real_write, writes = os.write, []
+    real_write, writes = AtomicFile.write, []
 
-    def full(fd: int, data) -> int:  # noqa: ANN001 - bytes-like
-        if str(tmp_path) in os.readlink(f"/proc/self/fd/{fd}"):
-            writes.append(fd)
+    def full(self: AtomicFile, data: bytes) -> None:
+        if self.path.is_relative_to(tmp_path):
+            writes.append(self.path)
             if len(writes) > 2:  # a little fits, then the disk is full
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(fd, data)
+        real_write(self, data)
 
-    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(AtomicFile, "write", full)
     with caplog.at_level(logging.WARNING, logger="pipeline.cache"):
         assert [read(shards, i, source) for i in (0, 1, 2)] == [blob(0), blob(1), blob(2)]
     assert names_in(shards) == [] and not list(shards.dir.glob("*.tmp"))
@@ -390,3 +395,118 @@ def test_three_epochs_over_http_send_one_request_per_shard(tmp_path_factory: pyt
                 assert data == (location / e["name"]).read_bytes()
         assert sorted(requests) == sorted(e["name"] for e in manifest["shards"])
         assert len(connections) == 1
+
+
+# ---------------------------------------------------------------- the cache deletes only what it stored
+
+
+def stored(shards, source: Source, *indices: int) -> None:  # noqa: ANN001 - a CachedShards
+    for i in indices:
+        read(shards, i, source)
+        time.sleep(0.01)
+
+
+def test_a_directory_holding_other_files_is_refused_and_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "thesis.tex").write_text("years of work")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"jpg")
+    with pytest.raises(CacheError) as info:
+        ShardCache(tmp_path, limit_bytes=1)
+    assert str(info.value) == (
+        f"{tmp_path}: not a shard cache directory (no .asl-shard-cache file) and not empty (holds photos, "
+        "thesis.tex); give a new or empty directory, which the cache then owns"
+    )
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.jpg", "photos", "thesis.tex"]
+
+
+def test_eviction_never_deletes_files_it_did_not_store(tmp_path: Path) -> None:
+    cache, source = ShardCache(tmp_path / "c", limit_bytes=int(1.5 * SIZE)), Source()
+    shards = cache.open(LOC, FP)
+    stored(shards, source, 0)
+    # files the cache did not write, put into its directory afterwards: at the root, in an entry directory
+    # (a shard's name without its stamp), and a link with a stamp to a file outside
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_bytes(b"p" * SIZE)
+    (cache.root / "notes.txt").write_bytes(b"n" * SIZE)
+    (shards.dir / entry(7)["name"]).write_bytes(b"u" * SIZE)
+    (shards.dir / entry(8)["name"]).symlink_to(outside / "precious")
+    (shards.dir / f".{entry(8)['name']}.ok").write_text("stamp")
+    # an entry directory that is a link to a folder outside, holding shard-named files with stamps
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / entry(9)["name"]).write_bytes(b"l" * SIZE)
+    (linked / f".{entry(9)['name']}.ok").write_text("stamp")
+    (cache.root / "0123456789abcdef").symlink_to(linked, target_is_directory=True)
+    assert cache.entries() == [shards.path(entry(0)["name"])]
+    stored(shards, source, 1, 2, 3)
+    assert names_in(shards) == sorted([entry(3)["name"], entry(7)["name"], entry(8)["name"]])
+    assert (cache.root / "notes.txt").read_bytes() == b"n" * SIZE
+    assert (shards.dir / entry(7)["name"]).read_bytes() == b"u" * SIZE
+    assert (outside / "precious").read_bytes() == b"p" * SIZE
+    assert (linked / entry(9)["name"]).read_bytes() == b"l" * SIZE
+
+
+def test_an_entry_directory_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    cache = ShardCache(tmp_path / "c")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    key = hashlib.sha256(f"http:{LOC}|{FP}".encode()).hexdigest()[:16]
+    (cache.root / key).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(CacheError, match="an entry directory is a link or not a directory"):
+        cache.open(LOC, FP)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_filesystem_root_or_a_directory_holding_the_run_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CacheError, match="^/: a filesystem root cannot be the cache directory"):
+        ShardCache("/", limit_bytes=1)
+    run = tmp_path / "runs" / "a"
+    for root in (tmp_path, tmp_path / "runs", run):
+        with pytest.raises(CacheError) as info:
+            ShardCache(root, limit_bytes=SIZE, outputs=[run])
+        assert str(info.value) == (
+            f"{root}: the cache directory holds the run's output directory {run}; give the cache a directory of its own"
+        )
+    assert not run.exists()
+    ShardCache(tmp_path / "cache", outputs=[run])  # beside the run: fine
+    manifest = {"fingerprint": FP, "shards": [entry(0)]}
+    with pytest.raises(CacheError, match="holds the run's output directory"):
+        cache_view(tmp_path, 1.0, LOC, manifest, outputs=[run])
+
+
+def test_a_cache_from_before_the_marker_is_adopted(tmp_path: Path) -> None:
+    shards, source = ShardCache(tmp_path).open(LOC, FP), Source()
+    stored(shards, source, 0)
+    (tmp_path / ".asl-shard-cache").unlink()
+    again = ShardCache(tmp_path, limit_bytes=SIZE).open(LOC, FP)
+    assert (tmp_path / ".asl-shard-cache").is_file()
+    assert read(again, 0, source) == blob(0) and source.calls == [entry(0)["name"]]
+
+
+@pytest.mark.parametrize("limit", [float("nan"), float("inf"), -1.0, 0.0, 1e300, True])
+def test_a_limit_that_is_not_a_finite_positive_number_is_one_line(tmp_path: Path, limit: float) -> None:
+    with pytest.raises(CacheError, match=r"^--cache-limit .*: must be a finite number of GB above 0$"):
+        cache_view(tmp_path, limit, LOC, {"fingerprint": FP, "shards": []})
+
+
+@pytest.mark.parametrize("limit", ["nan", "inf", "-1", "-inf"])
+def test_the_commands_refuse_a_limit_that_is_not_a_finite_positive_number(tmp_path: Path, limit: str) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main as pipeline_main
+    from train.cli import main as train_main
+
+    ckpt = tmp_path / "x.pt"
+    ckpt.write_bytes(b"")
+    runs = [
+        (pipeline_main, ["verify", str(tmp_path), "--cache-dir", str(tmp_path / "c"), "--cache-limit", limit]),
+        (train_main, ["evaluate", "--checkpoint", str(ckpt), "--cache-dir", str(tmp_path), "--cache-limit", limit]),
+        (train_main, ["--shards", str(tmp_path), "--cache-dir", str(tmp_path / "c"), "--cache-limit", limit]),
+    ]
+    for main, args in runs:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), result.output
+        last = result.output.strip().splitlines()[-1]
+        assert re.match(r"Error: .*cache[-_]limit.*" + re.escape(limit), last), result.output
+    assert not (tmp_path / "c").exists()

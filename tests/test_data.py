@@ -344,6 +344,12 @@ def test_training_order_changes_with_the_epoch_and_repeats_for_the_same_epoch_an
     assert _order(shards, cat, 1, workers=2) == _order(shards, cat, 1, workers=2)
 
 
+def test_the_loaders_workers_die_with_the_trainer(shards: Path) -> None:
+    from train.data import worker_init
+
+    assert make_loader(shards, [1], 16, train=True, workers=2).worker_init_fn is worker_init  # die_with_parent
+
+
 @pytest.mark.slow
 def test_set_epoch_reaches_the_workers_of_a_reused_loader(cat: Catalog, shards: Path) -> None:
     """The trainer keeps one loader and calls `set_epoch` on its dataset before each epoch."""

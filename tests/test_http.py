@@ -11,6 +11,7 @@ from shard_server import serve_kept
 
 from pipeline.http import http_chunks, http_read, pool
 from pipeline.location import LocationError
+from pipeline.policy import ReadPolicy
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_a_stalled_server_is_abandoned_and_the_next_read_reconnects(files: Path)
         faults[path.name] = ("stall", 30)
         start = time.monotonic()
         with pytest.raises(LocationError) as info:
-            http_read(url + path.name, path.stat().st_size, stall_s=0.5)
+            http_read(url + path.name, path.stat().st_size, ReadPolicy(stall_s=0.5))
         assert time.monotonic() - start < 10
         assert str(info.value) == f"{url}{path.name}: no data for 0.5 s (stalled server); abandoned"
         del faults[path.name]
@@ -71,7 +72,7 @@ def test_a_trickling_server_meets_the_deadline(files: Path) -> None:
         faults[path.name] = ("trickle", 0.05)  # a byte every 50 ms never trips a 2 s stall timeout
         start = time.monotonic()
         with pytest.raises(LocationError, match=r"fold0-000002.tar: not read within 1 s; abandoned$"):
-            http_read(url + path.name, path.stat().st_size, stall_s=2, deadline_s=1)
+            http_read(url + path.name, path.stat().st_size, ReadPolicy(stall_s=2, min_rate=0, deadline_s=1))
         assert time.monotonic() - start < 5
 
 
@@ -104,7 +105,7 @@ def test_errors_are_one_line_naming_the_url(files: Path) -> None:
             http_read(url + "fold9-000000.tar", 10)
         assert str(info.value) == f"{url}fold9-000000.tar: HTTP 404 File not found"
     with pytest.raises(LocationError) as info:  # the server is gone
-        http_read(url + "fold0-000000.tar", 10, stall_s=2)
+        http_read(url + "fold0-000000.tar", 10, ReadPolicy(stall_s=2))
     message = str(info.value)
     assert message.startswith(f"{url}fold0-000000.tar: ") and "\n" not in message
     assert "refused" in message.lower()

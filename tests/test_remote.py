@@ -25,7 +25,8 @@ from demo_data import demo_dataset, demo_shards
 from shard_server import serve
 
 from pipeline.cli import main as pipeline_cli
-from pipeline.location import SCHEMES, Location, LocationError, Pace, Scheme, read_command
+from pipeline.location import SCHEMES, Location, LocationError, Scheme, read_command
+from pipeline.policy import ReadPolicy
 from pipeline.shards import MANIFEST_MAX_BYTES, manifest_problem, max_shard_bytes, read_manifest, read_shard
 from train.cli import main as train_cli
 from train.data import make_loader, train_val_folds
@@ -120,7 +121,7 @@ def test_a_new_scheme_is_one_reader_and_one_table_entry(shards: Path, monkeypatc
     """A `mem://` kind whose reader serves the files of the shard directory: manifest, verify and shard reads work."""
     reads = []
 
-    def read_mem(url: str, max_bytes: int | None, pace: Pace) -> bytes:
+    def read_mem(url: str, max_bytes: int | None, policy: ReadPolicy) -> bytes:
         reads.append(url)
         data = (shards / url.rsplit("/", 1)[1]).read_bytes()
         if max_bytes is not None and len(data) > max_bytes:
@@ -173,15 +174,15 @@ def test_stalled_server_is_abandoned_and_a_cut_connection_retried(shards: Path) 
         faults[name] = ("stall", 30)
         start = time.monotonic()
         with pytest.raises(LocationError, match=f"{name}: no data for 0.5 s"):
-            read_shard(loc, entry, stall_s=0.5)
+            read_shard(loc, entry, policy=ReadPolicy(stall_s=0.5, retries=0))
         assert time.monotonic() - start < 20, "the stalled read was not abandoned"
         faults[name] = ("drop", 1)  # cut once: the retry reads it whole
         requests.clear()
-        assert len(read_shard(loc, entry, retries=1)) == entry["bytes"]
+        assert len(read_shard(loc, entry, policy=ReadPolicy(retries=1))) == entry["bytes"]
         assert requests == [name, name]
         faults[name] = ("drop", 3)
         with pytest.raises(LocationError, match=f"{name}: Connection broken: IncompleteRead"):
-            read_shard(loc, entry, retries=1)
+            read_shard(loc, entry, policy=ReadPolicy(retries=1))
 
 
 # ---------------------------------------------------------------- same results from every location
@@ -433,7 +434,7 @@ def test_a_commands_stderr_is_kept_to_its_last_bytes(tmp_path: Path) -> None:
     tracemalloc.start()
     try:
         with pytest.raises(LocationError, match="exit status 3: the last words$"):
-            read_command("cmd", cmd, None, Pace(5, 0))
+            read_command("cmd", cmd, None, ReadPolicy(5, 0))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -448,11 +449,11 @@ def test_a_trickle_is_abandoned_at_the_minimum_rate(shards: Path, tmp_path: Path
         faults[entry["name"]] = ("trickle", 0.05)
         start = time.monotonic()
         with pytest.raises(LocationError, match=r"below the minimum rate of 1000 kB/s \(--io-min-rate\); abandoned"):
-            read_shard(Location.parse(url), entry, stall_s=1, min_rate=1e6)
+            read_shard(Location.parse(url), entry, policy=ReadPolicy(stall_s=1, min_rate=1e6, retries=0))
         assert time.monotonic() - start < 15  # its deadline: 1 s + 1.3 MB / 1 MB/s; at 20 B/s the rest takes 18 h
     loc = Location.parse(_slow_script(tmp_path, shards, "while :; do printf x; sleep 0.1; done"))
     with pytest.raises(LocationError, match="below the minimum rate"):
-        read_shard(loc, entry, stall_s=1, min_rate=1000)
+        read_shard(loc, entry, policy=ReadPolicy(stall_s=1, min_rate=1000, retries=0))
     assert _gone(int((tmp_path / "pids").read_text().split()[0]))
 
 
@@ -472,7 +473,7 @@ def test_a_command_that_closes_its_output_but_runs_on_is_an_error_and_retried(
     entry = read_manifest(shards)["shards"][0]
     loc = Location.parse(_slow_script(tmp_path, shards, f'cat {shards}/"$1"; exec >&-; exec sleep 60'))
     with pytest.raises(LocationError, match="closed its output but did not exit within 0.5 s; stopped"):
-        read_shard(loc, entry, stall_s=0.5, retries=1)
+        read_shard(loc, entry, policy=ReadPolicy(stall_s=0.5, retries=1))
     assert "attempt 1 of 2; retrying" in caplog.text
     pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
     assert len(pids) == 2 and all(map(_gone, pids))  # each attempt's command killed, none left running
@@ -537,11 +538,11 @@ def test_remote_text_is_escaped_before_it_is_printed(shards: Path, tmp_path: Pat
     with serve(shards) as (url, faults, _):
         faults[entry["name"]] = ("status", 503)
         with pytest.raises(LocationError) as info:
-            read_shard(Location.parse(url), entry)
+            read_shard(Location.parse(url), entry, policy=ReadPolicy(retries=0))
     assert str(info.value).endswith("HTTP 503 \\x1b]0;owned\\x07\\x1b[2J busy\\rforged")
     loc = Location.parse(_slow_script(tmp_path, shards, "printf '\\033]0;owned\\007 no\\rsuch file\\n' >&2; exit 2"))
     with pytest.raises(LocationError) as info:
-        read_shard(loc, entry)
+        read_shard(loc, entry, policy=ReadPolicy(retries=0))
     assert str(info.value).endswith("exit status 2: \\x1b]0;owned\\x07 no\\rsuch file")
     manifest = json.loads((shards / "manifest.json").read_text())
     sign = next(iter(manifest["label_map"]))
@@ -595,21 +596,28 @@ def test_three_epochs_over_http_with_a_cache_fetch_each_shard_once(
     [
         ("file", "the cache directory is a file, not a directory"),
         ("limit", "is smaller than a shard"),
+        ("holds the run", "the cache directory holds the run's output directory"),
+        ("holds other files", "not a shard cache directory (no .asl-shard-cache file) and not empty"),
     ],
 )
 def test_an_unusable_cache_setting_is_one_line_before_training(
     shards: Path, tmp_path: Path, setting: str, message: str
 ) -> None:
     cache = tmp_path / "cache"
-    extra = ["--cache-dir", cache]
+    extra = ["--cache-dir", cache, "--cache-limit", "0.00001" if setting == "limit" else "1"]
     if setting == "file":
         cache.write_text("not a directory")
-    else:
-        extra += ["--cache-limit", "0.00001"]
+    elif setting == "holds the run":
+        extra[1] = tmp_path
+    elif setting == "holds other files":
+        cache.mkdir()
+        (cache / "notes.txt").write_text("mine")
     with serve(shards) as (url, _, requests):
         result = invoke(train_cli, train_args(url, tmp_path / "run", *extra))
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
     assert not any(r.endswith(".tar") for r in requests)
+    if setting == "holds other files":
+        assert [p.name for p in cache.iterdir()] == ["notes.txt"] and (cache / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.slow

@@ -119,13 +119,13 @@ def test_writer_abort_removes_the_temporary_when_closing_fails(tmp_path: Path):
     """On a full disk the buffered flush inside close() fails again: the partial shard must still go."""
     writer = ShardWriter(tmp_path / "s.tar")
     writer.write(good_members("42"))
-    real_close = writer._file.close
+    real_close = writer._out.file.close
 
     def failing_close() -> None:
         real_close()
         raise OSError(28, "No space left on device")
 
-    writer._file.close = failing_close
+    writer._out.file.close = failing_close
     writer.abort()
     assert list(tmp_path.iterdir()) == []
 

@@ -9,7 +9,6 @@ import dataclasses
 import gc
 import json
 import logging
-import math
 import os
 import sys
 import typing
@@ -174,12 +173,30 @@ CONFIG_OPTION = click.option(
 )
 
 
+ALLOW_PIPE_OPTION = click.option(
+    "--allow-pipe",
+    is_flag=True,
+    help="Run a pipe: shard location named in a file (a --config file, a resumed run, a checkpoint): such a location "
+    "runs a shell command, so by default only one typed as --shards on this command line runs.",
+)
+
+
+def _commands_typed(typed: str | Path | None, origin: str, allow_pipe: bool) -> None:
+    """The pipe: trust rule of this command line: only `typed` runs, unless --allow-pipe."""
+    from pipeline.location import run_any_command, run_only_typed_commands
+
+    if not allow_pipe:
+        run_only_typed_commands([None if typed is None else str(typed)], origin)
+        click.get_current_context().call_on_close(run_any_command)  # for this command only (tests run several)
+
+
 @click.group(
     cls=_Group,
     invoke_without_command=True,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @CONFIG_OPTION
+@ALLOW_PIPE_OPTION
 @train_options
 @click.option(
     "--resume",
@@ -190,7 +207,7 @@ CONFIG_OPTION = click.option(
     "(see --epochs), and refused otherwise.",
 )
 @click.pass_context
-def main(ctx: click.Context, config: Path | None, resume: Path | None, **options: Any) -> None:
+def main(ctx: click.Context, config: Path | None, allow_pipe: bool, resume: Path | None, **options: Any) -> None:
     """Train a sign classifier on shards (the default command), or run a subcommand.
 
     Multi-GPU: torchrun --nproc_per_node=N $(which asl-train) --shards shards/ ...
@@ -208,7 +225,10 @@ def main(ctx: click.Context, config: Path | None, resume: Path | None, **options
         return
     from train.loop import train
 
-    cfg = _train_config(config, resume, _given(ctx, options))
+    given = _given(ctx, options)
+    origin = f"--config {config}" if config else f"the run {resume}" if resume else "the defaults"
+    _commands_typed(given.get("shards"), origin, allow_pipe)
+    cfg = _train_config(config, resume, given)
     _in_process_group(lambda: train(cfg, resume=resume))
     if int(os.environ.get("RANK", "0")) == 0:
         for line in run_summary(Path(cfg.out), cfg.report_to):
@@ -258,23 +278,12 @@ def _train_config(config: Path | None, resume: Path | None, given: dict[str, Any
     return cfg
 
 
-class FiniteFloat(click.FloatRange):
-    """A float within bounds that is also finite (a range alone lets nan through, and inf without a maximum)."""
-
-    name = "finite float"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{number} is not a finite number", param, ctx)
-        return number
-
-
 FOLDS = _parsed(parse_folds)  # the one fold parser, for every --folds
 
 
 @main.command("cv")
 @CONFIG_OPTION
+@ALLOW_PIPE_OPTION
 @click.option(
     "--folds",
     "cv_folds",
@@ -284,7 +293,9 @@ FOLDS = _parsed(parse_folds)  # the one fold parser, for every --folds
 )
 @train_options
 @click.pass_context
-def cv_cmd(ctx: click.Context, config: Path | None, cv_folds: list[int] | None, **options: Any) -> None:
+def cv_cmd(
+    ctx: click.Context, config: Path | None, allow_pipe: bool, cv_folds: list[int] | None, **options: Any
+) -> None:
     """Cross-validation: for each fold k, a run in OUT/fold{k}/ validated on fold k and trained on the others,
     one after the other; then OUT/cv.json, OUT/oof.csv and a one-screen summary (after every fold too).
 
@@ -298,11 +309,19 @@ def cv_cmd(ctx: click.Context, config: Path | None, cv_folds: list[int] | None, 
         )
     from train.cv import run_cv
 
-    cfg = _train_config(config, None, _given(ctx, options))
+    given = _given(ctx, options)
+    _commands_typed(given.get("shards"), f"--config {config}", allow_pipe)
+    cfg = _train_config(config, None, given)
     _in_process_group(lambda: run_cv(cfg, cv_folds, click.echo))
     if int(os.environ.get("RANK", "0")) == 0:
         out = Path(cfg.out)
         click.echo(f"wrote {printable(str(out / 'cv.json'))} and {printable(str(out / 'oof.csv'))}")
+
+
+def _cache_limit(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    from pipeline.cli import cache_limit_checked  # asl-pipeline's check; imported only when the option is given
+
+    return value if value is None else cache_limit_checked(ctx, param, value)
 
 
 @main.command("evaluate")
@@ -335,9 +354,11 @@ def cv_cmd(ctx: click.Context, config: Path | None, cv_folds: list[int] | None, 
 @click.option(
     "--cache-limit",
     default=None,
-    type=FiniteFloat(min=0, min_open=True),
+    type=click.FloatRange(min=0, min_open=True),
+    callback=_cache_limit,
     help="GB the cache may hold (default: no limit).",
 )
+@ALLOW_PIPE_OPTION
 @format_option(
     ["text", "json"], "json: the whole report as one JSON object on stdout (full-precision numbers).", "text"
 )
@@ -356,6 +377,7 @@ def evaluate_cmd(
     batch_size: int | None,
     cache_dir: Path | None,
     cache_limit: float | None,
+    allow_pipe: bool,
     fmt: str,
     plot: Path | None,
 ) -> None:
@@ -367,6 +389,7 @@ def evaluate_cmd(
     from train.confusion import plot_confusion
     from train.scoring import evaluation_report
 
+    _commands_typed(shards, f"the checkpoint {checkpoints[0]}", allow_pipe)
     r = evaluation_report(
         list(checkpoints),
         shards,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import AslError
-from pipeline.location import MIN_RATE, RETRIES, STALL_S
+from pipeline.policy import MIN_RATE, RETRIES, STALL_S, ReadPolicy
 from pipeline.read import InputFileError, read_file
 from pipeline.text import printable
 from train.augment import AugmentConfig
@@ -323,6 +323,10 @@ class TrainConfig:
         if outside := [problem for k, v in d.items() if (problem := _out_of_bounds(k, v))]:
             raise ConfigError(f"{path}: {'; '.join(outside)}")
         return cls(**d)
+
+    def read_policy(self) -> ReadPolicy:
+        """How remote reads of these options' shards may take their time and retry (`pipeline.policy`)."""
+        return ReadPolicy.from_options(self.io_timeout, self.io_min_rate, self.io_retries)
 
     def check(self) -> None:
         """Refuse bad values (`check_values`), options that do not go together and model or augmentation

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import AslError
+from pipeline.files import atomic_file
 
 MOST_CONFUSED = 15  # signs in the matrix: as many as stay legible on one screen
 
@@ -80,8 +80,9 @@ def plot_confusion(confusion: dict[str, Any], path: str | Path, title: str) -> P
     fig.colorbar(image, ax=ax, label="share of the true sign's samples (errors only)")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as f:
+            fig.savefig(f, format="png", dpi=120)
+    finally:
+        plt.close(fig)
     return path

@@ -58,18 +58,13 @@ from torch.utils.data import DataLoader, get_worker_info
 from pipeline.cache import CachedShards
 from pipeline.features import MAX_LEN, N_CHANNELS, N_PACKED, pad_features, pad_frames, unpack_missing
 from pipeline.landmarks import N_POINTS
-from pipeline.location import MIN_RATE, RETRIES, STALL_S, Location, LocationError
+from pipeline.location import Location, LocationError
+from pipeline.policy import DEFAULT_POLICY, ReadPolicy
+from pipeline.procs import die_with_parent
 from pipeline.shards import ShardError, as_location, decode_compact, read_manifest, read_shard, shard_samples
 from train.batch import Batch
-
-
-@dataclass(frozen=True)
-class Range:
-    """Samples `[start, stop)` of one shard (its manifest name), in stored order."""
-
-    name: str
-    start: int
-    stop: int
+from train.resplit import rest_of_epoch, rest_steps
+from train.split import Range, rank_counts, shard_offsets, slot_ranges, worker_counts
 
 
 @dataclass
@@ -98,54 +93,13 @@ def fold_shards(manifest: dict[str, Any], folds: Iterable[int]) -> list[dict[str
     return [s for s in manifest["shards"] if s["fold"] in folds and s["samples"]]
 
 
-def shard_offsets(shards: list[dict[str, Any]]) -> dict[str, int]:
-    """The id of each shard's first sample: ids number the shards' samples in manifest order from 0."""
-    counts = [s["samples"] for s in shards]
-    return dict(zip([s["name"] for s in shards], np.cumsum([0, *counts[:-1]]).tolist(), strict=True))
-
-
-def rank_counts(total: int, ranks: int, pad: bool) -> list[int]:
-    """Samples per rank: equal (`ceil`) with padding, else a near-equal exact split."""
-    if pad:
-        return [math.ceil(total / ranks)] * ranks
-    return [total // ranks + (r < total % ranks) for r in range(ranks)]
-
-
-def worker_counts(n: int, workers: int, batch_size: int) -> list[int]:
-    """Split a rank's `n` samples over workers in whole batches, the remainder to one worker."""
-    full, rest = divmod(n, batch_size)
-    counts = [(full // workers + (w < full % workers)) * batch_size for w in range(workers)]
-    counts[min(full % workers, workers - 1) if rest else 0] += rest
-    return counts
-
-
-def slot_ranges(shards: list[dict[str, Any]], start: int, stop: int) -> list[Range]:
-    """Cut positions `[start, stop)` of the shard sequence repeated end to end into per-shard ranges."""
-    total = sum(s["samples"] for s in shards)
-    bounds, pos = [], start
-    while pos < stop:  # wraps around (more than once when there are fewer samples than slots)
-        lo = pos % total
-        hi = min(total, lo + stop - pos)
-        bounds.append((lo, hi))
-        pos += hi - lo
-    out, offset = [], 0
-    for shard in shards:
-        n = shard["samples"]
-        for a, b in bounds:
-            lo, hi = max(a, offset), min(b, offset + n)
-            if lo < hi:
-                out.append(Range(shard["name"], lo - offset, hi - offset))
-        offset += n
-    return out
-
-
 class ShardStream(wds.DataPipeline):
     """An iterable of `Batch` for one rank; the DataLoader's workers split it further.
 
     `shards` are manifest entries (name, samples, bytes, sha256, sequence_ids, labels) of shards
     at `location`; `check` is "sha256" (size and digest of every shard read), "size", or "auto"
-    (sha256 for a remote location, size for a local directory). Remote reads are bounded by
-    `Pace(stall_s, min_rate)` and go through `cache` when given (`pipeline.shards.read_shard`).
+    (sha256 for a remote location, size for a local directory). Remote reads follow `policy` (time and
+    retries) and go through `cache` when given (`pipeline.shards.read_shard`).
     """
 
     def __init__(
@@ -161,16 +115,14 @@ class ShardStream(wds.DataPipeline):
         shuffle_buffer: int = 2000,
         bucket_batches: int = 32,
         check: str = "auto",
-        stall_s: float = STALL_S,
-        retries: int = RETRIES,
-        min_rate: float = MIN_RATE,
+        policy: ReadPolicy = DEFAULT_POLICY,
         cache: CachedShards | None = None,
     ) -> None:
         self.location = as_location(location)
         self.shards, self.batch_size, self.train = shards, batch_size, train
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.bucket, self.shuffle_buffer, self.bucket_batches = bucket, shuffle_buffer, bucket_batches
-        self.check, self.stall_s, self.retries, self.min_rate, self.cache = check, stall_s, retries, min_rate, cache
+        self.check, self.policy, self.cache = check, policy, cache
         self.entries = {s["name"]: s for s in shards}
         self.offsets = shard_offsets(shards)
         self.rest: tuple[int, np.ndarray] | None = None  # (epoch, its trained-sample mask) of a resumed epoch
@@ -209,8 +161,6 @@ class ShardStream(wds.DataPipeline):
         """Batches this rank yields in the current epoch (the rest of it, when resumed), whatever the number of
         workers."""
         if (trained := self._resumed()) is not None:
-            from train.resplit import rest_steps
-
             return rest_steps(int((~trained).sum()), self.world_size, self.batch_size)
         return math.ceil(self.samples_per_rank() / self.batch_size)
 
@@ -230,8 +180,6 @@ class ShardStream(wds.DataPipeline):
         shards = self.shard_order()
         worker, workers = self._slot()
         if (trained := self._resumed()) is not None:
-            from train.resplit import rest_of_epoch
-
             order = [s["name"] for s in shards]
             share = rest_of_epoch(self.shards, order, trained, self.world_size, workers, self.batch_size)
             yield from share[self.rank][worker].ranges + share[self.rank][worker].fill
@@ -260,9 +208,7 @@ class ShardStream(wds.DataPipeline):
             yield from self._run_samples(name, group, data)
 
     def _shard(self, name: str) -> bytes:
-        return read_shard(
-            self.location, self.entries[name], self.check, self.stall_s, self.retries, self.min_rate, self.cache
-        )
+        return read_shard(self.location, self.entries[name], self.check, self.policy, self.cache)
 
     def _run_samples(self, name: str, ranges: list[Range], data: bytes) -> Iterator[dict[str, Any]]:
         """The members of the samples of `ranges` (of shard `name`), in their order, from the shard's bytes (all of
@@ -388,7 +334,13 @@ def make_loader(
         generator=generator,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=worker_init,
     )
+
+
+def worker_init(worker_id: int) -> None:
+    """A DataLoader worker ends with the trainer, even a SIGKILLed one (and its `pipe:` commands with it)."""
+    die_with_parent()
 
 
 def train_val_folds(manifest: dict[str, Any], val_folds: Iterable[int]) -> tuple[list[int], list[int]]:

@@ -195,7 +195,7 @@ def open_data(
     """
     error = None
     try:
-        manifest = read_manifest(cfg.shards, cfg.io_timeout, cfg.io_min_rate * 1000)
+        manifest = read_manifest(cfg.shards, cfg.read_policy())
         digest = manifest_digest(manifest)
         if ckpt is not None and (
             ckpt.get("shards_fingerprint") != manifest["fingerprint"]
@@ -212,10 +212,8 @@ def open_data(
             pin_memory=device.type == "cuda",
             manifest=manifest,
             check=cfg.shard_check,
-            stall_s=cfg.io_timeout,
-            retries=cfg.io_retries,
-            min_rate=cfg.io_min_rate * 1000,
-            cache=cache_view(cfg.cache_dir, cfg.cache_limit, cfg.shards, manifest),
+            policy=cfg.read_policy(),
+            cache=cache_view(cfg.cache_dir, cfg.cache_limit, cfg.shards, manifest, outputs=[cfg.out]),
         )
         train_loader = make_loader(cfg.shards, train_folds, cfg.batch_size, train=True, **loader_args)
         val_loader = None

@@ -4,11 +4,11 @@ Within an epoch the samples a rank has trained are not a prefix of its share (th
 and length bucketing reorder them), so the position `batch_in_epoch` alone cannot say which samples
 remain once the split changes. The checkpoint therefore records the epoch's trained samples: one
 bit per sample id (`pack_trained`: 12 kB for the 94,477 sequences of the full dataset). A sample's
-id is its position in the training shards taken in manifest order (`train.data.shard_offsets`), which no
+id is its position in the training shards taken in manifest order (`train.split.shard_offsets`), which no
 shuffle, rank or worker count changes.
 
 `rest_of_epoch` splits the samples not yet trained, in the epoch's shard order, by the trainer's own
-rules (`train.data.rank_counts` with padding, then `worker_counts`): every rank gets the same number
+rules (`train.split.rank_counts` with padding, then `worker_counts`): every rank gets the same number
 of batches, and every untrained sample goes to exactly one rank and worker. A rank short of samples
 for an equal batch count is topped up with `fill`: samples the epoch already trained (at most
 `ranks - 1`; the normal epoch pads the same way), never one still to come, so the trainer can train
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from train.data import Range, rank_counts, shard_offsets, worker_counts
+from train.split import Range, rank_counts, shard_offsets, worker_counts
 
 
 @dataclass(frozen=True)

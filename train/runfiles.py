@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import AslError
-from pipeline.files import LockHeldError, locked, write_atomic, write_json_atomic
+from pipeline.files import LockHeldError, atomic_file, locked, write_atomic, write_json_atomic
 
 METRICS = "metrics.jsonl"
 LOCK = "run.lock"  # held while a process trains into the directory (`run_lock`)
@@ -150,12 +149,10 @@ def plot_curves(run: Path) -> Path | None:
     cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
     folds = ",".join(map(str, cfg.get("val_folds", []))) or "none"
     fig = curves_figure(rows, f"{run.resolve().name}  (preset {cfg.get('preset', '?')}, val folds {folds})")
-    tmp = run / "curves.png.tmp"
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, run / "curves.png")
+        with atomic_file(run / "curves.png") as f:
+            fig.savefig(f, format="png")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise RunDirError(f"{run / 'curves.png'}: cannot write the curves ({exc.strerror or exc})") from None
     finally:
         plt.close(fig)

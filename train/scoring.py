@@ -121,7 +121,7 @@ def evaluation_scores(
             f"{first} was trained on every fold (--val-folds none), so it has no validation folds; "
             "pass --folds to choose folds (they were seen in training)"
         )
-    manifest = read_manifest(shards, cfg.io_timeout, cfg.io_min_rate * 1000)  # once: from a URL, every read is a fetch
+    manifest = read_manifest(shards, cfg.read_policy())  # once: from a URL, every read is a fetch
     if manifest["label_map"] != members.label_map:
         raise ShardError(f"{shards}: its label map is not the one {first} was trained with")
     model = ensemble_of(members.models()).to(dev)
@@ -139,8 +139,7 @@ def evaluation_scores(
         manifest=manifest,
         workers=cfg.workers if workers is None else workers,
         bucket=cfg.bucket,
-        stall_s=cfg.io_timeout,
-        min_rate=cfg.io_min_rate * 1000,
+        policy=cfg.read_policy(),
         cache=cache_view(cache_dir, cache_limit, shards, manifest),
     )
     trained = trained_folds(manifest, configs, folds)
