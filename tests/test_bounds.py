@@ -70,7 +70,10 @@ def test_folds_options_refuse_in_one_line(command: list[str], value: str) -> Non
 @pytest.mark.parametrize("value", ["nan", "inf", "1e400"])
 def test_evaluate_cache_limit_must_be_finite(value: str) -> None:
     line = _one_line(["evaluate", "--checkpoint", str(OLD), "--cache-limit", value], 2)
-    assert line.startswith("Error: Invalid value for '--cache-limit': ") and "not a finite number" in line
+    assert (
+        line.startswith("Error: Invalid value for '--cache-limit': ")
+        and "must be a finite number of GB above 0" in line
+    )
 
 
 def test_augmentation_never_resamples_past_the_models_max_len() -> None:

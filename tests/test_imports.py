@@ -195,3 +195,16 @@ def test_the_training_loop_loads_no_inference_code() -> None:
     chains = reachable(import_graph(), "train.loop")
     wrong = [" -> ".join(chains[m]) for m in INFERENCE if m in chains]
     assert not wrong, "train.loop loads inference code:\n" + "\n".join(wrong)
+
+
+def test_the_shared_homes_are_imported_one_way() -> None:
+    """The homes that broke the old circles: both export writers share exportgraph, the remote readers share the
+    read policy, the epoch split is one module that data and resplit import."""
+    graph = import_graph()
+    for writer, other in [("train.onnxexport", "train.tflite"), ("train.tflite", "train.onnxexport")]:
+        assert "train.exportgraph" in graph[writer] and other not in reachable(graph, writer)
+    assert not {"train.onnxexport", "train.tflite"} & set(reachable(graph, "train.exportgraph"))
+    assert "pipeline.location" not in reachable(graph, "pipeline.http")
+    assert not {"pipeline.location", "pipeline.http"} & set(reachable(graph, "pipeline.policy"))
+    assert "train.split" in graph["train.data"] and "train.split" in graph["train.resplit"]
+    assert "train.data" not in reachable(graph, "train.resplit")

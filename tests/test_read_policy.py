@@ -3,7 +3,6 @@ defaults for every reader, capped retry waits, and the run's policy in `evaluate
 
 from __future__ import annotations
 
-import ast
 import math
 from pathlib import Path
 
@@ -66,36 +65,16 @@ def test_verify_builds_its_policy_from_its_options(monkeypatch: pytest.MonkeyPat
 
 
 def test_evaluate_reads_with_the_runs_policy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from train import predict
+    from train import scoring
     from train.checkpoint import load_checkpoint, save_checkpoint
     from train.cli import main
 
     ckpt = load_checkpoint(OLD)
     ckpt["config"].update(io_timeout=9.0, io_min_rate=4.0, io_retries=6)
     save_checkpoint(tmp_path / "a.pt", ckpt)
-    monkeypatch.setattr(predict, "read_manifest", capture)
+    monkeypatch.setattr(scoring, "read_manifest", capture)
     result = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(tmp_path / "a.pt"), "--device", "cpu"])
     assert isinstance(result.exception, Captured) and result.exception.args[0] == ReadPolicy(9.0, 4000, 6)
-
-
-def imported(module: str) -> set[str]:
-    """The package modules `module` imports, function-local imports included."""
-    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-        elif isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-    return {n for n in names if n.split(".")[0] in ("pipeline", "train")}
-
-
-def test_the_readers_and_the_epoch_split_import_in_one_direction() -> None:
-    assert "pipeline.location" not in imported("pipeline.http")
-    assert "pipeline.location" not in imported("pipeline.policy") and "pipeline.http" not in imported("pipeline.policy")
-    assert "train.data" not in imported("train.resplit") and "train.data" not in imported("train.split")
-    assert {"train.resplit", "train.split"} <= imported("train.data")
-    assert "train.split" in imported("train.resplit")
 
 
 def test_the_readers_wait_as_the_policy_says(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
