@@ -392,8 +392,8 @@ def evaluate_cmd(
     _commands_typed(shards, f"the checkpoint {checkpoints[0]}", allow_pipe)
     r = evaluation_report(
         list(checkpoints),
-        shards,
-        folds,
+        shards=shards,
+        folds=folds,
         device=device,
         workers=workers,
         batch_size=batch_size,
@@ -516,6 +516,9 @@ def predict_cmd(
     sys.exit(1 if failed else 0)
 
 
+SECONDS = click.FloatRange(min=0)
+
+
 @main.command("live")
 @click.option(
     "--source", required=True, help="A camera index (0), a video file or a stream URL (anything OpenCV opens)."
@@ -523,20 +526,8 @@ def predict_cmd(
 @scorer_options
 @click.option("--top", "k", default=3, show_default=True, type=click.IntRange(min=1), help="Signs per segment.")
 @click.option("--max-seconds", default=None, type=click.FloatRange(min=0, min_open=True), help="Stop after S s.")
-@click.option(
-    "--gap",
-    default=0.5,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Seconds without a hand that end a segment.",
-)
-@click.option(
-    "--pause",
-    default=0.6,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Seconds of still hands that end a segment.",
-)
+@click.option("--gap", default=0.5, show_default=True, type=SECONDS, help="Seconds without a hand that end a segment.")
+@click.option("--pause", default=0.6, show_default=True, type=SECONDS, help="Seconds of still hands ending a segment.")
 def live_cmd(
     source: str,
     checkpoints: tuple[Path, ...],

@@ -22,33 +22,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.exportgraph import (
-    FRAMES_AXIS,
-    INPUT_NAME,
-    OUTPUT_NAME,
-    Checkpoints,
-    ExportError,
-    ExportResult,
-    LandmarkClassifier,
-    check_sequences,
-    dynamic_program,
-    export_source,
-    parity_failure,
-    parity_rows,
-    quiet_exporter,
-    require,
-)
-from train.modelfile import ModelFile
-from train.modelpair import write_model_pair
+from train import exportgraph
+from train.checkedexport import checked_export
 
 
 def export_onnx(
-    checkpoint: Checkpoints,
+    checkpoint: exportgraph.Checkpoints,
     out: str | Path,
     opset: int | None = None,
     use_ema: bool = True,
     check_files: Sequence[str | Path] = (),
-) -> ExportResult:
+) -> exportgraph.ExportResult:
     """Write `out` (.onnx) and its metadata JSON from a checkpoint (several: an ensemble), after a parity check.
 
     The check runs the serialized model with onnxruntime on built-in sequences (demo signing of several
@@ -56,17 +40,14 @@ def export_onnx(
     `check_files`; nothing is written when it fails.
     """
     for module in ("onnxscript", "onnx", "onnxruntime"):  # fail before any work when the extra is missing
-        require(module)
-    out = Path(out)
-    checks = check_sequences(check_files)
-    source = export_source(checkpoint, use_ema)
-    data, opset_used = onnx_bytes(LandmarkClassifier(source.model, fast_convs=True).eval(), source.metadata, opset)
-    written = ModelFile(data, name=str(out))  # as `predict --model` will open it: metadata and contract checked
-    parity = parity_rows(written.logits, source.model, source.label_map, checks)
-    if any(not r.ok for r in parity):
-        raise ExportError(parity_failure(parity))
-    meta_path = write_model_pair(out, data, {"opset": opset_used, **source.metadata})
-    return ExportResult(out, meta_path, len(data), opset_used, source.weights, parity, source.members)
+        exportgraph.require(module)
+
+    def serialize(source: exportgraph.ExportSource) -> tuple[bytes, dict[str, Any]]:
+        module = exportgraph.LandmarkClassifier(source.model, fast_convs=True).eval()
+        data, opset_used = onnx_bytes(module, source.metadata, opset)
+        return data, {"opset": opset_used}
+
+    return checked_export(serialize, "onnxruntime", checkpoint, out, use_ema, check_files)
 
 
 def onnx_bytes(module: nn.Module, metadata: dict[str, Any], opset: int | None = None) -> tuple[bytes, int]:
@@ -75,19 +56,19 @@ def onnx_bytes(module: nn.Module, metadata: dict[str, Any], opset: int | None = 
     `torch.export` with a dynamic frame axis first, so that any specialization on the length fails
     here instead of freezing the graph to the example's length; then the torch.export-based ONNX exporter.
     """
-    program = dynamic_program(module)
-    with quiet_exporter():
+    program = exportgraph.dynamic_program(module)
+    with exportgraph.quiet_exporter():
         onnx_program = torch.onnx.export(
             program,
             (),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            input_names=[exportgraph.INPUT_NAME],
+            output_names=[exportgraph.OUTPUT_NAME],
             opset_version=opset,
             external_data=False,
             verbose=False,
         )
     proto = onnx_program.model_proto
-    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = FRAMES_AXIS
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = exportgraph.FRAMES_AXIS
     del proto.metadata_props[:]
     for key, value in metadata.items():
         entry = proto.metadata_props.add()

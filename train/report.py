@@ -8,9 +8,11 @@ so the logs hold each step once, as metrics.jsonl does.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import io
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,6 +47,13 @@ class LogWriteError(AslError, OSError):
         super().__init__(f"{path}: cannot write the log ({exc.strerror or exc})")
 
 
+@contextlib.contextmanager
+def writing_log(path: str | Path) -> Iterator[None]:
+    """An OSError inside becomes the one-line `LogWriteError` naming `path`."""
+    with writing_log(path):
+        yield
+
+
 class Reporter(Protocol):
     def log_step(self, step: int, values: dict[str, float]) -> None: ...
 
@@ -66,26 +75,20 @@ class TensorBoardReporter:
         self.writer = SummaryWriter(str(self.dir), purge_step=start_step + 1)
 
     def log_step(self, step: int, values: dict[str, float]) -> None:
-        try:  # the event writer's thread keeps a write error and raises it at the next call
+        with writing_log(self.dir):  # the event writer's thread keeps a write error and raises it at the next call
             for name in ("loss", "lr", "samples_per_s"):
                 self.writer.add_scalar(f"train/{name}", values[name], step)
-        except OSError as exc:
-            raise LogWriteError(self.dir, exc) from None
 
     def log_epoch(self, step: int, metrics: dict[str, Any]) -> None:
-        try:
+        with writing_log(self.dir):
             for name, value in metrics.items():
                 if name != "step":
                     self.writer.add_scalar(f"epoch/{name}", value, step)
             self.writer.flush()
-        except OSError as exc:
-            raise LogWriteError(self.dir, exc) from None
 
     def close(self) -> None:
-        try:
+        with writing_log(self.dir):
             self.writer.close()
-        except OSError as exc:
-            raise LogWriteError(self.dir, exc) from None
 
 
 class CsvLog:
@@ -93,28 +96,22 @@ class CsvLog:
 
     def __init__(self, path: Path, columns: list[str], last: int, key: str = "step") -> None:
         self.path, self.columns = path, columns
-        try:
+        with writing_log(path):
             keep_rows(path, columns, last, key)
             new = not path.exists()
             self.file = open(path, "a", newline="")  # noqa: SIM115 - open for the whole run, closed by close()
             self.writer = csv.DictWriter(self.file, columns, restval="", extrasaction="ignore")
             if new:
                 self.writer.writeheader()
-        except OSError as exc:
-            raise LogWriteError(path, exc) from None
 
     def write(self, row: dict[str, Any]) -> None:
-        try:
+        with writing_log(self.path):
             self.writer.writerow(row)
             self.file.flush()
-        except OSError as exc:
-            raise LogWriteError(self.path, exc) from None
 
     def close(self) -> None:
-        try:
+        with writing_log(self.path):
             self.file.close()
-        except OSError as exc:
-            raise LogWriteError(self.path, exc) from None
 
 
 def keep_rows(path: Path, columns: list[str], last: int, key: str = "step") -> None:

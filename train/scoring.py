@@ -167,23 +167,13 @@ def _member(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     return {"checkpoint": str(path), "epoch": ckpt.get("epoch"), "step": ckpt.get("step"), "weights": weights}
 
 
-def evaluation_report(
-    checkpoints: str | Path | Sequence[str | Path],
-    shards: str | Path | None = None,
-    folds: list[int] | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
-    cache_dir: str | Path | None = None,
-    cache_limit: float | None = None,
-) -> dict[str, Any]:
+def evaluation_report(checkpoints: str | Path | Sequence[str | Path], **options: Any) -> dict[str, Any]:
     """Top-1/top-5 on validation folds, per-sign and per-participant accuracy, the most confused pairs and the
-    confusion among the most confused signs, as plain JSON-able data (see `evaluation_scores` for the defaults)."""
+    confusion among the most confused signs, as plain JSON-able data (`options` and their defaults: those of
+    `evaluation_scores`)."""
     from train.confusion import confusion_of
 
-    scores, members, where = evaluation_scores(
-        checkpoints, shards, folds, device, batch_size, workers, cache_dir, cache_limit
-    )
+    scores, members, where = evaluation_scores(checkpoints, **options)
     names = np.array(sorted(members.label_map, key=members.label_map.get), dtype=object)
     y, t5 = scores.labels, scores.top(5)
     pred = t5[:, 0]

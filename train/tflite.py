@@ -41,23 +41,19 @@ import numpy as np
 import torch
 
 from pipeline.landmarks import N_RAW
+from train.checkedexport import checked_export
 from train.exportgraph import (
     INPUT_NAME,
     OUTPUT_NAME,
     Checkpoints,
     ExportError,
     ExportResult,
+    ExportSource,
     LandmarkClassifier,
-    check_sequences,
     dynamic_program,
-    export_source,
-    parity_failure,
-    parity_rows,
     quiet_exporter,
     require,
 )
-from train.modelfile import ModelFile
-from train.modelpair import write_model_pair
 
 INT32_MAX = 2**31 - 1
 
@@ -82,16 +78,11 @@ def export_tflite(
     """
     require_tflite("ai_edge_litert.interpreter")
     require_tflite("tensorflow")
-    out = Path(out)
-    checks = check_sequences(check_files)
-    source = export_source(checkpoint, use_ema)
-    data = tflite_bytes(LandmarkClassifier(source.model).eval(), source.metadata)
-    written = ModelFile(data, name=str(out))  # as `predict --model` will open it: metadata and contract checked
-    parity = parity_rows(written.logits, source.model, source.label_map, checks, runtime="ai-edge-litert")
-    if any(not r.ok for r in parity):
-        raise ExportError(parity_failure(parity, "ai-edge-litert"))
-    meta_path = write_model_pair(out, data, {"format": "tflite", **source.metadata})
-    return ExportResult(out, meta_path, len(data), None, source.weights, parity, source.members)
+
+    def serialize(source: ExportSource) -> tuple[bytes, dict[str, Any]]:
+        return tflite_bytes(LandmarkClassifier(source.model).eval(), source.metadata), {"format": "tflite"}
+
+    return checked_export(serialize, "ai-edge-litert", checkpoint, out, use_ema, check_files)
 
 
 def tflite_bytes(module: torch.nn.Module, metadata: dict[str, Any]) -> bytes:
