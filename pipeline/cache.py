@@ -154,7 +154,7 @@ class CachedShards:
             raise CacheError(f"{self.dir}: cannot use the cache directory ({exc.strerror or exc})") from None
         for tmp in self.dir.glob("*.tmp"):  # left by killed fills; a fill still running holds its lock
             name = _TEMPORARY.fullmatch(tmp.name)
-            if name and _ENTRY.fullmatch(name[1]):
+            if name and _ENTRY.fullmatch(name[1]) and name[1] != _META:  # location.json's: another opener's
                 lock = _locked(self._lock(name[1], "fill"), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 with contextlib.suppress(BlockingIOError), lock:
                     tmp.unlink(missing_ok=True)
@@ -378,23 +378,32 @@ def _check_usable(root: Path, outputs: Iterable[str | Path] = ()) -> None:
 def _claim_root(root: Path) -> None:
     """Mark `root` as a shard cache's (once), or CacheError when it holds anything this cache did not write."""
     marker = root / MARKER
-    if marker.is_file() and not marker.is_symlink():
+    if _is_marker(marker):
         return
     foreign = sorted(name for name in os.listdir(root) if not _cache_owned(root, name))
-    if foreign:
+    if foreign and not _is_marker(marker):  # (marked meanwhile: another process of the node opened it first)
         shown = ", ".join(printable(name) for name in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise CacheError(
             f"{root}: not a shard cache directory (no {MARKER} file) and not empty (holds {shown}); "
             "give a new or empty directory, which the cache then owns"
         )
-    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        if _is_marker(marker):  # marked by another process at the same moment
+            return
+        raise
     with os.fdopen(fd, "w") as f:
         f.write("A shard cache of asl-pipeline: it deletes only the entries it stored here.\n")
 
 
+def _is_marker(path: Path) -> bool:
+    return stat.S_ISREG(_lstat_mode(path))
+
+
 def _cache_owned(root: Path, name: str) -> bool:
     """Whether a name in a cache root without marker is the cache's own (a cache from before the marker)."""
-    if name in (".evict", MARKER) or name.startswith(".probe-"):
+    if name in (".evict", MARKER, "lost+found") or name.startswith(".probe-"):  # lost+found: a mount point's
         return True
     path = root / name
     return _is_key_dir(path) and (path / _META).is_file()

@@ -475,6 +475,14 @@ def test_a_filesystem_root_or_a_directory_holding_the_run_is_refused(tmp_path: P
         cache_view(tmp_path, 1.0, LOC, manifest, outputs=[run])
 
 
+def test_a_fresh_filesystem_is_an_empty_directory(tmp_path: Path) -> None:
+    (tmp_path / "lost+found").mkdir()
+    (tmp_path / "lost+found" / "#1234").write_bytes(b"fsck")
+    shards, source = ShardCache(tmp_path, limit_bytes=SIZE).open(LOC, FP), Source()
+    stored(shards, source, 0, 1)
+    assert (tmp_path / "lost+found" / "#1234").read_bytes() == b"fsck"
+
+
 def test_a_cache_from_before_the_marker_is_adopted(tmp_path: Path) -> None:
     shards, source = ShardCache(tmp_path).open(LOC, FP), Source()
     stored(shards, source, 0)
