@@ -295,7 +295,7 @@ def test_onnxruntime_failure_is_one_line_and_writes_nothing(
 ) -> None:
     # As `--opset 23` does with onnxruntime 1.32 (its Attention kernel refuses the model's key mask); faked here,
     # so the test does not depend on a runtime version.
-    import train.onnxexport as export
+    import train.checkedexport as export
 
     class Failing(ModelFile):
         def __init__(self, source, name="model") -> None:

@@ -50,8 +50,10 @@ class LogWriteError(AslError, OSError):
 @contextlib.contextmanager
 def writing_log(path: str | Path) -> Iterator[None]:
     """An OSError inside becomes the one-line `LogWriteError` naming `path`."""
-    with writing_log(path):
+    try:
         yield
+    except OSError as exc:
+        raise LogWriteError(path, exc) from None
 
 
 class Reporter(Protocol):
