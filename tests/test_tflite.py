@@ -238,6 +238,7 @@ def test_unwritable_out(checkpoint: Path, tmp_path: Path) -> None:
 def test_failed_parity_writes_nothing(
     exported: tuple[Path, str], checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import train.checkedexport as checked
     import train.tflite as tflite
 
     data = exported[0].read_bytes()  # this checkpoint's conversion, reused: the runtime is what differs
@@ -246,7 +247,7 @@ def test_failed_parity_writes_nothing(
         def logits(self, xyz: np.ndarray) -> np.ndarray:
             return super().logits(xyz) * 1.05  # a 5% sharper softmax: about 1e-3 in probability
 
-    monkeypatch.setattr(tflite, "ModelFile", Off)
+    monkeypatch.setattr(checked, "ModelFile", Off)
     monkeypatch.setattr(tflite, "tflite_bytes", lambda module, metadata: data)
     out = tmp_path / "model.tflite"
     code, output = _export("--checkpoint", str(checkpoint), "--out", str(out))
