@@ -13,7 +13,7 @@ import click
 from tqdm import tqdm
 
 from pipeline import build as build_mod
-from pipeline.errors import AslError, one_line
+from pipeline.cligroup import ErrorGroup
 from pipeline.features import MAX_LEN
 from pipeline.location import stop_commands_on_signals
 from pipeline.policy import MIN_RATE, RETRIES, STALL_S, ReadPolicy
@@ -21,25 +21,7 @@ from pipeline.read import clip
 from pipeline.shards import MANIFEST, as_location, manifest_stats, manifest_totals, read_manifest, verify_shards
 
 
-class _Group(click.Group):
-    """A command group that prints a user error (`AslError`, `OSError`: a closed or full stdout too) as one line,
-    exit status 1 (`pipeline.errors.one_line`); a bug keeps its traceback."""
-
-    def main(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().main(*args, **kwargs)
-        except OSError as exc:  # while click printed help or a usage error to a closed or full stdout
-            click.echo(f"Error: {one_line(exc)}", err=True)
-            sys.exit(1)
-
-    def invoke(self, ctx: click.Context) -> object:
-        try:
-            return super().invoke(ctx)
-        except (AslError, OSError) as exc:
-            raise click.ClickException(one_line(exc)) from None
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=ErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def main(verbose: bool) -> None:
     """Offline stage for the Kaggle asl-signs landmarks: parquet files -> WebDataset shards."""

@@ -20,6 +20,7 @@ import click
 import torch.distributed as dist
 from click.core import ParameterSource
 
+from pipeline.cligroup import ErrorGroup
 from pipeline.errors import AslError, one_line
 from pipeline.location import stop_commands_on_signals
 from pipeline.text import printable
@@ -126,24 +127,6 @@ def _given(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
     return given
 
 
-class _Group(click.Group):
-    """The command group: a user error (`AslError`, `OSError`: a closed or full stdout too) in any subcommand is
-    one line, exit status 1 (`pipeline.errors.one_line`); a bug keeps its traceback."""
-
-    def main(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().main(*args, **kwargs)
-        except OSError as exc:  # while click printed help or a usage error to a closed or full stdout
-            click.echo(f"Error: {one_line(exc)}", err=True)
-            sys.exit(1)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (AslError, OSError) as exc:
-            raise click.ClickException(one_line(exc)) from None
-
-
 def checkpoint_option(help: str, required: bool = True) -> Callable[[Any], Any]:
     """--checkpoint, repeatable (an ensemble), as `checkpoints`: a training checkpoint file."""
     kind = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -191,7 +174,7 @@ def _commands_typed(typed: str | Path | None, origin: str, allow_pipe: bool) -> 
 
 
 @click.group(
-    cls=_Group,
+    cls=ErrorGroup,
     invoke_without_command=True,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
