@@ -13,7 +13,7 @@ import click
 from tqdm import tqdm
 
 from pipeline import build as build_mod
-from pipeline.cligroup import ErrorGroup
+from pipeline.clishared import ErrorGroup, cache_options
 from pipeline.features import MAX_LEN
 from pipeline.location import stop_commands_on_signals
 from pipeline.policy import MIN_RATE, RETRIES, STALL_S, ReadPolicy
@@ -133,18 +133,6 @@ def build_shards_cmd(
     sys.exit(result.exit_code)
 
 
-def cache_limit_checked(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    """A click callback: `--cache-limit` as given, or the option's one-line error unless it is a finite number
-    above 0 (`pipeline.cache.limit_bytes`, for every command that has the option)."""
-    from pipeline.cache import CacheError, limit_bytes
-
-    try:
-        limit_bytes(value)
-    except CacheError as exc:
-        raise click.BadParameter(str(exc).removeprefix("--cache-limit ")) from None
-    return value
-
-
 LOCATION_HELP = (
     "SHARDS is a directory, a file:// or http(s):// URL of one, or a pipe: command template whose {} "
     "stands for a file name (e.g. 'pipe:aws s3 cp s3://bucket/shards/{} -')."
@@ -153,20 +141,7 @@ LOCATION_HELP = (
 
 @main.command("verify", epilog=LOCATION_HELP)
 @click.argument("shards", default="shards")
-@click.option(
-    "--cache-dir",
-    default=None,
-    type=click.Path(path_type=Path),
-    help="Read remote shards through this shard cache (as asl-train --cache-dir); cached copies are hashed, "
-    "and fetched again when they differ from the manifest.",
-)
-@click.option(
-    "--cache-limit",
-    default=None,
-    type=click.FloatRange(min=0, min_open=True),
-    callback=cache_limit_checked,
-    help="GB the cache may hold (default: no limit); least recently read shards are evicted.",
-)
+@cache_options
 @click.option(
     "--io-timeout",
     default=STALL_S,

@@ -20,7 +20,7 @@ import click
 import torch.distributed as dist
 from click.core import ParameterSource
 
-from pipeline.cligroup import ErrorGroup
+from pipeline.clishared import ErrorGroup, cache_options
 from pipeline.errors import AslError, one_line
 from pipeline.location import stop_commands_on_signals
 from pipeline.text import printable
@@ -301,12 +301,6 @@ def cv_cmd(
         click.echo(f"wrote {printable(str(out / 'cv.json'))} and {printable(str(out / 'oof.csv'))}")
 
 
-def _cache_limit(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    from pipeline.cli import cache_limit_checked  # asl-pipeline's check; imported only when the option is given
-
-    return value if value is None else cache_limit_checked(ctx, param, value)
-
-
 @main.command("evaluate")
 @checkpoint_option(
     "A training checkpoint; repeat the option to evaluate the ensemble of several (the mean of their "
@@ -328,19 +322,7 @@ def _cache_limit(ctx: click.Context, param: click.Parameter, value: float | None
     help="DataLoader workers (default: the run's, so that batches, and so every number, match its validation).",
 )
 @click.option("--batch-size", default=None, type=click.IntRange(min=1, max=MAX_BATCH), help="Default: the run's.")
-@click.option(
-    "--cache-dir",
-    default=None,
-    type=click.Path(path_type=Path),
-    help="Read remote shards through this shard cache (see asl-train --cache-dir).",
-)
-@click.option(
-    "--cache-limit",
-    default=None,
-    type=click.FloatRange(min=0, min_open=True),
-    callback=_cache_limit,
-    help="GB the cache may hold (default: no limit).",
-)
+@cache_options
 @ALLOW_PIPE_OPTION
 @format_option(
     ["text", "json"], "json: the whole report as one JSON object on stdout (full-precision numbers).", "text"
