@@ -13,16 +13,21 @@ DEMO_EPOCHS ?= 20
 
 .PHONY: setup setup-tflite setup-video demo test test-fast test-tflite test-video lint bench bench-export bench-extract clean
 
-setup: $(VENV)/.installed
+# A venv with the project and some of its extras: $(call venv,DIR,EXTRAS). The CPU torch wheel goes in first so
+# that installing the project never pulls a CUDA build.
+define venv
+$(1)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --upgrade pip
+	$(1)/bin/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
+	$(1)/bin/python -m pip install --quiet -e ".[$(2)]"
+	touch $$@
+endef
 
-# The CPU torch wheel goes in first so that installing the project never pulls a CUDA build.
 # The export extra (onnx, onnxscript, onnxruntime) is installed so that the tests cover `asl-train export`.
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,export,tensorboard]"
-	touch $@
+MAIN_EXTRAS := dev,export,tensorboard
+setup: $(VENV)/.installed
+$(eval $(call venv,$(VENV),$(MAIN_EXTRAS)))
 
 # LiteRT export (tensorflow-cpu converts, ai-edge-litert runs) in a venv of its own: TensorFlow is about 1.5 GB,
 # and where it is installed torch's TensorBoard writer changes (a resumed run's purged steps come back), so
@@ -30,14 +35,9 @@ $(VENV)/.installed: pyproject.toml
 TFLITE_VENV ?= .venv-tflite
 TFLITE_BIN := $(TFLITE_VENV)/bin
 
+TFLITE_EXTRAS := dev,export,tflite
 setup-tflite: $(TFLITE_VENV)/.installed
-
-$(TFLITE_VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(TFLITE_VENV)
-	$(TFLITE_BIN)/python -m pip install --quiet --upgrade pip
-	$(TFLITE_BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
-	$(TFLITE_BIN)/python -m pip install --quiet -e ".[dev,export,tflite]"
-	touch $@
+$(eval $(call venv,$(TFLITE_VENV),$(TFLITE_EXTRAS)))
 
 # Video extraction (mediapipe 0.10.21, the last release that ships the Holistic models) in a venv of its own:
 # mediapipe pins numpy<2, and pyarrow 26 refuses numpy 1.x, so the video extra holds numpy and pyarrow back;
@@ -45,14 +45,9 @@ $(TFLITE_VENV)/.installed: pyproject.toml
 VIDEO_VENV ?= .venv-video
 VIDEO_BIN := $(VIDEO_VENV)/bin
 
+VIDEO_EXTRAS := dev,export,video
 setup-video: $(VIDEO_VENV)/.installed
-
-$(VIDEO_VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VIDEO_VENV)
-	$(VIDEO_BIN)/python -m pip install --quiet --upgrade pip
-	$(VIDEO_BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
-	$(VIDEO_BIN)/python -m pip install --quiet -e ".[dev,export,video]"
-	touch $@
+$(eval $(call venv,$(VIDEO_VENV),$(VIDEO_EXTRAS)))
 
 # The main job: demo data -> shards -> a small model trained on CPU -> evaluation -> prediction -> ONNX export.
 demo: setup
